@@ -1,0 +1,113 @@
+"""Chat-template tokenization with assistant-only labels, the end-of-turn token labelled.
+
+Why our own: most chat templates lack the `{% generation %}` markers that library masking relies on,
+and masking by token id drops the EOS label when pad == EOS (SmolLM2, many others): the model then never
+learns to stop. We render the conversation with the tokenizer's own template, find each assistant
+turn's character span by rendering the prefix before it (templates are prefix-stable), and label the
+tokens that overlap a span, through the end-of-turn token. Labels are explicit, so padding and
+collation can never unlabel EOS.
+
+BOS: the template text is tokenized without added special tokens; if the tokenizer normally prepends a
+BOS and the template did not write one, one is prepended. A sequence never starts with two BOS tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from align.errors import DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trainable(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template; give the base a tokenizer with one")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether this tokenizer prepends BOS on its own when asked for special tokens."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def _encode_text(tokenizer, text: str, offsets: bool = False):
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
+    ids = list(enc["input_ids"])
+    spans = list(enc["offset_mapping"]) if offsets else None
+    bos = tokenizer.bos_token_id
+    if adds_bos(tokenizer) and (not ids or ids[0] != bos):
+        ids.insert(0, bos)
+        if spans is not None:
+            spans.insert(0, (0, 0))
+    return ids, spans
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]], list[bool]]:
+    """The rendered text, the character span of each assistant turn (content through end-of-turn),
+    and for each span whether the end-of-turn (EOS) text was found inside it."""
+    full = render(tokenizer, messages)
+    eos = tokenizer.eos_token or ""
+    spans, found_eos = [], []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = render(tokenizer, messages[: i + 1])
+        if not full.startswith(through) or not through.startswith(before):
+            raise DataError("the chat template is not prefix-stable (rendering a conversation changes earlier "
+                            "turns), so assistant tokens cannot be located; use a template without that behaviour")
+        start = len(before)
+        end_of_turn = through.find(eos, start) if eos else -1
+        if end_of_turn >= 0:
+            spans.append((start, end_of_turn + len(eos)))
+            found_eos.append(True)
+        else:
+            spans.append((start, len(through.rstrip())))
+            found_eos.append(False)
+    return full, spans, found_eos
+
+
+def encode_conversation(tokenizer, messages: list[dict], max_length: int,
+                        assistant_only: bool = True) -> Encoded:
+    """Token ids and labels for one conversation, truncated from the right to `max_length`."""
+    full, spans, found_eos = assistant_spans(tokenizer, messages)
+    ids, offsets = _encode_text(tokenizer, full, offsets=True)
+    labelled = [False] * len(ids)
+    for (start, end), has_eos in zip(spans, found_eos):
+        last = None
+        for t, (s, e) in enumerate(offsets):
+            if s < end and e > start:  # overlaps the span: a header space merged into the first word counts
+                labelled[t] = True
+                last = t
+        if not has_eos and last is not None:  # template writes no EOS: add one after the turn
+            ids.insert(last + 1, tokenizer.eos_token_id)
+            offsets.insert(last + 1, (end, end))
+            labelled.insert(last + 1, True)
+    if not assistant_only:
+        labelled = [True] * len(ids)
+        if ids and ids[0] == tokenizer.bos_token_id:
+            labelled[0] = False
+    ids = ids[:max_length]
+    labels = [tok if keep else IGNORE for tok, keep in zip(ids, labelled[:max_length])]
+    return Encoded(input_ids=ids, labels=labels)
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt ids for generation: the conversation so far plus the assistant header."""
+    ids, _ = _encode_text(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+    return ids

@@ -1,0 +1,50 @@
+"""Errors a user can act on.
+
+Every error the user sees names the place of the problem (file, YAML key path, row index) so it can be
+fixed without reading a traceback. `ConfigError` carries *all* problems found at once: validation never
+stops at the first one, because fixing a recipe one error per run wastes the user's time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class AlignError(Exception):
+    """Base class: the CLI prints these as a message (no traceback) and exits non-zero."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem at one place: `where` is a YAML path (`stages.sft.lr`), a file, or `file:row N`."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+class ConfigError(AlignError):
+    """One or more problems in a recipe, its files or its model references, all reported together."""
+
+    def __init__(self, problems: list[Problem], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        head = f"{source}: " if source else ""
+        count = len(self.problems)
+        lines = [f"{head}{count} problem{'s' if count != 1 else ''} found"]
+        lines += [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class DataError(AlignError):
+    """A data file or rows in it cannot be used; the message names the file and the rows."""
+
+
+class RegistryError(AlignError):
+    """A registry reference does not resolve, or an entry is not what the caller needs."""
+
+
+class TrainingError(AlignError):
+    """Training cannot go on (non-finite loss, refused resume); says at which step and why."""

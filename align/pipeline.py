@@ -1,0 +1,37 @@
+"""Running a recipe: plan it (all checks, no weights), then run its stages in order.
+
+A stage's parent is resolved when the stage starts: an earlier stage of this run hands over the entry it
+just registered, so stages chain through the registry by ref, never by a copied path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+from align.models import ModelSource
+from align.plan import make_plan
+from align.registry import Entry, Registry
+from align.stages.base import StageContext
+
+log = logging.getLogger(__name__)
+RUNNERS = {"sft": "align.stages.sft"}
+
+
+def run_recipe(recipe, registry: Registry | None = None, only: list[str] | None = None,
+               force: bool = False, runs_root: Path = Path("runs")) -> dict[str, Entry]:
+    plan = make_plan(recipe, registry, only)
+    produced: dict[str, Entry] = {}
+    for stage in plan.stages:
+        if stage.parent.startswith("stage:"):
+            entry = produced[stage.parent[len("stage:"):]]
+            parent = ModelSource(ref=entry.ref, kind="registry", entry=entry)
+        else:
+            parent = stage.parent_source
+        log.info("stage %s [%s] from %s", stage.name, stage.kind, parent.describe())
+        ctx = StageContext(recipe=recipe, name=stage.name, config=recipe.stages[stage.name], registry=plan.registry,
+                           parent=parent, runs_root=runs_root, force=force)
+        runner = importlib.import_module(RUNNERS[stage.kind])
+        produced[stage.name] = runner.run(ctx)
+    return produced

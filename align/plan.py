@@ -1,0 +1,187 @@
+"""The dry run: validate a whole pipeline, resolve every model ref and data file, load no weights.
+
+`make_plan` collects every problem of every stage into one `ConfigError`, so a user fixes a recipe in
+one pass. Stage parents are either earlier stages of the same recipe (their output does not exist yet,
+which is fine) or model refs (which must resolve now).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from align.data.formats import load_conversations
+from align.data.io import check_source, is_hub_dataset, read_rows
+from align.data.prepare import problems_for_plan
+from align.errors import AlignError, ConfigError, Problem
+from align.evaluate import METRICS
+from align.models import ModelSource, four_bit_problem, resolve_model_ref
+from align.registry import Registry
+from align.rewards.checkers import CHECKERS
+
+IMPLEMENTED = {"sft"}
+
+
+@dataclass
+class StagePlan:
+    name: str
+    kind: str
+    parent: str  # "stage:<name>" for an earlier stage of this recipe, else the resolved ref
+    parent_source: ModelSource | None
+    output: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    recipe: object
+    registry: Registry
+    base: ModelSource | None
+    stages: list[StagePlan]
+
+    def describe(self) -> str:
+        lines = [f"recipe {self.recipe.name} ({self.recipe.source})", f"registry {self.registry.root}",
+                 f"base: {self.base.describe() if self.base else '?'}"]
+        for i, stage in enumerate(self.stages, start=1):
+            parent = stage.parent.replace("stage:", "output of stage ")
+            lines.append(f"{i}. {stage.name} [{stage.kind}] from {parent} -> {stage.output}@next")
+            lines += [f"     {note}" for note in stage.notes]
+        return "\n".join(lines)
+
+
+def make_plan(recipe, registry: Registry | None = None, only: list[str] | None = None,
+              check_hub: bool = True) -> Plan:
+    if registry is None:
+        registry = Registry(recipe.registry) if recipe.registry else Registry()
+    problems: list[Problem] = []
+    base = _resolve(recipe.base, "base", registry, problems, check_hub)
+    names = list(recipe.stages)
+    for name in only or []:
+        if name not in recipe.stages:
+            problems.append(Problem(f"--stage {name}", f"no such stage; the recipe has {', '.join(names)}"))
+    selected = [n for n in names if not only or n in only]
+    plans = []
+    for index, name in enumerate(names):
+        cfg = recipe.stages[name]
+        where = f"stages.{name}"
+        parent, parent_source = _parent(recipe, name, index, cfg, selected, base, registry, problems, check_hub)
+        if name not in selected:
+            continue
+        stage = StagePlan(name=name, kind=cfg.kind, parent=parent, parent_source=parent_source,
+                          output=f"{recipe.name}/{name}")
+        if cfg.kind not in IMPLEMENTED:
+            problems.append(Problem(where, f"stage kind {cfg.kind!r} is not implemented in this version of align"))
+        if cfg.method == "qlora":
+            why = four_bit_problem()
+            if why:
+                problems.append(Problem(f"{where}.method", f"qlora needs 4-bit support: {why}"))
+        for key in ("data", "eval_data", "prompts", "eval_prompts"):
+            spec = getattr(cfg, key, None)
+            if spec is not None:
+                stage.notes += _check_data(recipe, spec, f"{where}.{key}", cfg, problems)
+        plans.append(stage)
+    _check_eval(recipe, problems)
+    if problems:
+        raise ConfigError(problems, recipe.source)
+    return Plan(recipe=recipe, registry=registry, base=base, stages=plans)
+
+
+def _resolve(ref: str, where: str, registry: Registry, problems: list[Problem], check_hub: bool):
+    try:
+        return resolve_model_ref(ref, registry, check_hub=check_hub)
+    except AlignError as err:
+        problems.append(Problem(where, str(err)))
+        return None
+
+
+def _parent(recipe, name, index, cfg, selected, base, registry, problems, check_hub):
+    names = list(recipe.stages)
+    ref = cfg.from_
+    if ref is None:  # default: the latest earlier SFT stage, else the base
+        earlier_sft = [n for n in names[:index] if recipe.stages[n].kind == "sft"]
+        ref = earlier_sft[-1] if earlier_sft else "base"
+    if ref == "base":
+        return f"base {recipe.base}", base
+    stage_name = ref[1:] if ref.startswith("@") else ref
+    if stage_name in recipe.stages:
+        if names.index(stage_name) >= index:
+            problems.append(Problem(f"stages.{name}.from", f"stage {stage_name!r} runs after {name!r}"))
+            return ref, None
+        if stage_name in selected:
+            return f"stage:{stage_name}", None
+        existing = registry.find(f"{recipe.name}/{stage_name}")
+        if existing is None:
+            problems.append(Problem(f"stages.{name}.from", f"stage {stage_name!r} is not selected to run and "
+                                    f"the registry has no {recipe.name}/{stage_name} yet; run it first"))
+            return ref, None
+        return existing.ref, ModelSource(ref=existing.ref, kind="registry", entry=existing)
+    source = _resolve(ref, f"stages.{name}.from", registry, problems, check_hub)
+    return ref, source
+
+
+def _check_data(recipe, spec, where: str, cfg, problems: list[Problem]) -> list[str]:
+    """File readable, rows in a known format; returns notes for the printed plan."""
+    if is_hub_dataset(spec.path):
+        return [f"{where.split('.')[-1]}: hub dataset {spec.path[3:]} (checked when loaded)"]
+    path = recipe.resolve_path(spec.path)
+    why = check_source(path)
+    if why:
+        problems.append(Problem(where, f"{spec.path}: {why}"))
+        return []
+    try:
+        rows = read_rows(path, split=spec.split, limit=spec.limit)
+    except AlignError as err:
+        problems.append(Problem(where, str(err)))
+        return []
+    if not rows:
+        problems.append(Problem(where, f"{spec.path}: no rows"))
+        return []
+    note = f"{where.split('.')[-1]}: {spec.path} ({len(rows)} rows)"
+    if cfg.kind == "sft" and where.endswith(("data", "eval_data")):
+        try:
+            conversations = load_conversations(rows, spec.format, str(spec.path))
+        except AlignError as err:
+            problems.append(Problem(where, str(err)))
+            return []
+        problems += problems_for_plan(conversations, cfg.on_bad_rows, where)
+        note += f", format {conversations.format}"
+        if conversations.problems and cfg.on_bad_rows == "drop":
+            note += f", {len(conversations.problems)} bad rows to drop"
+    return [note]
+
+
+def _check_eval(recipe, problems: list[Problem]) -> None:
+    settings = recipe.eval
+    for i, name in enumerate(settings.metrics):
+        if name not in METRICS:
+            problems.append(Problem(f"eval.metrics[{i}]", f"unknown metric {name!r}; known: {', '.join(METRICS)}"))
+    for i, name in enumerate(settings.checkers):
+        if name not in CHECKERS:
+            problems.append(Problem(f"eval.checkers[{i}]", f"unknown checker {name!r}; known: {', '.join(sorted(CHECKERS))}"))
+    if settings.prompts is None:
+        if settings.checkers:
+            problems.append(Problem("eval.checkers", "checkers need `eval.prompts` to generate from"))
+        return
+    spec = settings.prompts
+    if is_hub_dataset(spec.path):
+        return
+    path = recipe.resolve_path(spec.path)
+    why = check_source(path)
+    if why:
+        problems.append(Problem("eval.prompts", f"{spec.path}: {why}"))
+        return
+    try:
+        rows = read_rows(path, split=spec.split, limit=spec.limit)
+    except AlignError as err:
+        problems.append(Problem("eval.prompts", str(err)))
+        return
+    for index, row in enumerate(rows[: settings.limit]):
+        if not row.get("prompt", row.get("question")):
+            problems.append(Problem(f"eval.prompts: {spec.path}: row {index}", "missing field `prompt`"))
+            break
+        for name in settings.checkers:
+            needs = CHECKERS[name].needs if name in CHECKERS else ()
+            missing = [f for f in needs if row.get(f) in (None, "")]
+            if missing:
+                problems.append(Problem(f"eval.prompts: {spec.path}: row {index}",
+                                        f"checker {name!r} needs field(s) {', '.join(missing)}"))
+                return

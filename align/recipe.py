@@ -1,0 +1,467 @@
+"""Recipe schema: one typed config per stage, unknown keys rejected, every error reported at once.
+
+A recipe is YAML: a `name`, a `base` model, optional `defaults` merged into every stage, an ordered
+mapping of `stages` and an `eval` section. A stage's kind is its key (`sft:`) unless it says `kind:`,
+so a recipe may hold two stages of one kind (`sft_math: {kind: sft, ...}`).
+
+Validation is pure: it reads the YAML and nothing else. Files, model refs and data rows are checked by
+`align.plan`, which reuses the same `Problem` type so that all problems reach the user in one list.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from align.errors import ConfigError, Problem
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+
+
+class Strict(BaseModel):
+    """Base for every config block: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+
+class LoraSettings(Strict):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+
+class QuantSettings(Strict):
+    """4-bit settings for QLoRA (bitsandbytes NF4 with double quantization by default)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+
+class DataSpec(Strict):
+    """Where rows come from: a local JSONL/JSON/parquet file or a hub dataset id (`hf:org/name`)."""
+
+    path: str
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "preference", "prompts"] = "auto"
+    split: str = "train"
+    limit: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+class GenerationSettings(Strict):
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(0.0, ge=0)
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: list[str] = []
+
+
+class Gate(Strict):
+    min_accuracy: float = Field(0.6, ge=0, le=1)
+
+
+class RewardSource(Strict):
+    """One term of the PPO reward: a reward-model ref or a named checker, with its weight."""
+
+    model: str | None = None
+    checker: str | None = None
+    weight: float = 1.0
+    args: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "RewardSource":
+        if (self.model is None) == (self.checker is None):
+            raise ValueError("give exactly one of `model` (a reward-model ref) or `checker` (a checker name)")
+        return self
+
+
+class KLSettings(Strict):
+    coef: float = Field(0.05, ge=0)
+    adaptive: bool = False
+    target: float = Field(0.1, gt=0)
+    horizon: int = Field(10000, gt=0)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+class StageBase(Strict):
+    """Fields every stage shares: where it starts, how weights are trained, the optimisation loop."""
+
+    kind: str
+    from_: str | None = Field(None, alias="from")
+    method: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraSettings = LoraSettings()
+    quant: QuantSettings = QuantSettings()
+    seed: int = 0
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    lr: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(512, gt=8)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    logging_steps: int = Field(5, gt=0)
+    save_steps: int = Field(50, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    allow_template_mismatch: bool = False
+
+
+class SFTStage(StageBase):
+    kind: Literal["sft"] = "sft"
+    data: DataSpec
+    eval_data: DataSpec | None = None
+    eval_split: float = Field(0.1, ge=0, lt=1)
+    assistant_only_loss: bool = True
+    packing: bool = False
+    on_bad_rows: Literal["drop", "error"] = "error"
+    max_dropped_share: float = Field(0.1, ge=0, le=1)
+
+
+class PreferenceData(Strict):
+    """Shared by reward and DPO stages: what to do with bad rows and over-long pairs."""
+
+    data: DataSpec
+    eval_data: DataSpec | None = None
+    eval_split: float = Field(0.1, ge=0, lt=1)
+    on_bad_rows: Literal["drop", "error"] = "drop"
+    max_dropped_share: float = Field(0.1, ge=0, le=1)
+    truncation: Literal["prompt", "drop"] = "prompt"
+
+
+class RewardStage(StageBase, PreferenceData):
+    kind: Literal["reward"] = "reward"
+    loss: Literal["bradley_terry", "hinge"] = "bradley_terry"
+    margin: float = 0.0
+    center_coef: float = Field(0.0, ge=0)
+    gate: Gate = Gate()
+
+
+class DPOStage(StageBase, PreferenceData):
+    kind: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0)
+    loss: Literal["sigmoid", "ipo", "hinge", "cdpo", "simpo", "orpo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    reference: Literal["auto", "adapter_disabled", "copy", "precomputed"] = "auto"
+
+
+class PPOStage(StageBase):
+    kind: Literal["ppo"] = "ppo"
+    prompts: DataSpec
+    eval_prompts: DataSpec | None = None
+    rewards: list[RewardSource] = Field(..., min_length=1)
+    estimator: Literal["gae", "grpo", "rloo"] = "gae"
+    value: Literal["head", "adapter"] = "head"
+    kl: KLSettings = KLSettings()
+    generation: GenerationSettings = GenerationSettings(temperature=1.0)
+    samples_per_prompt: int = Field(1, gt=0)
+    rollout_batch: int = Field(16, gt=0)
+    ppo_epochs: int = Field(2, gt=0)
+    minibatch: int = Field(8, gt=0)
+    clip: float = Field(0.2, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    missing_eos_penalty: float | None = None
+    allow_failed_gate: bool = False
+
+
+STAGE_KINDS: dict[str, type[StageBase]] = {
+    "sft": SFTStage,
+    "reward": RewardStage,
+    "ppo": PPOStage,
+    "dpo": DPOStage,
+}
+
+AnyStage = Annotated[Union[SFTStage, RewardStage, PPOStage, DPOStage], Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+
+class Defaults(Strict):
+    """Values merged into every stage that does not set them itself."""
+
+    method: Literal["full", "lora", "qlora"] | None = None
+    lora: LoraSettings | None = None
+    quant: QuantSettings | None = None
+    seed: int | None = None
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] | None = None
+    max_length: int | None = Field(None, gt=8)
+    batch_size: int | None = Field(None, gt=0)
+
+
+class EvalSettings(Strict):
+    """The evaluation hook's settings, shared by every stage so their results compare side by side.
+
+    `prompts` rows hold a `prompt` (text or messages) and, for checkers, an `answer`; `data` holds
+    demonstrations for loss and perplexity (default: the SFT stage's held-out split)."""
+
+    prompts: DataSpec | None = None
+    data: DataSpec | None = None
+    metrics: list[str] = ["loss", "perplexity", "checkers", "samples"]
+    checkers: list[str] = []
+    generation: GenerationSettings = GenerationSettings()
+    limit: int = Field(100, gt=0)
+    samples: int = Field(3, ge=0)
+    batch_size: int = Field(16, gt=0)
+
+
+class Recipe(Strict):
+    name: str = Field(..., pattern=NAME_PATTERN)
+    base: str
+    registry: str | None = None
+    defaults: Defaults = Defaults()
+    stages: dict[str, AnyStage]
+    eval: EvalSettings = EvalSettings()
+    # Where the recipe came from, for resolving relative paths and for messages; not a YAML key.
+    source: str | None = Field(None, exclude=True)
+
+    def stage(self, name: str) -> StageBase:
+        return self.stages[name]
+
+    def resolve_path(self, path: str) -> Path:
+        """Relative data paths are taken from the working directory, else from the recipe's folder."""
+        candidate = Path(path).expanduser()
+        if candidate.is_absolute() or candidate.exists() or self.source is None:
+            return candidate
+        beside = Path(self.source).parent / candidate
+        return beside if beside.exists() else candidate
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, apply `key.path=value` overrides, validate; raise one `ConfigError` with all problems."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([Problem(str(path), "recipe file not found")])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError([Problem(where, f"not valid YAML ({getattr(err, 'problem', err)})")]) from None
+    return validate_recipe(raw, overrides or [], source=str(path))
+
+
+def validate_recipe(raw: Any, overrides: list[str], source: str | None = None) -> Recipe:
+    if not isinstance(raw, dict):
+        got = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        raise ConfigError([Problem("", f"a recipe must be a YAML mapping, got {got}")], source)
+    problems: list[Problem] = []
+    raw = apply_overrides(raw, overrides, problems)
+    raw = _merge_defaults_and_kinds(raw, problems)
+    try:
+        recipe = Recipe.model_validate({**raw, "source": source})
+    except ValidationError as err:
+        problems += [_problem_from_pydantic(e, raw) for e in err.errors()]
+        raise ConfigError(problems, source) from None
+    if problems:
+        raise ConfigError(problems, source)
+    return recipe
+
+
+def apply_overrides(raw: dict, overrides: list[str], problems: list[Problem]) -> dict:
+    """`stages.sft.lr=1e-4` sets one key; the value is parsed as YAML (so `true`, `[a, b]` work)."""
+    raw = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append(Problem(f"--set {item}", "expected KEY.PATH=VALUE"))
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                problems.append(Problem(f"--set {key}", f"`{'.'.join(parts[: i + 1])}` is not a mapping"))
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = value
+    return raw
+
+
+def _merge_defaults_and_kinds(raw: dict, problems: list[Problem]) -> dict:
+    """Fill each stage's `kind` from its key and its unset fields from `defaults`."""
+    stages = raw.get("stages")
+    if isinstance(stages, dict) and not stages:
+        problems.append(Problem("stages", "a recipe needs at least one stage"))
+    if not isinstance(stages, dict):
+        return raw
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        defaults = {}
+    merged = {}
+    for name, body in stages.items():
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            merged[name] = body
+            continue
+        body = dict(body)
+        kind = body.get("kind", name)
+        if kind not in STAGE_KINDS:
+            known = ", ".join(STAGE_KINDS)
+            where = f"stages.{name}.kind" if "kind" in body else f"stages.{name}"
+            problems.append(Problem(where, f"unknown stage kind {kind!r}; expected one of {known} "
+                                           f"(or add `kind:` to a stage with another name)"))
+            continue
+        body["kind"] = kind
+        stage_fields = STAGE_KINDS[kind].model_fields
+        for key, value in defaults.items():
+            if key not in stage_fields or value is None:
+                continue
+            if key not in body:
+                body[key] = _deep_copy(value)
+            elif isinstance(value, dict) and isinstance(body[key], dict):
+                body[key] = {**_deep_copy(value), **body[key]}
+        merged[name] = body
+    return {**raw, "stages": merged}
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop the tags pydantic adds to a path: the stage kind (`stages.sft.sft.lr` -> `stages.sft.lr`) and
+    union members (`...targets.list[str]`)."""
+    loc = tuple(loc)
+    if len(loc) > 2 and loc[0] == "stages" and loc[2] in STAGE_KINDS:
+        loc = loc[:2] + loc[3:]
+    return tuple(p for p in loc if not (isinstance(p, str) and re.match(r"^(function-|literal\[|list\[|str$|int$)", p)))
+
+
+def _fields_at(loc: tuple, raw: dict) -> list[str]:
+    """The keys allowed at `loc` (for 'did you mean'), walking the schema along the path."""
+    model: Any = Recipe
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            continue
+        if model is Recipe and part == "stages" and i + 1 < len(loc):
+            body = (raw.get("stages") or {}).get(loc[i + 1], {})
+            kind = body.get("kind", loc[i + 1]) if isinstance(body, dict) else None
+            model = STAGE_KINDS.get(kind)
+            if model is None:
+                return []
+            loc = loc[: i + 2]
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+        field = model.model_fields.get(part)
+        if field is None:
+            continue
+        model = _model_in(field.annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return [f.alias or n for n, f in model.model_fields.items() if n != "source"]
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, (dict, list)):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    return repr(value)
+
+
+_EXPECTED = {
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+}
+
+
+def _problem_from_pydantic(error: dict, raw: dict) -> Problem:
+    loc = _clean_loc(error["loc"])
+    where = _format_loc(loc)
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        allowed = _fields_at(loc[:-1], raw)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        return Problem(where, f"unknown key{hint}")
+    if kind == "missing":
+        return Problem(where, "required key is missing")
+    if kind == "literal_error":
+        return Problem(where, f"expected one of {error['ctx']['expected']}, got {_show(value)}")
+    if kind in _EXPECTED:
+        return Problem(where, f"{_EXPECTED[kind]}, got {_show(value)}")
+    if kind == "string_pattern_mismatch":
+        return Problem(where, f"{_show(value)} must be lowercase letters, digits, '.', '_' or '-'")
+    message = error["msg"]
+    message = re.sub(r"^(Value error|Assertion failed), ", "", message)
+    message = message[0].lower() + message[1:] if message else message
+    if value is not None and kind not in {"value_error", "assertion_error"} and not isinstance(value, dict):
+        message += f", got {_show(value)}"
+    return Problem(where, message)
+
+
+__all__ = [
+    "Recipe", "SFTStage", "RewardStage", "PPOStage", "DPOStage", "StageBase", "EvalSettings", "DataSpec",
+    "LoraSettings", "QuantSettings", "GenerationSettings", "RewardSource", "STAGE_KINDS", "load_recipe",
+    "validate_recipe", "apply_overrides",
+]

@@ -1,0 +1,266 @@
+"""Model registry: every stage output is a named, versioned entry with its lineage.
+
+Layout on disk (root defaults to `./registry`, or `$ALIGN_REGISTRY`, or the recipe's `registry:`):
+
+    registry/
+      .lock                      flock(2) target: version numbers are handed out under it
+      .staging/<uuid>/           entries being written; never listed, safe to delete
+      quickstart/sft/v1/         one complete entry
+        manifest.json            name, version, kind, lineage, hashes, config, metrics, versions
+        adapter/ | model/        the artifact (LoRA adapter or full weights)
+        tokenizer/               tokenizer files with the chat template
+
+An entry is built in `.staging/` and moved into place with one `rename(2)`, which is atomic on POSIX:
+a crash at any point leaves either the previous versions untouched or a complete new one, never half
+an entry. Version numbers are taken under a file lock, so two processes writing the same name at once
+get distinct versions. Manifest updates after creation (metrics, gate status) go through a temporary
+file and `os.replace`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import difflib
+import fcntl
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from align.errors import RegistryError
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+ENTRY_KINDS = ("base", "policy", "reward", "merged", "exported")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
+_REF = re.compile(r"^(?P<name>[^@]+?)(@(?P<version>v?\d+))?$")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("ALIGN_REGISTRY", "registry"))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A complete registry entry (its directory and its manifest)."""
+
+    name: str
+    version: int
+    path: Path
+    manifest: dict
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def artifact(self) -> dict:
+        return self.manifest.get("artifact", {})
+
+    def file(self, *parts: str) -> Path:
+        return self.path.joinpath(*parts)
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """`quickstart/sft` -> (name, None = latest); `quickstart/sft@2` -> (name, 2)."""
+    match = _REF.match(ref.strip())
+    if not match:
+        raise RegistryError(f"{ref!r} is not a registry reference (expected NAME or NAME@VERSION)")
+    version = match.group("version")
+    return match.group("name"), int(version.lstrip("v")) if version else None
+
+
+def validate_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise RegistryError(f"invalid entry name {name!r}: use lowercase letters, digits, '.', '_', '-' and '/'")
+    if any(re.fullmatch(r"v\d+", part) for part in name.split("/")):
+        raise RegistryError(f"invalid entry name {name!r}: a part like 'v1' would be read as a version folder")
+    return name
+
+
+class Registry:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_root()
+
+    # ------------------------------------------------------------------------------------- reading
+
+    def versions(self, name: str) -> list[int]:
+        folder = self.root / name
+        if not folder.is_dir():
+            return []
+        found = []
+        for child in folder.iterdir():
+            if re.fullmatch(r"v\d+", child.name) and (child / MANIFEST).is_file():
+                found.append(int(child.name[1:]))
+        return sorted(found)
+
+    def find(self, ref: str) -> Entry | None:
+        """The entry a ref names, or None. A ref without version means the latest version."""
+        try:
+            name, version = parse_ref(ref)
+        except RegistryError:
+            return None
+        if not _NAME.match(name):
+            return None
+        versions = self.versions(name)
+        if not versions:
+            return None
+        version = versions[-1] if version is None else version
+        if version not in versions:
+            return None
+        path = self.root / name / f"v{version}"
+        return Entry(name=name, version=version, path=path, manifest=_read_json(path / MANIFEST))
+
+    def resolve(self, ref: str) -> Entry:
+        entry = self.find(ref)
+        if entry is not None:
+            return entry
+        name, version = parse_ref(ref)
+        if version is not None and self.versions(name):
+            raise RegistryError(f"{ref}: no version {version} of {name} (has {', '.join(map(str, self.versions(name)))})")
+        names = [e.name for e in self.list()]
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise RegistryError(f"{ref}: no such entry in registry {self.root}{hint}")
+
+    def list(self) -> list[Entry]:
+        entries = []
+        if not self.root.is_dir():
+            return entries
+        for manifest in sorted(self.root.rglob(MANIFEST)):
+            rel = manifest.parent.relative_to(self.root)
+            if rel.parts and rel.parts[0].startswith("."):
+                continue
+            if not re.fullmatch(r"v\d+", rel.name):
+                continue
+            name = str(rel.parent)
+            entries.append(Entry(name=name, version=int(rel.name[1:]), path=manifest.parent,
+                                 manifest=_read_json(manifest)))
+        return entries
+
+    def namespaces(self) -> set[str]:
+        return {e.name.split("/")[0] for e in self.list()}
+
+    # ------------------------------------------------------------------------------------- writing
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def create(self, name: str, kind: str) -> Iterator["EntryDraft"]:
+        """Build an entry in a staging folder; it appears in the registry only if the block completes.
+
+        Usage: `with registry.create("quickstart/sft", "policy") as draft: save into draft.path; draft.manifest[...] = ...`
+        and then `draft.entry` is the committed entry.
+        """
+        validate_name(name)
+        if kind not in ENTRY_KINDS:
+            raise RegistryError(f"unknown entry kind {kind!r}; expected one of {', '.join(ENTRY_KINDS)}")
+        staging = self.root / ".staging" / uuid.uuid4().hex
+        staging.mkdir(parents=True)
+        draft = EntryDraft(name=name, kind=kind, path=staging, manifest={})
+        try:
+            yield draft
+            draft.entry = self._commit(draft)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _commit(self, draft: "EntryDraft") -> Entry:
+        with self.lock():
+            version = self._next_version(draft.name)
+            target = self.root / draft.name / f"v{version}"
+            manifest = {
+                "schema": SCHEMA_VERSION,
+                "name": draft.name,
+                "version": version,
+                "ref": f"{draft.name}@{version}",
+                "kind": draft.kind,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                **draft.manifest,
+            }
+            write_json_atomic(draft.path / MANIFEST, manifest)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(draft.path, target)
+            _fsync_dir(target.parent)
+        return Entry(name=draft.name, version=version, path=target, manifest=manifest)
+
+    def _next_version(self, name: str) -> int:
+        """One past every version folder, complete or not: a stray folder is never written into."""
+        folder = self.root / name
+        taken = [int(c.name[1:]) for c in folder.iterdir() if re.fullmatch(r"v\d+", c.name)] if folder.is_dir() else []
+        return max(taken, default=0) + 1
+
+    def update(self, entry: Entry, **changes: Any) -> Entry:
+        """Merge top-level keys into an entry's manifest, atomically (metrics, gate status, evaluations)."""
+        with self.lock():
+            manifest = _read_json(entry.path / MANIFEST)
+            for key, value in changes.items():
+                if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+                    manifest[key] = {**manifest[key], **value}
+                else:
+                    manifest[key] = value
+            write_json_atomic(entry.path / MANIFEST, manifest)
+        return Entry(entry.name, entry.version, entry.path, manifest)
+
+
+@dataclass
+class EntryDraft:
+    name: str
+    kind: str
+    path: Path
+    manifest: dict
+    entry: Entry | None = None
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file in the same folder, fsync, then rename over the target."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False, default=str)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RegistryError(f"{path}: unreadable manifest ({err})") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

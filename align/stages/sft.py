@@ -1,0 +1,222 @@
+"""SFT stage: supervised fine-tuning on demonstrations, full, LoRA or QLoRA, on TRL's `SFTTrainer`.
+
+Why it is built this way:
+- Tokenization is ours (`align.data.tokenize`): labels cover assistant turns through EOS, whatever the
+  chat template, and pad == EOS cannot unlabel EOS. TRL gets pre-tokenized `input_ids` + `labels` and
+  skips its own preparation, so what is trained is exactly what our tests check.
+- The trainer loop, checkpointing and resume are TRL/transformers'; we add a non-finite loss stop that
+  fires before the optimizer step, and a SIGTERM handler that checkpoints and exits.
+- The evaluation hook runs on the trained model before the entry is committed, so the manifest holds
+  its metrics from the start and an entry never exists without them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+
+from align.data.prepare import (DataReport, apply_row_policy, check_dropped_share, heldout_split,
+                                load_demonstrations, tokenize_all)
+from align.errors import TrainingError
+from align.evaluate import evaluate_model
+from align.fingerprint import hash_json, library_versions, tokenizer_facts
+from align.registry import write_json_atomic
+from align.models import bnb_config, count_parameters, load_causal_lm, load_tokenizer, lora_config, materialize
+from align.stages.base import (StageContext, check_finite, peak_rss_mb, prepare_run_dir, safety_callbacks,
+                               training_curve_png)
+
+log = logging.getLogger(__name__)
+
+
+def prepare_data(ctx: StageContext, tokenizer):
+    """Train and held-out examples plus the data report; raises before any training on bad data."""
+    cfg, recipe = ctx.config, ctx.recipe
+    conversations, report = load_demonstrations(recipe, cfg.data)
+    apply_row_policy(conversations, report, cfg.on_bad_rows)
+    rows = conversations.rows
+    if cfg.eval_data is not None:
+        eval_conv, eval_report = load_demonstrations(recipe, cfg.eval_data)
+        apply_row_policy(eval_conv, eval_report, cfg.on_bad_rows)
+        train_rows, eval_rows = rows, eval_conv.rows
+    else:
+        train_idx, eval_idx = heldout_split(len(rows), cfg.eval_split, cfg.seed)
+        train_rows, eval_rows = [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
+    train = tokenize_all(tokenizer, train_rows, cfg.max_length, cfg.assistant_only_loss, report, str(cfg.data.path))
+    heldout = tokenize_all(tokenizer, eval_rows, cfg.max_length, cfg.assistant_only_loss, report,
+                           f"{cfg.data.path} (held-out)")
+    report.kept = len(train) + len(heldout)
+    check_dropped_share(report, cfg.max_dropped_share)
+    if not train:
+        raise TrainingError(f"{cfg.data.path}: no training examples left after checks")
+    return train, heldout, report
+
+
+def build_model(ctx: StageContext, tokenizer):
+    cfg = ctx.config
+    quant = bnb_config(cfg.quant) if cfg.method == "qlora" else None
+    model = load_causal_lm(ctx.parent, ctx.registry, dtype=cfg.dtype, quantization=quant)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.method == "full":
+        return model, None
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_cfg = lora_config(cfg.lora)
+    return get_peft_model(model, peft_cfg), peft_cfg
+
+
+def run(ctx: StageContext):
+    """Train, evaluate and register one SFT entry; returns the registry `Entry`."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = ctx.config
+    torch.manual_seed(cfg.seed)
+    ctx.parent = materialize(ctx.parent, ctx.registry)
+    tokenizer = load_tokenizer(ctx.parent, ctx.registry)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train, heldout, report = prepare_data(ctx, tokenizer)
+    config_dump = cfg.model_dump(by_alias=True)
+    fingerprint = {"config": hash_json(config_dump), "data": report.fingerprint, "seed": cfg.seed,
+                   "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                   "parent": ctx.parent.lineage(), "tokenizer": tokenizer_facts(tokenizer)["hash"]}
+    resume_from = prepare_run_dir(ctx.run_dir, fingerprint, ctx.force)
+
+    model, peft_cfg = build_model(ctx, tokenizer)
+    trainable, total = count_parameters(model)
+    log.info("%s: %d train / %d held-out examples; %s trainable of %s parameters", ctx.entry_name,
+             len(train), len(heldout), f"{trainable:,}", f"{total:,}")
+
+    def as_dataset(examples):
+        return Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
+                                  "labels": [e.labels for e in examples]})
+
+    use_bf16 = next(model.parameters()).dtype == torch.bfloat16 or (cfg.method == "qlora" and cfg.quant.compute_dtype == "bf16")
+    args = SFTConfig(
+        output_dir=str(ctx.run_dir), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        lr_scheduler_type=cfg.scheduler, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_total_limit=2, eval_strategy="steps" if heldout else "no",
+        eval_steps=cfg.eval_steps or cfg.save_steps, seed=cfg.seed, data_seed=cfg.seed,
+        report_to="none", max_length=cfg.max_length, dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), bf16=use_bf16,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=False,
+        logging_first_step=True,
+    )
+    trainer = SafeSFTTrainer(model=model, args=args, train_dataset=as_dataset(train),
+                             eval_dataset=as_dataset(heldout) if heldout else None,
+                             processing_class=tokenizer, callbacks=safety_callbacks())
+    history = []
+    baseline = None
+    if resume_from is None:
+        # LoRA starts as the identity and full fine-tuning from the parent's weights: this is the parent,
+        # measured by the same hook, so the manifest shows the change the stage made.
+        log.info("evaluating the parent before training")
+        baseline = evaluate_model(ctx.recipe, model, tokenizer, heldout)
+        write_json_atomic(ctx.run_dir / "baseline.json", baseline)
+    elif (ctx.run_dir / "baseline.json").is_file():
+        baseline = json.loads((ctx.run_dir / "baseline.json").read_text())
+    if baseline is not None:
+        if heldout:
+            history.append({"step": 0, "eval_loss": baseline.get("eval_loss")})
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - started
+    stopper = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "GracefulStop")
+    if stopper.requested:
+        raise TrainingError(f"interrupted at step {trainer.state.global_step}; a checkpoint is in {ctx.run_dir}. "
+                            "Run the same command again to resume.")
+    history += [h for h in trainer.state.log_history if h.get("step", 0) > 0 or "loss" in h]
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    timings = {"train_seconds": round(seconds, 2), "train_tokens": tokens,
+               "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+               "peak_rss_mb": round(peak_rss_mb(), 1), "steps": trainer.state.global_step,
+               "resumed_from": str(resume_from) if resume_from else None}
+    if torch.cuda.is_available():
+        timings["peak_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    log.info("trained %d steps in %.1fs: %s tokens/s, peak RSS %.0f MB", trainer.state.global_step, seconds,
+             timings["tokens_per_second"], timings["peak_rss_mb"])
+
+    model = trainer.model
+    model.eval()
+    metrics = evaluate_model(ctx.recipe, model, tokenizer, heldout)
+    metrics["train_loss"] = result.training_loss
+    return register(ctx, model, tokenizer, peft_cfg, report, config_dump, history, timings, metrics, baseline)
+
+
+def register(ctx: StageContext, model, tokenizer, peft_cfg, report: DataReport, config_dump: dict,
+             history: list[dict], timings: dict, metrics: dict, baseline: dict | None):
+    cfg = ctx.config
+    with ctx.registry.create(ctx.entry_name, "policy") as draft:
+        if peft_cfg is not None:
+            model.save_pretrained(draft.path / "adapter")
+            artifact = {"type": "adapter", "path": "adapter", "applies_to": ctx.parent.lineage()}
+            adapter = {"method": cfg.method, "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                       "targets": sorted(peft_cfg.target_modules) if not isinstance(peft_cfg.target_modules, str)
+                       else peft_cfg.target_modules,
+                       "quant": cfg.quant.model_dump() if cfg.method == "qlora" else None}
+        else:
+            model.save_pretrained(draft.path / "model", safe_serialization=True)
+            artifact, adapter = {"type": "full", "path": "model"}, None
+        tokenizer.save_pretrained(draft.path / "tokenizer")
+        training_curve_png(history, draft.path / "training_curve.png", ctx.entry_name)
+        draft.manifest.update({
+            "stage": {"name": ctx.name, "kind": "sft"},
+            "recipe": {"name": ctx.recipe.name, "source": ctx.recipe.source},
+            "artifact": artifact,
+            "parent": ctx.parent.lineage(),
+            "base": _base_lineage(ctx),
+            "adapter": adapter,
+            "tokenizer": {"path": "tokenizer", **tokenizer_facts(tokenizer)},
+            "data": {"train": report.as_dict()},
+            "config": config_dump,
+            "config_hash": hash_json(config_dump),
+            "metrics": metrics,
+            "baseline": {"of": ctx.parent.lineage(), "metrics": baseline} if baseline else None,
+            "history": history,
+            "timings": timings,
+            "versions": library_versions(),
+        })
+    entry = draft.entry
+    log.info("registered %s", entry.ref)
+    return entry
+
+
+def _base_lineage(ctx: StageContext) -> dict:
+    """The root of the lineage: the parent's own base when it records one, else the parent itself."""
+    if ctx.parent.entry is not None:
+        base = ctx.parent.entry.manifest.get("base") or {}
+        if base.get("source") in {"registry"}:
+            return base
+        return {"source": "registry", "ref": ctx.parent.entry.ref} if ctx.parent.entry.kind == "base" else base
+    return ctx.parent.lineage()
+
+
+class _SafeMixin:
+    """Stops on a non-finite loss before the optimizer step (so no checkpoint ever holds it)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        check_finite(float(loss.detach().float()), self.state.global_step + 1)
+        return loss
+
+
+def _safe_sft_trainer():
+    from trl import SFTTrainer
+
+    class SafeSFTTrainer(_SafeMixin, SFTTrainer):
+        pass
+
+    return SafeSFTTrainer
+
+
+def SafeSFTTrainer(*args, **kwargs):  # noqa: N802 - factory that looks like the class it builds
+    return _safe_sft_trainer()(*args, **kwargs)

@@ -1,0 +1,54 @@
+"""Writes the quickstart's arithmetic data (deterministic; run `python data/quickstart/make_data.py`).
+
+Demonstrations answer with a short worked line and a final `#### <number>`, the format the `math_answer`
+and `answer_format` checkers read. Training and evaluation problems never share operands.
+"""
+
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).parent
+TEMPLATES = {
+    "+": ["What is {a} + {b}?", "Compute {a} plus {b}.", "Add {a} and {b}.",
+          "{name} has {a} marbles and finds {b} more. How many marbles does {name} have now?"],
+    "-": ["What is {a} - {b}?", "Compute {a} minus {b}.", "Subtract {b} from {a}.",
+          "{name} had {a} stickers and gave away {b}. How many stickers are left?"],
+    "*": ["What is {a} * {b}?", "Compute {a} times {b}.", "Multiply {a} by {b}.",
+          "{name} buys {a} boxes with {b} pencils each. How many pencils is that?"],
+}
+NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana"]
+
+
+def problem(rng: random.Random, op: str, seen: set) -> dict:
+    while True:
+        if op == "*":
+            a, b = rng.randint(2, 19), rng.randint(2, 12)
+        else:
+            a, b = rng.randint(10, 99), rng.randint(1, 60)
+            if op == "-" and b > a:
+                a, b = b, a
+        if (a, op, b) not in seen:
+            seen.add((a, op, b))
+            break
+    answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+    question = rng.choice(TEMPLATES[op]).format(a=a, b=b, name=rng.choice(NAMES))
+    return {"prompt": question, "completion": f"{a} {op} {b} = {answer}\n#### {answer}", "answer": str(answer)}
+
+
+def main() -> None:
+    rng = random.Random(1234)
+    seen: set = set()
+    ops = ["+", "-", "*"]
+    train = [problem(rng, ops[i % 3], seen) for i in range(300)]
+    held_out = [problem(rng, ops[i % 3], seen) for i in range(60)]
+    with open(HERE / "sft.jsonl", "w") as f:
+        for row in train:
+            f.write(json.dumps({"prompt": row["prompt"], "completion": row["completion"]}) + "\n")
+    with open(HERE / "eval_prompts.jsonl", "w") as f:
+        for row in held_out:
+            f.write(json.dumps({"prompt": row["prompt"], "answer": row["answer"]}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

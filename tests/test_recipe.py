@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from align.errors import ConfigError
+from align.recipe import PPOStage, SFTStage, load_recipe, validate_recipe
+
+MINIMAL = """\
+name: quickstart
+base: tiny/base
+stages:
+  sft:
+    data: some.jsonl
+"""
+
+
+def write(tmp_path, text: str, name: str = "recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def minimal(**stage) -> dict:
+    return {"name": "quickstart", "base": "tiny/base", "stages": {"sft": {"data": "some.jsonl", **stage}}}
+
+
+def problems_of(raw, overrides=()) -> list:
+    with pytest.raises(ConfigError) as info:
+        validate_recipe(raw, list(overrides))
+    return info.value.problems
+
+
+# ------------------------------------------------------------------------------------------ valid
+
+
+def test_minimal_recipe_loads(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    recipe = load_recipe(path)
+    assert recipe.name == "quickstart"
+    assert recipe.base == "tiny/base"
+    assert list(recipe.stages) == ["sft"]
+    stage = recipe.stage("sft")
+    assert isinstance(stage, SFTStage)
+    assert stage.kind == "sft"
+    assert stage.data.path == "some.jsonl"
+    assert stage.data.format == "auto"
+    assert recipe.source == str(path)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_misspelled_key_is_named_with_suggestion():
+    problems = problems_of(minimal(lrr=1e-4))
+    assert len(problems) == 1
+    assert problems[0].where == "stages.sft.lrr"
+    assert '"lr"' in problems[0].message
+    assert "did you mean" in problems[0].message
+
+
+def test_misspelled_nested_key_in_kind_stage_is_named():
+    raw = {"name": "q", "base": "m",
+           "stages": {"sft_math": {"kind": "sft", "data": "x.jsonl", "lora": {"alpah": 3}}}}
+    problems = problems_of(raw)
+    assert [p.where for p in problems] == ["stages.sft_math.lora.alpah"]
+    assert '"alpha"' in problems[0].message
+
+
+def test_wrong_type_message():
+    problems = problems_of(minimal(lr="fast"))
+    assert len(problems) == 1
+    assert str(problems[0]) == 'stages.sft.lr: expected a number, got "fast"'
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        validate_recipe(minimal(lr="fast", batch_size="big", lrr=1), [])
+    err = info.value
+    assert len(err.problems) == 3
+    assert sorted(p.where for p in err.problems) == ["stages.sft.batch_size", "stages.sft.lr", "stages.sft.lrr"]
+    assert "3 problems found" in str(err)
+
+
+def test_error_from_file_names_the_file(tmp_path):
+    path = write(tmp_path, MINIMAL + "    lr: fast\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert info.value.source == str(path)
+    assert str(path) in str(info.value)
+    assert [p.where for p in info.value.problems] == ["stages.sft.lr"]
+
+
+# ------------------------------------------------------------------------------------------ overrides
+
+
+def test_set_override_parses_number(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL), ["stages.sft.lr=1e-4"])
+    lr = recipe.stage("sft").lr
+    assert isinstance(lr, float)
+    assert lr == pytest.approx(1e-4)
+
+
+def test_set_override_parses_yaml_values():
+    recipe = validate_recipe(minimal(), ["stages.sft.packing=true", "stages.sft.lora.targets=[q_proj, v_proj]"])
+    assert recipe.stage("sft").packing is True
+    assert recipe.stage("sft").lora.targets == ["q_proj", "v_proj"]
+
+
+def test_set_override_does_not_modify_input():
+    raw = minimal()
+    validate_recipe(raw, ["stages.sft.lr=0.5"])
+    assert "lr" not in raw["stages"]["sft"]
+
+
+def test_set_override_through_non_mapping_is_a_problem():
+    problems = problems_of(minimal(), ["stages.sft.data.path.x=1"])
+    assert len(problems) == 1
+    assert problems[0].where == "--set stages.sft.data.path.x"
+    assert "`stages.sft.data` is not a mapping" in problems[0].message
+
+
+def test_set_override_without_value_is_a_problem():
+    problems = problems_of(minimal(), ["stages.sft.lr"])
+    assert [p.where for p in problems] == ["--set stages.sft.lr"]
+
+
+def test_set_override_bad_value_is_validated():
+    problems = problems_of(minimal(), ["stages.sft.lr=fast"])
+    assert [str(p) for p in problems] == ['stages.sft.lr: expected a number, got "fast"']
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def test_unknown_stage_kind_is_named():
+    raw = {"name": "q", "base": "m", "stages": {"sfx": {"data": "x.jsonl"}}}
+    problems = problems_of(raw)
+    named = [p for p in problems if p.where == "stages.sfx"]
+    assert len(named) == 1
+    assert "'sfx'" in named[0].message
+    assert "sft" in named[0].message and "kind:" in named[0].message
+
+
+def test_unknown_stage_kind_is_the_only_problem():
+    raw = {"name": "q", "base": "m", "stages": {"sfx": {"data": "x.jsonl"}}}
+    assert [p.where for p in problems_of(raw)] == ["stages.sfx"]
+
+
+def test_unknown_explicit_kind_points_at_kind_key():
+    raw = {"name": "q", "base": "m",
+           "stages": {"sft": {"data": "x.jsonl"}, "extra": {"kind": "sfx", "data": "x.jsonl"}}}
+    problems = problems_of(raw)
+    assert [p.where for p in problems] == ["stages.extra.kind"]
+
+
+def test_kind_makes_named_stage_an_sft_stage():
+    raw = {"name": "q", "base": "m",
+           "stages": {"sft": {"data": "a.jsonl"}, "sft_math": {"kind": "sft", "data": "math.jsonl", "lr": 1e-5}}}
+    recipe = validate_recipe(raw, [])
+    assert list(recipe.stages) == ["sft", "sft_math"]
+    stage = recipe.stage("sft_math")
+    assert isinstance(stage, SFTStage)
+    assert stage.kind == "sft"
+    assert stage.data.path == "math.jsonl"
+    assert stage.lr == pytest.approx(1e-5)
+
+
+def test_defaults_are_deep_merged_into_stages():
+    raw = minimal(lora={"alpha": 64})
+    raw["defaults"] = {"lora": {"r": 8}, "seed": 7}
+    recipe = validate_recipe(raw, [])
+    stage = recipe.stage("sft")
+    assert stage.lora.r == 8
+    assert stage.lora.alpha == 64
+    assert stage.seed == 7
+
+
+def test_stage_value_wins_over_default():
+    raw = minimal(lora={"r": 4}, seed=1)
+    raw["defaults"] = {"lora": {"r": 8}, "seed": 7}
+    stage = validate_recipe(raw, []).stage("sft")
+    assert stage.lora.r == 4
+    assert stage.seed == 1
+
+
+def test_ppo_reward_with_model_and_checker_is_an_error():
+    raw = {"name": "q", "base": "m",
+           "stages": {"ppo": {"prompts": "p.jsonl", "rewards": [{"model": "rm", "checker": "gsm8k"}]}}}
+    problems = problems_of(raw)
+    assert [p.where for p in problems] == ["stages.ppo.rewards[0]"]
+    assert "exactly one" in problems[0].message
+
+
+def test_ppo_reward_with_one_source_is_valid():
+    raw = {"name": "q", "base": "m",
+           "stages": {"ppo": {"prompts": "p.jsonl", "rewards": [{"checker": "gsm8k", "weight": 2}]}}}
+    stage = validate_recipe(raw, []).stage("ppo")
+    assert isinstance(stage, PPOStage)
+    assert stage.rewards[0].checker == "gsm8k"
+    assert stage.rewards[0].weight == 2
+
+
+# ------------------------------------------------------------------------------------------ bad files
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("- a\n- b\n", "got a list"),
+    ("", "got an empty file"),
+    ("name: q\nbase: [unclosed\nstages:\n", "not valid YAML"),
+    ("name: q\nbase: m\nstages:\n  sft:\n    data: x.jsonl\n\tlr: 1\n", "not valid YAML"),
+], ids=["list", "empty", "syntax", "tab"])
+def test_bad_yaml_file_is_one_config_error_naming_the_file(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    err = info.value
+    assert len(err.problems) == 1
+    assert expected in err.problems[0].message
+    assert str(path) in str(err)
+
+
+def test_syntax_error_names_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: q\nbase: [unclosed\nstages:\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert info.value.problems[0].where.startswith(f"{path}:3:")
+
+
+def test_missing_recipe_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert [p.where for p in info.value.problems] == [str(path)]
+    assert "not found" in info.value.problems[0].message
