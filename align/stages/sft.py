@@ -102,7 +102,7 @@ def run(ctx: StageContext):
         output_dir=str(ctx.run_dir), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        lr_scheduler_type=cfg.scheduler, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         save_total_limit=2, eval_strategy="steps" if heldout else "no",
         eval_steps=cfg.eval_steps or cfg.save_steps, seed=cfg.seed, data_seed=cfg.seed,
@@ -191,13 +191,13 @@ def register(ctx: StageContext, model, tokenizer, peft_cfg, report: DataReport, 
 
 
 def _base_lineage(ctx: StageContext) -> dict:
-    """The root of the lineage: the parent's own base when it records one, else the parent itself."""
-    if ctx.parent.entry is not None:
-        base = ctx.parent.entry.manifest.get("base") or {}
-        if base.get("source") in {"registry"}:
-            return base
-        return {"source": "registry", "ref": ctx.parent.entry.ref} if ctx.parent.entry.kind == "base" else base
-    return ctx.parent.lineage()
+    """The root of the lineage: a base entry itself, else whatever base the parent records."""
+    entry = ctx.parent.entry
+    if entry is None:
+        return ctx.parent.lineage()
+    if entry.kind == "base":
+        return {"source": "registry", "ref": entry.ref}
+    return entry.manifest.get("base") or ctx.parent.lineage()
 
 
 class _SafeMixin:

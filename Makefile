@@ -1,0 +1,47 @@
+# align: one target per stage, plus setup, tests and the main job.
+# Every target that runs code sets up the virtual environment first (idempotent).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RECIPE ?= recipes/smollm2/quickstart.yaml
+ARGS   ?=
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup test quickstart plan sft rm ppo dpo models clean
+
+$(BIN)/align: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(BIN)/align
+
+setup: $(BIN)/align  ## create .venv and install align with its dependencies
+
+test: setup  ## run the test suite (tiny models, CPU; one test uses the real default model)
+	$(BIN)/python -m pytest -q tests
+
+quickstart: setup  ## the main job: the quickstart recipe on the default model (SmolLM2-135M-Instruct)
+	$(BIN)/align run recipes/smollm2/quickstart.yaml $(ARGS)
+	$(BIN)/align models list
+
+plan: setup  ## dry run: validate RECIPE, resolve refs and data, load no weights
+	$(BIN)/align plan $(RECIPE) $(ARGS)
+
+sft: setup  ## run the SFT stage of RECIPE
+	$(BIN)/align run $(RECIPE) --stage sft $(ARGS)
+
+rm: setup  ## run the reward-model stage of RECIPE
+	$(BIN)/align run $(RECIPE) --stage reward $(ARGS)
+
+ppo: setup  ## run the PPO stage of RECIPE
+	$(BIN)/align run $(RECIPE) --stage ppo $(ARGS)
+
+dpo: setup  ## run the DPO stage of RECIPE
+	$(BIN)/align run $(RECIPE) --stage dpo $(ARGS)
+
+models: setup  ## list registry entries
+	$(BIN)/align models list
+
+clean:  ## remove run folders (checkpoints); the registry is kept
+	rm -rf runs

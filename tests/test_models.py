@@ -1,0 +1,99 @@
+"""`resolve_model_ref`: what a ref names, or an error that says why, without loading weights."""
+
+from __future__ import annotations
+
+import pytest
+
+from align.errors import RegistryError
+from align.models import ModelSource, resolve_model_ref
+from align.registry import Registry
+
+
+def make_entry(registry: Registry, name: str = "quickstart/sft"):
+    with registry.create(name, "policy") as draft:
+        draft.manifest.update({"artifact": {"type": "adapter", "path": "adapter"}})
+    return draft.entry
+
+
+def test_registry_entry(tmp_registry):
+    entry = make_entry(tmp_registry)
+    for ref in ("quickstart/sft", "quickstart/sft@1", " quickstart/sft@v1 "):
+        source = resolve_model_ref(ref, tmp_registry)
+        assert source.kind == "registry"
+        assert source.entry.ref == entry.ref == "quickstart/sft@1"
+        assert source.lineage() == {"source": "registry", "ref": "quickstart/sft@1"}
+
+
+def test_local_model_folder(tiny_base, tmp_registry):
+    source = resolve_model_ref(str(tiny_base), tmp_registry)
+    assert source == ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base))
+    assert source.lineage() == {"source": "local", "path": str(tiny_base)}
+
+
+def test_folder_without_config_json(tmp_path, tmp_registry):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"\x00")
+    with pytest.raises(RegistryError, match="config.json") as info:
+        resolve_model_ref(str(folder), tmp_registry)
+    assert str(folder) in str(info.value)
+
+
+def test_missing_gguf_file(tmp_path, tmp_registry):
+    path = tmp_path / "model.Q4_1.gguf"
+    with pytest.raises(RegistryError, match="GGUF file not found") as info:
+        resolve_model_ref(str(path), tmp_registry)
+    assert str(path) in str(info.value)
+
+
+def test_existing_gguf_file(tmp_path, tmp_registry):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    source = resolve_model_ref(str(path), tmp_registry)
+    assert (source.kind, source.path) == ("gguf", str(path))
+
+
+def test_misspelt_registry_name_suggests_the_close_one(tmp_registry, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    make_entry(tmp_registry)
+    with pytest.raises(RegistryError) as info:
+        resolve_model_ref("quickstart/sftt", tmp_registry)
+    message = str(info.value)
+    assert "quickstart/sftt: no such entry" in message
+    assert "did you mean quickstart/sft" in message
+
+
+def test_missing_version_lists_the_versions(tmp_registry):
+    make_entry(tmp_registry)
+    with pytest.raises(RegistryError, match=r"no version 3 of quickstart/sft \(has 1\)"):
+        resolve_model_ref("quickstart/sft@3", tmp_registry)
+
+
+def test_uncached_hub_id_offline(tmp_registry, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ref = "align-tests-nobody/no-such-model-5f3a9c"
+    with pytest.raises(RegistryError, match="not in the local hub cache and HF_HUB_OFFLINE=1") as info:
+        resolve_model_ref(ref, tmp_registry)
+    assert ref in str(info.value)
+
+
+def test_hub_id_without_hub_check(tmp_registry):
+    ref = "align-tests-nobody/no-such-model-5f3a9c"
+    assert resolve_model_ref(ref, tmp_registry, check_hub=False) == ModelSource(ref=ref, kind="hub")
+
+
+def test_packaged_name(tmp_registry):
+    source = resolve_model_ref("smollm2-135m-instruct", tmp_registry)
+    assert source.kind == "packaged" and source.entry is None
+    assert not tmp_registry.root.exists()  # nothing pulled
+
+
+@pytest.mark.parametrize("ref", ["", "   "])
+def test_empty_ref(ref, tmp_registry):
+    with pytest.raises(RegistryError, match="empty model reference"):
+        resolve_model_ref(ref, tmp_registry)
+
+
+def test_unknown_plain_name(tmp_registry):
+    with pytest.raises(RegistryError, match="no-such-model: no such entry"):
+        resolve_model_ref("no-such-model", tmp_registry)

@@ -1,0 +1,129 @@
+"""`align plan`: every problem of a recipe in one ConfigError with its path, no weights loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import transformers
+
+import align.packaged
+from align.errors import ConfigError
+from align.plan import make_plan
+from align.recipe import load_recipe, validate_recipe
+from align.registry import Registry
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((REPO_ROOT / "recipes").glob("**/*.yaml"))
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any attempt to load a model, a tokenizer or the packaged GGUF fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"plan loaded weights: {args[:1]}")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(align.packaged, "fetch_gguf", refuse)
+    monkeypatch.setattr(align.packaged, "load_from_gguf", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def validate(raw: dict, tmp_path: Path):
+    return validate_recipe(raw, [], source=str(tmp_path / "r.yaml"))
+
+
+def plan_problems(raw: dict, tmp_path: Path, only=None) -> dict[str, str]:
+    recipe = validate(raw, tmp_path)
+    with pytest.raises(ConfigError) as info:
+        make_plan(recipe, Registry(tmp_path / "registry"), only)
+    return {p.where: p.message for p in info.value.problems}
+
+
+def test_valid_recipe_plans_without_loading_weights(tiny_raw_recipe, tiny_base, tmp_path, no_weights):
+    recipe = validate(tiny_raw_recipe(tmp_path), tmp_path)
+    plan = make_plan(recipe, Registry(tmp_path / "registry"))
+    assert [(s.name, s.kind, s.output) for s in plan.stages] == [("sft", "sft", "tiny/sft")]
+    assert plan.base.kind == "local" and plan.base.path == str(tiny_base)
+    text = plan.describe()
+    assert f"1. sft [sft] from base {tiny_base} -> tiny/sft@next" in text
+    assert "(16 rows), format prompt_completion" in text
+    assert not (tmp_path / "registry").exists() or not any((tmp_path / "registry").iterdir())
+
+
+def test_all_problems_reported_at_once_with_their_paths(tiny_raw_recipe, tmp_path, no_weights):
+    raw = tiny_raw_recipe(tmp_path)
+    good = raw["stages"].pop("sft")
+    raw["base"] = "no-such-model"
+    raw["stages"] = {
+        "first": {**good, "kind": "sft", "from": "second", "data": str(tmp_path / "missing.jsonl")},
+        "second": {**good, "kind": "sft"},
+    }
+    raw["eval"]["checkers"] = ["math_answer", "no_such_checker"]
+    problems = plan_problems(raw, tmp_path)
+    assert set(problems) == {"base", "stages.first.data", "eval.checkers[1]", "stages.first.from"}, problems
+    assert "no-such-model" in problems["base"]
+    assert "missing.jsonl: file not found" in problems["stages.first.data"]
+    assert "no_such_checker" in problems["eval.checkers[1]"] and "math_answer" in problems["eval.checkers[1]"]
+    assert "'second' runs after 'first'" in problems["stages.first.from"]
+
+
+def test_bad_row_reported_at_plan_time_with_its_index(tiny_raw_recipe, tmp_path, no_weights):
+    raw = tiny_raw_recipe(tmp_path)
+    data = Path(raw["stages"]["sft"]["data"])
+    lines = data.read_text().splitlines()
+    lines[2] = '{"prompt": "What is 5 + 6?"}'
+    data.write_text("\n".join(lines) + "\n")
+    problems = plan_problems(raw, tmp_path)
+    assert problems == {f"stages.sft.data: {data}: row 2": "missing field `completion`"}
+
+    # With `on_bad_rows: drop` the same file plans, and the plan says what will be dropped.
+    raw["stages"]["sft"]["on_bad_rows"] = "drop"
+    plan = make_plan(validate(raw, tmp_path), Registry(tmp_path / "registry"))
+    assert "1 bad rows to drop" in plan.describe()
+
+
+@pytest.mark.parametrize("kind", ["dpo", "reward", "ppo"])
+def test_unimplemented_stage_kinds_are_reported(kind, tiny_raw_recipe, tmp_path, no_weights):
+    from conftest import write_jsonl
+
+    raw = tiny_raw_recipe(tmp_path)
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"}])
+    stage = {"ppo": {"prompts": raw["eval"]["prompts"], "rewards": [{"checker": "math_answer"}]}}.get(
+        kind, {"data": str(prefs)})
+    raw["stages"][kind] = stage
+    problems = plan_problems(raw, tmp_path)
+    assert list(problems) == [f"stages.{kind}"], problems
+    assert f"stage kind {kind!r} is not implemented" in problems[f"stages.{kind}"]
+
+
+def test_stage_option_naming_a_missing_stage(tiny_raw_recipe, tmp_path, no_weights):
+    problems = plan_problems(tiny_raw_recipe(tmp_path), tmp_path, only=["nope"])
+    assert list(problems) == ["--stage nope"]
+    assert "no such stage" in problems["--stage nope"] and "sft" in problems["--stage nope"]
+
+
+def test_stage_option_needs_an_unselected_parent_in_the_registry(tiny_raw_recipe, tmp_path, no_weights):
+    raw = tiny_raw_recipe(tmp_path)
+    raw["stages"] = {"a": {**raw["stages"]["sft"], "kind": "sft"}, "b": {**raw["stages"]["sft"], "kind": "sft"}}
+    problems = plan_problems(raw, tmp_path, only=["b"])
+    assert list(problems) == ["stages.b.from"]
+    assert "tiny/a" in problems["stages.b.from"] and "run it first" in problems["stages.b.from"]
+
+
+def test_the_repository_has_recipes():
+    assert RECIPES, f"no recipes under {REPO_ROOT / 'recipes'}"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(REPO_ROOT)) for p in RECIPES])
+def test_shipped_recipe_plans(path, tmp_path, monkeypatch, no_weights):
+    monkeypatch.chdir(REPO_ROOT)
+    recipe = load_recipe(path)
+    plan = make_plan(recipe, Registry(tmp_path / "registry"))
+    assert [s.name for s in plan.stages] == list(recipe.stages)
+    assert plan.base is not None
+    if recipe.base in align.packaged.PACKAGED:
+        assert plan.base.kind == "packaged"  # resolved by name; nothing downloaded or converted
+    assert not (tmp_path / "registry").exists()
