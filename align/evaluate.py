@@ -155,7 +155,8 @@ def evaluate_model(recipe, model, tokenizer, fallback_loss: list[Encoded] | None
 
     settings = recipe.eval
     prompt_rows, prompts_fp = load_eval_prompts(recipe)
-    loss_data, loss_fp = fallback_loss or [], "stage-heldout"
+    loss_data = fallback_loss or []
+    loss_fp = hash_json([e.input_ids for e in loss_data]) if loss_data else None
     if settings.data is not None:
         conversations, report = load_demonstrations(recipe, settings.data)
         loss_data = tokenize_all(tokenizer, conversations.rows, 4096, True, report, str(settings.data.path))

@@ -63,11 +63,11 @@ def resolve_model_ref(ref: str, registry: Registry, *, check_hub: bool = True) -
     if path.suffix == ".gguf":
         if not path.is_file():
             raise RegistryError(f"{ref}: GGUF file not found")
-        return ModelSource(ref=ref, kind="gguf", path=str(path))
+        return ModelSource(ref=ref, kind="gguf", path=str(path.resolve()))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise RegistryError(f"{ref}: folder has no config.json, so it is not a model directory")
-        return ModelSource(ref=ref, kind="local", path=str(path))
+        return ModelSource(ref=ref, kind="local", path=str(path.resolve()))
     name, version = parse_ref(ref)
     if registry.versions(name) or version is not None or name.split("/")[0] in registry.namespaces():
         registry.resolve(ref)  # raises with versions or close names

@@ -59,7 +59,7 @@ def tiny_base(tmp_path_factory) -> Path:
 
     hidden=128 rather than the default 32: with tied embeddings of std 0.02 behind a final RMSNorm the
     logits of a 32-wide model are bounded near zero, so LoRA (which cannot touch the embeddings) could
-    not lower the loss visibly; at 128 it can, and the model is still ~0.4M parameters."""
+    not lower the loss visibly; at 128 it can, and the model is still ~0.35M parameters."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "base", hidden=128)
 
 

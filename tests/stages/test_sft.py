@@ -225,6 +225,24 @@ def test_rerun_with_changed_seed_is_refused_then_forced(lora_run, tmp_path):
     assert json.loads(run_json.read_text())["seed"] == 1
 
 
+def test_interrupted_run_resumes_from_its_last_checkpoint(lora_run, tmp_path):
+    runs_root = tmp_path / "runs"
+    shutil.copytree(lora_run.runs_root, runs_root)
+    run_dir = runs_root / "tiny" / "sft"
+    shutil.rmtree(run_dir / "checkpoint-8")  # as if stopped after the checkpoint at step 5
+    registry = Registry(tmp_path / "registry")
+    recipe = validate_recipe(lora_run.raw, [], source=lora_run.recipe.source)
+
+    run_recipe(recipe, registry, runs_root=runs_root)
+    resumed = registry.resolve("tiny/sft").manifest
+    original = lora_run.entry.manifest
+    assert resumed["timings"]["resumed_from"] == str(run_dir / "checkpoint-5")
+    assert resumed["timings"]["steps"] == 8
+    assert _losses(resumed) == pytest.approx(_losses(original), abs=1e-4)
+    assert resumed["metrics"]["eval_loss"] == pytest.approx(original["metrics"]["eval_loss"], abs=1e-4)
+    assert resumed["baseline"]["metrics"]["eval_loss"] == original["baseline"]["metrics"]["eval_loss"]
+
+
 # ------------------------------------------------------------------------------------------ non-finite loss
 
 
