@@ -86,7 +86,8 @@ def peak_rss_mb() -> float:
 
 
 def safety_callbacks():
-    """Callbacks for HF/TRL trainers: SIGTERM saves a checkpoint and stops; logs are kept for the manifest."""
+    """Callbacks for HF/TRL trainers; the first is the graceful stop (SIGTERM/SIGINT save a checkpoint and stop),
+    whose `requested` flag tells the caller the run was interrupted."""
     from transformers import TrainerCallback
 
     class GracefulStop(TrainerCallback):

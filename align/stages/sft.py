@@ -111,9 +111,11 @@ def run(ctx: StageContext):
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=False,
         logging_first_step=True,
     )
-    trainer = SafeSFTTrainer(model=model, args=args, train_dataset=as_dataset(train),
-                             eval_dataset=as_dataset(heldout) if heldout else None,
-                             processing_class=tokenizer, callbacks=safety_callbacks())
+    callbacks = safety_callbacks()
+    stopper = callbacks[0]
+    trainer = make_safe_sft_trainer(model=model, args=args, train_dataset=as_dataset(train),
+                                    eval_dataset=as_dataset(heldout) if heldout else None,
+                                    processing_class=tokenizer, callbacks=callbacks)
     history = []
     baseline = None
     if resume_from is None:
@@ -130,7 +132,6 @@ def run(ctx: StageContext):
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
-    stopper = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "GracefulStop")
     if stopper.requested:
         raise TrainingError(f"interrupted at step {trainer.state.global_step}; a checkpoint is in {ctx.run_dir}. "
                             "Run the same command again to resume.")
@@ -209,14 +210,11 @@ class _SafeMixin:
         return loss
 
 
-def _safe_sft_trainer():
+def make_safe_sft_trainer(**kwargs):
+    """An `SFTTrainer` with the non-finite loss stop (TRL is imported here, not at module import)."""
     from trl import SFTTrainer
 
     class SafeSFTTrainer(_SafeMixin, SFTTrainer):
         pass
 
-    return SafeSFTTrainer
-
-
-def SafeSFTTrainer(*args, **kwargs):  # noqa: N802 - factory that looks like the class it builds
-    return _safe_sft_trainer()(*args, **kwargs)
+    return SafeSFTTrainer(**kwargs)
