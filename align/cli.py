@@ -81,6 +81,24 @@ def cmd_models(args) -> int:
     raise AssertionError(args.models_cmd)
 
 
+def cmd_score(args) -> int:
+    from align.data.io import read_rows
+    from align.models import resolve_model_ref
+    from align.rewards.scoring import load_reward_model, score_rows
+
+    registry = _registry(args)
+    model, tokenizer = load_reward_model(resolve_model_ref(args.ref, registry), registry)
+    rows = read_rows(args.data)
+    summary, per_row = score_rows(model, tokenizer, rows, args.data, args.batch_size, args.max_length)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in per_row))
+        summary["written"] = args.out
+    print(json.dumps({"ref": args.ref, "data": args.data, **summary}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="Post-training alignment: SFT, reward models, PPO, DPO.")
     parser.add_argument("--registry", help="registry folder (default: $ALIGN_REGISTRY or ./registry)")
@@ -99,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_args(p)
     p.add_argument("--force", action="store_true", help="discard an incompatible unfinished run instead of refusing")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("score", help="score responses or preference pairs with a reward model")
+    p.add_argument("ref", help="reward model: registry ref, local folder or hub id")
+    p.add_argument("--data", required=True, help="JSONL/JSON/parquet: preference pairs, or messages / prompt+response rows")
+    p.add_argument("--out", help="write one JSON line of scores per row here")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=1024, help="longer conversations keep their last tokens")
+    p.set_defaults(fn=cmd_score)
 
     p = sub.add_parser("models", help="list, show or pull registry entries")
     msub = p.add_subparsers(dest="models_cmd", required=True)

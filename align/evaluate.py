@@ -168,3 +168,16 @@ def evaluate_model(recipe, model, tokenizer, fallback_loss: list[Encoded] | None
     metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
     metrics["eval_fingerprint"] = eval_fingerprint(settings, loss_fp, prompts_fp)
     return metrics
+
+
+def evaluate_reward_model(model, pairs, pad_id: int, batch_size: int = 16) -> tuple[dict, tuple[list, list]]:
+    """The hook for reward entries: held-out pairwise accuracy, ties, score mean and spread, and the gap.
+    Returns the metrics and the (chosen, rejected) scores for the histogram."""
+    from align.rewards.scoring import pair_metrics, score_pairs
+
+    start = time.perf_counter()
+    chosen, rejected = score_pairs(model, pairs, pad_id, batch_size)
+    metrics = pair_metrics(chosen, rejected)
+    metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
+    metrics["eval_fingerprint"] = hash_json([[p.chosen.input_ids, p.rejected.input_ids] for p in pairs])
+    return metrics, (chosen, rejected)

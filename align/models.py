@@ -184,14 +184,70 @@ def _parent_source(entry: Entry, registry: Registry) -> ModelSource:
 def _requantize(model, entry: Entry, kwargs: dict):
     from transformers import AutoModelForCausalLM
 
+    folder = _merged_folder(entry, lambda: model)
+    return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+
+
+def _merged_folder(entry: Entry, build) -> Path:
+    """A cache folder holding an adapter entry merged into full-precision weights, written once (atomically)."""
     from align.packaged import cache_dir
 
     folder = cache_dir() / "merged" / entry.ref.replace("/", "--")
     if not (folder / "config.json").is_file():
-        partial = folder.with_name(folder.name + ".partial")
-        model.save_pretrained(partial, safe_serialization=True)
-        os.replace(partial, folder)
-    return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+        build().save_pretrained(partial, safe_serialization=True)
+        if (folder / "config.json").is_file():  # another process finished first
+            import shutil
+
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            os.replace(partial, folder)
+    return folder
+
+
+def full_weights_folder(source: ModelSource, registry: Registry) -> str:
+    """A folder (or hub id) with the full weights `source` describes, for loaders that need one (a reward
+    model's sequence-classification head goes on these). Adapter chains and GGUF files are merged or
+    converted once into the cache."""
+    source = materialize(source, registry)
+    entry = source.entry
+    if entry is not None:
+        if entry.artifact.get("type") == "adapter":
+            return str(_merged_folder(entry, lambda: load_causal_lm(source, registry, dtype="fp32")))
+        return str(entry.file(entry.artifact["path"]))
+    if source.kind == "gguf":
+        from align.packaged import cache_dir
+
+        folder = cache_dir() / "converted" / Path(source.path).stem
+        if not (folder / "config.json").is_file():
+            _, model = load_from_gguf(Path(source.path))
+            partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+            model.save_pretrained(partial, safe_serialization=True)
+            os.replace(partial, folder)
+        return str(folder)
+    return source.path or source.ref
+
+
+def load_sequence_classifier(source: ModelSource, registry: Registry, *, dtype: str = "auto", quantization=None,
+                             pad_token_id: int | None = None):
+    """A one-output sequence-classification model (a reward model) on the weights `source` describes; the
+    score head is new (randomly initialized) unless the source already has one."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    kwargs = {"dtype": torch_dtype(dtype), "num_labels": 1}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": 0} if _cuda() else None
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here, not a warning
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(full_weights_folder(source, registry), **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model
 
 
 def _cuda() -> bool:
@@ -232,12 +288,53 @@ def four_bit_problem() -> str | None:
     return None
 
 
-def lora_config(settings, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+def lora_config(settings, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,
+                model=None, freeze_layers: int = 0):
+    """PEFT LoraConfig for a recipe's `lora:` block. With `freeze_layers`, adapters go only on the blocks
+    above the frozen ones (`model` is needed then, to name its linear layers and count its blocks)."""
     from peft import LoraConfig
 
     targets = settings.targets if isinstance(settings.targets, list) else "all-linear"
+    layers = None
+    if freeze_layers:
+        layers = trainable_layer_indices(model, freeze_layers)
+        if targets == "all-linear":
+            targets = block_linear_names(model)
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=targets, task_type=task_type, modules_to_save=modules_to_save)
+                      target_modules=targets, task_type=task_type, modules_to_save=modules_to_save,
+                      layers_to_transform=layers, layers_pattern="layers" if layers else None)
+
+
+def trainable_layer_indices(model, freeze_layers: int) -> list[int]:
+    total = model.config.num_hidden_layers
+    if freeze_layers >= total:
+        raise AlignError(f"freeze_layers is {freeze_layers} but the model has only {total} blocks; "
+                         f"freeze at most {total - 1}")
+    return list(range(freeze_layers, total))
+
+
+def block_linear_names(model) -> list[str]:
+    """Names of the linear layers inside the transformer blocks (what `all-linear` means there)."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if ".layers." in f".{name}" and isinstance(module, torch.nn.Linear):  # bnb Linear4bit is one too
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def freeze_bottom(model, freeze_layers: int) -> None:
+    """Full fine-tuning with frozen embeddings and first blocks: their parameters stop needing gradients."""
+    if not freeze_layers:
+        return
+    trainable_layer_indices(model, freeze_layers)  # validates the count
+    import re
+
+    for name, param in model.named_parameters():
+        match = re.search(r"\.layers\.(\d+)\.", f".{name}")
+        if "embed" in name or (match and int(match.group(1)) < freeze_layers):
+            param.requires_grad_(False)
 
 
 def count_parameters(model) -> tuple[int, int]:

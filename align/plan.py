@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 
 from align.data.formats import load_conversations
 from align.data.io import check_source, is_hub_dataset, read_rows
-from align.data.prepare import problems_for_plan
+from align.data.preference import load_pairs
+from align.data.prepare import pair_problems_for_plan, problems_for_plan
 from align.errors import AlignError, ConfigError, Problem
 from align.evaluate import METRICS
 from align.models import ModelSource, four_bit_problem, resolve_model_ref
 from align.registry import Registry
 from align.rewards.checkers import CHECKERS
 
-IMPLEMENTED = {"sft"}
+IMPLEMENTED = {"sft", "reward"}
 
 
 @dataclass
@@ -74,6 +75,8 @@ def make_plan(recipe, registry: Registry | None = None, only: list[str] | None =
             why = four_bit_problem()
             if why:
                 problems.append(Problem(f"{where}.method", f"qlora needs 4-bit support: {why}"))
+        if cfg.kind == "ppo":
+            stage.notes += _check_reward_sources(recipe, name, index, cfg, selected, registry, problems, check_hub)
         for key in ("data", "eval_data", "prompts", "eval_prompts"):
             spec = getattr(cfg, key, None)
             if spec is not None:
@@ -118,6 +121,49 @@ def _parent(recipe, name, index, cfg, selected, base, registry, problems, check_
     return ref, source
 
 
+def _check_reward_sources(recipe, name, index, cfg, selected, registry, problems, check_hub) -> list[str]:
+    """Each PPO reward source: a known checker, an earlier reward stage, or a reward entry that passed its gate."""
+    from align.rewards.scoring import gate_problem, reward_problem
+
+    names, notes = list(recipe.stages), []
+    for i, source in enumerate(cfg.rewards):
+        where = f"stages.{name}.rewards[{i}]"
+        if source.checker is not None:
+            if source.checker not in CHECKERS:
+                problems.append(Problem(f"{where}.checker", f"unknown checker {source.checker!r}; known: "
+                                        f"{', '.join(sorted(CHECKERS))}"))
+            continue
+        ref = source.model[1:] if source.model.startswith("@") else source.model
+        if ref in recipe.stages:
+            if recipe.stages[ref].kind != "reward":
+                problems.append(Problem(f"{where}.model", f"stage {ref!r} is a {recipe.stages[ref].kind} stage, "
+                                        "not a reward model"))
+                continue
+            if names.index(ref) >= index:
+                problems.append(Problem(f"{where}.model", f"reward stage {ref!r} runs after {name!r}"))
+                continue
+            if ref in selected:
+                notes.append(f"reward: output of stage {ref} (its quality gate is checked when {name} starts)")
+                continue
+            existing = registry.find(f"{recipe.name}/{ref}")
+            if existing is None:
+                problems.append(Problem(f"{where}.model", f"stage {ref!r} is not selected to run and the registry "
+                                        f"has no {recipe.name}/{ref} yet; run it first"))
+                continue
+            ref = existing.ref
+        source_model = _resolve(ref, f"{where}.model", registry, problems, check_hub)
+        if source_model is None:
+            continue
+        why = reward_problem(source_model)
+        if why is None and not cfg.allow_failed_gate:
+            why = gate_problem(source_model)
+        if why:
+            problems.append(Problem(f"{where}.model", why))
+        else:
+            notes.append(f"reward: {source_model.describe()} (weight {source.weight})")
+    return notes
+
+
 def _check_data(recipe, spec, where: str, cfg, problems: list[Problem]) -> list[str]:
     """File readable, rows in a known format; returns notes for the printed plan."""
     if is_hub_dataset(spec.path):
@@ -146,6 +192,19 @@ def _check_data(recipe, spec, where: str, cfg, problems: list[Problem]) -> list[
         note += f", format {conversations.format}"
         if conversations.problems and cfg.on_bad_rows == "drop":
             note += f", {len(conversations.problems)} bad rows to drop"
+    if cfg.kind in {"reward", "dpo"}:
+        try:
+            pairs = load_pairs(rows, str(spec.path), cfg.margin_field)
+        except AlignError as err:
+            problems.append(Problem(where, str(err)))
+            return []
+        problems += pair_problems_for_plan(pairs, cfg.on_bad_rows, where)
+        note += f", {pairs.format} preference pairs"
+        counts = [f"{len(pairs.problems)} bad" if pairs.problems else "",
+                  f"{len(pairs.identical)} identical" if pairs.identical else "",
+                  f"{sum(pairs.repaired.values())} repaired" if pairs.repaired else ""]
+        if any(counts):
+            note += " (" + ", ".join(c for c in counts if c) + ")"
     return [note]
 
 

@@ -12,6 +12,7 @@ from align.errors import ConfigError
 from align.plan import make_plan
 from align.recipe import load_recipe, validate_recipe
 from align.registry import Registry
+from conftest import write_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO_ROOT / "recipes").glob("**/*.yaml"))
@@ -85,10 +86,8 @@ def test_bad_row_reported_at_plan_time_with_its_index(tiny_raw_recipe, tmp_path,
     assert "1 bad rows to drop" in plan.describe()
 
 
-@pytest.mark.parametrize("kind", ["dpo", "reward", "ppo"])
+@pytest.mark.parametrize("kind", ["dpo", "ppo"])
 def test_unimplemented_stage_kinds_are_reported(kind, tiny_raw_recipe, tmp_path, no_weights):
-    from conftest import write_jsonl
-
     raw = tiny_raw_recipe(tmp_path)
     prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"}])
     stage = {"ppo": {"prompts": raw["eval"]["prompts"], "rewards": [{"checker": "math_answer"}]}}.get(
@@ -97,6 +96,19 @@ def test_unimplemented_stage_kinds_are_reported(kind, tiny_raw_recipe, tmp_path,
     problems = plan_problems(raw, tmp_path)
     assert list(problems) == [f"stages.{kind}"], problems
     assert f"stage kind {kind!r} is not implemented" in problems[f"stages.{kind}"]
+
+
+def test_reward_stage_plans_with_a_summary_of_its_pairs(tiny_raw_recipe, tmp_path, no_weights):
+    raw = tiny_raw_recipe(tmp_path)
+    rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(5)]
+    rows += [{"prompt": "q", "chosen": "same", "rejected": "same"}, {"prompt": "q", "chosen": "x"}]
+    raw["stages"]["reward"] = {"data": str(write_jsonl(tmp_path / "prefs.jsonl", rows))}
+    plan = make_plan(validate(raw, tmp_path), Registry(tmp_path / "registry"))
+    assert "prefs.jsonl (7 rows), explicit preference pairs (1 bad, 1 identical)" in plan.describe()
+    # Under `on_bad_rows: error` the bad row is a plan problem naming the row.
+    raw["stages"]["reward"]["on_bad_rows"] = "error"
+    problems = plan_problems(raw, tmp_path)
+    assert problems == {f"stages.reward.data: {tmp_path / 'prefs.jsonl'}: row 6": "missing field `rejected`"}
 
 
 def test_stage_option_naming_a_missing_stage(tiny_raw_recipe, tmp_path, no_weights):

@@ -57,14 +57,14 @@ def _encode_text(tokenizer, text: str, offsets: bool = False):
     return ids, spans
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]], list[bool]]:
-    """The rendered text, the character span of each assistant turn (content through end-of-turn),
-    and for each span whether the end-of-turn (EOS) text was found inside it."""
+def assistant_spans(tokenizer, messages: list[dict], first: int = 0) -> tuple[str, list[tuple[int, int]], list[bool]]:
+    """The rendered text, the character span of each assistant turn from message `first` on (content
+    through end-of-turn), and for each span whether the end-of-turn (EOS) text was found inside it."""
     full = render(tokenizer, messages)
     eos = tokenizer.eos_token or ""
     spans, found_eos = [], []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first:
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         through = render(tokenizer, messages[: i + 1])
@@ -82,10 +82,11 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return full, spans, found_eos
 
 
-def encode_conversation(tokenizer, messages: list[dict], max_length: int,
-                        assistant_only: bool = True) -> Encoded:
-    """Token ids and labels for one conversation, truncated from the right to `max_length`."""
-    full, spans, found_eos = assistant_spans(tokenizer, messages)
+def encode_conversation(tokenizer, messages: list[dict], max_length: int | None,
+                        assistant_only: bool = True, label_from: int = 0) -> Encoded:
+    """Token ids and labels for one conversation, truncated from the right to `max_length` (None: no limit).
+    Assistant turns before message `label_from` are context, not labelled (a preference pair's prompt)."""
+    full, spans, found_eos = assistant_spans(tokenizer, messages, first=label_from)
     ids, offsets = _encode_text(tokenizer, full, offsets=True)
     labelled = [False] * len(ids)
     for (start, end), has_eos in zip(spans, found_eos):
@@ -102,8 +103,9 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int,
         labelled = [True] * len(ids)
         if ids and ids[0] == tokenizer.bos_token_id:
             labelled[0] = False
-    ids = ids[:max_length]
-    labels = [tok if keep else IGNORE for tok, keep in zip(ids, labelled[:max_length])]
+    if max_length is not None:
+        ids, labelled = ids[:max_length], labelled[:max_length]
+    labels = [tok if keep else IGNORE for tok, keep in zip(ids, labelled)]
     return Encoded(input_ids=ids, labels=labels)
 
 
@@ -111,3 +113,52 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Prompt ids for generation: the conversation so far plus the assistant header."""
     ids, _ = _encode_text(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
     return ids
+
+
+@dataclass
+class EncodedPair:
+    """Both sides of a preference pair over one shared (possibly truncated) prompt of `prompt_tokens`."""
+
+    chosen: Encoded
+    rejected: Encoded
+    prompt_tokens: int
+    index: int = -1
+    margin: float | None = None
+    truncated: str | None = None  # what was cut to fit, for the data report
+
+    @property
+    def tokens(self) -> int:
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+
+MIN_PROMPT_TOKENS = 8
+
+
+def encode_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict], max_length: int,
+                max_prompt_length: int | None = None, truncation: str = "prompt") -> EncodedPair | str:
+    """Tokenize both sides with the chat template; labels cover the responses' assistant turns through EOS.
+
+    Over-long pairs: with `truncation="prompt"` the oldest prompt tokens go first (both sides lose the same
+    ones, keeping at least the last few), then responses are cut on the right; with `"drop"` the pair is
+    refused. `max_prompt_length` caps the prompt in either mode. Returns the pair, or the reason it was
+    refused (a short string for the data report)."""
+    sides = [encode_conversation(tokenizer, prompt + side, None, label_from=len(prompt)) for side in (chosen, rejected)]
+    starts = [next((i for i, x in enumerate(e.labels) if x != IGNORE), len(e.labels)) for e in sides]
+    prompt_len = min(starts)
+    cut, truncated = 0, None
+    if max_prompt_length is not None and prompt_len > max_prompt_length:
+        cut, truncated = prompt_len - max_prompt_length, "prompt cut to max_prompt_length"
+    longest = max(len(e.input_ids) for e in sides)
+    over = longest - cut - max_length
+    if over > 0:
+        if truncation == "drop":
+            return "longer than max_length"
+        more = min(over, max(prompt_len - cut - min(prompt_len, MIN_PROMPT_TOKENS), 0))
+        cut += more
+        truncated = "prompt truncated to fit max_length"
+        if over > more:
+            truncated = "response truncated to fit max_length"
+    out = [Encoded(e.input_ids[cut:cut + max_length], e.labels[cut:cut + max_length]) for e in sides]
+    if any(e.trainable == 0 for e in out):
+        return "no response tokens within max_length"
+    return EncodedPair(chosen=out[0], rejected=out[1], prompt_tokens=prompt_len - cut, truncated=truncated)

@@ -46,6 +46,16 @@ class StageContext:
         return self.runs_root / self.recipe.name / self.name
 
 
+def base_lineage(ctx: StageContext) -> dict:
+    """The root of the lineage: a base entry itself, else whatever base the parent records."""
+    entry = ctx.parent.entry
+    if entry is None:
+        return ctx.parent.lineage()
+    if entry.kind == "base":
+        return {"source": "registry", "ref": entry.ref}
+    return entry.manifest.get("base") or ctx.parent.lineage()
+
+
 # ------------------------------------------------------------------------------------------ run folder
 
 
@@ -85,10 +95,31 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------ callbacks
 
 
-def safety_callbacks():
-    """Callbacks for HF/TRL trainers; the first is the graceful stop (SIGTERM/SIGINT save a checkpoint and stop),
-    whose `requested` flag tells the caller the run was interrupted."""
+def safety_callbacks(time_limit_minutes: float | None = None):
+    """Callbacks for HF/TRL trainers: [graceful stop, time limit]. The graceful stop's `requested` flag
+    tells the caller the run was interrupted (SIGTERM/SIGINT: checkpoint saved, stop); the time limit's
+    `reached` flag says training ended early at the recipe's `time_limit_minutes` (checkpoint saved, the
+    stage then evaluates and registers what it has, and says so in the manifest)."""
+    import time
+
     from transformers import TrainerCallback
+
+    class TimeLimit(TrainerCallback):
+        def __init__(self, minutes: float | None):
+            self.seconds = minutes * 60 if minutes else None
+            self.reached = False
+            self.started = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.seconds and not self.reached and time.perf_counter() - self.started > self.seconds:
+                self.reached = True
+                log.warning("time limit of %.1f minutes reached at step %d: saving and finishing",
+                            self.seconds / 60, state.global_step)
+                control.should_save = True
+                control.should_training_stop = True
 
     class GracefulStop(TrainerCallback):
         """On SIGTERM or SIGINT, finish the current step, save a checkpoint, and stop."""
@@ -114,36 +145,38 @@ def safety_callbacks():
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
 
-    return [GracefulStop()]
+    return [GracefulStop(), TimeLimit(time_limit_minutes)]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), which makes bf16 autocast ~2x faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def mixed_precision_args(setting: str, model) -> dict:
+    """`bf16`/`fp16` flags for TrainingArguments. `auto`: bf16 autocast over fp32 master weights where the
+    hardware has bf16 (recent GPUs; CPUs with AVX512-BF16/AMX), else plain fp32; weights already loaded in
+    bf16 train in bf16."""
+    import torch
+
+    weights = next(model.parameters()).dtype
+    if setting == "no":
+        return {"bf16": weights == torch.bfloat16, "fp16": False}
+    if setting == "bf16":
+        return {"bf16": True, "fp16": False}
+    if setting == "fp16":
+        return {"bf16": False, "fp16": True}
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        return {"bf16": bf16, "fp16": not bf16}
+    return {"bf16": weights == torch.bfloat16 or cpu_has_bf16(), "fp16": False}
 
 
 def check_finite(loss_value: float, step: int) -> None:
     if not math.isfinite(loss_value):
         raise TrainingError(f"loss became {loss_value} at step {step}; stopping before the optimizer step, "
                             "no checkpoint written after it. Lower the learning rate or check the data.")
-
-
-def training_curve_png(history: list[dict], path: Path, title: str) -> Path | None:
-    """Training and eval loss against step, as a PNG beside the entry's manifest."""
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
-    if not train and not evals:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), marker="o", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

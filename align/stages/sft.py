@@ -24,9 +24,10 @@ from align.errors import TrainingError
 from align.evaluate import evaluate_model
 from align.fingerprint import hash_json, library_versions, tokenizer_facts
 from align.registry import write_json_atomic
-from align.models import bnb_config, count_parameters, load_causal_lm, load_tokenizer, lora_config, materialize
-from align.stages.base import (StageContext, check_finite, peak_rss_mb, prepare_run_dir, safety_callbacks,
-                               training_curve_png)
+from align.models import bnb_config, count_parameters, freeze_bottom, load_causal_lm, load_tokenizer, lora_config, materialize
+from align.plots import training_curve_png
+from align.stages.base import (StageContext, base_lineage, check_finite, mixed_precision_args, peak_rss_mb,
+                               prepare_run_dir, safety_callbacks)
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,13 @@ def build_model(ctx: StageContext, tokenizer):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.method == "full":
+        freeze_bottom(model, cfg.freeze_layers)
         return model, None
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    peft_cfg = lora_config(cfg.lora)
+    peft_cfg = lora_config(cfg.lora, model=model, freeze_layers=cfg.freeze_layers)
     return get_peft_model(model, peft_cfg), peft_cfg
 
 
@@ -97,7 +99,6 @@ def run(ctx: StageContext):
         return Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
                                   "labels": [e.labels for e in examples]})
 
-    use_bf16 = next(model.parameters()).dtype == torch.bfloat16 or (cfg.method == "qlora" and cfg.quant.compute_dtype == "bf16")
     args = SFTConfig(
         output_dir=str(ctx.run_dir), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
@@ -107,12 +108,12 @@ def run(ctx: StageContext):
         save_total_limit=2, eval_strategy="steps" if heldout else "no",
         eval_steps=cfg.eval_steps or cfg.save_steps, seed=cfg.seed, data_seed=cfg.seed,
         report_to="none", max_length=cfg.max_length, dataset_kwargs={"skip_prepare_dataset": True},
-        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), bf16=use_bf16,
+        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), **mixed_precision_args(cfg.mixed_precision, model),
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=False,
         logging_first_step=True,
     )
-    callbacks = safety_callbacks()
-    stopper = callbacks[0]
+    callbacks = safety_callbacks(cfg.time_limit_minutes)
+    stopper, time_limit = callbacks
     trainer = make_safe_sft_trainer(model=model, args=args, train_dataset=as_dataset(train),
                                     eval_dataset=as_dataset(heldout) if heldout else None,
                                     processing_class=tokenizer, callbacks=callbacks)
@@ -140,7 +141,8 @@ def run(ctx: StageContext):
     timings = {"train_seconds": round(seconds, 2), "train_tokens": tokens,
                "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
                "peak_rss_mb": round(peak_rss_mb(), 1), "steps": trainer.state.global_step,
-               "resumed_from": str(resume_from) if resume_from else None}
+               "resumed_from": str(resume_from) if resume_from else None,
+               "stopped_at_time_limit": time_limit.reached}
     if torch.cuda.is_available():
         timings["peak_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     log.info("trained %d steps in %.1fs: %s tokens/s, peak RSS %.0f MB", trainer.state.global_step, seconds,
@@ -174,7 +176,7 @@ def register(ctx: StageContext, model, tokenizer, peft_cfg, report: DataReport, 
             "recipe": {"name": ctx.recipe.name, "source": ctx.recipe.source},
             "artifact": artifact,
             "parent": ctx.parent.lineage(),
-            "base": _base_lineage(ctx),
+            "base": base_lineage(ctx),
             "adapter": adapter,
             "tokenizer": {"path": "tokenizer", **tokenizer_facts(tokenizer)},
             "data": {"train": report.as_dict()},
@@ -189,16 +191,6 @@ def register(ctx: StageContext, model, tokenizer, peft_cfg, report: DataReport, 
     entry = draft.entry
     log.info("registered %s", entry.ref)
     return entry
-
-
-def _base_lineage(ctx: StageContext) -> dict:
-    """The root of the lineage: a base entry itself, else whatever base the parent records."""
-    entry = ctx.parent.entry
-    if entry is None:
-        return ctx.parent.lineage()
-    if entry.kind == "base":
-        return {"source": "registry", "ref": entry.ref}
-    return entry.manifest.get("base") or ctx.parent.lineage()
 
 
 class _SafeMixin:

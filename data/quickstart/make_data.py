@@ -1,7 +1,9 @@
 """Writes the quickstart's arithmetic data (deterministic; run `python data/quickstart/make_data.py`).
 
 Demonstrations answer with a short worked line and a final `#### <number>`, the format the `math_answer`
-and `answer_format` checkers read. Training and evaluation problems never share operands.
+and `answer_format` checkers read. Preference pairs (for the reward stage) prefer that answer over a wrong
+number in the same format, or over the right number without the format. Training, preference and
+evaluation problems never share operands.
 """
 
 import json
@@ -48,6 +50,24 @@ def main() -> None:
     with open(HERE / "eval_prompts.jsonl", "w") as f:
         for row in held_out:
             f.write(json.dumps({"prompt": row["prompt"], "answer": row["answer"]}) + "\n")
+    pref_rng = random.Random(99)
+    with open(HERE / "prefs.jsonl", "w") as f:
+        for i in range(150):
+            row = problem(pref_rng, ops[i % 3], seen)
+            f.write(json.dumps(preference(pref_rng, row, wrong_number=i % 2 == 0)) + "\n")
+
+
+def preference(rng: random.Random, row: dict, wrong_number: bool) -> dict:
+    """The demonstration is chosen; rejected is a near-miss number in the same format, or the right number
+    without the `####` line."""
+    answer = int(row["answer"])
+    if wrong_number:
+        wrong = answer + rng.choice([-10, -2, -1, 1, 2, 10])
+        work = row["completion"].split("\n")[0].rsplit("=", 1)[0]
+        rejected = f"{work}= {wrong}\n#### {wrong}"
+    else:
+        rejected = rng.choice(["The answer is {n}.", "It is {n}.", "{n}", "I think it's {n}."]).format(n=answer)
+    return {"prompt": row["prompt"], "chosen": row["completion"], "rejected": rejected}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,192 @@
+"""Reward-model scoring: the one API that PPO, the evaluation hook, `align score` and users call.
+
+A reward model is a one-output sequence classifier. Its score for a conversation is read at the last real
+token, found from the attention mask, not from the pad id: with pad == EOS (SmolLM2 and many others)
+library pooling by pad id can pick the wrong position. Sequences are right-padded here and tokenized
+with the reward entry's own chat template, so any policy's text can be scored.
+
+A registry entry is a reward model when its kind is `reward`; a reward entry that failed its quality gate
+is usable for scoring, but PPO refuses it unless the recipe overrides the gate (`gate_problem`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from align.data.tokenize import EncodedPair, encode_conversation
+from align.errors import RegistryError
+from align.losses import pairwise_accuracy
+from align.models import ModelSource, _parent_source, full_weights_folder, load_sequence_classifier, load_tokenizer
+from align.registry import Registry
+
+
+# ------------------------------------------------------------------------------------------ forward
+
+
+def _trunk_and_head(model):
+    """The transformer body and the score head of a (possibly PEFT-wrapped) sequence classifier."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix), base.score
+
+
+def score_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scores [B] for right-padded sequences, read at each row's last attended token."""
+    trunk, head = _trunk_and_head(model)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    last = attention_mask.sum(dim=-1) - 1
+    pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+    return head(pooled).squeeze(-1).float()
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def score_sequences(model, sequences: list[list[int]], pad_id: int, batch_size: int = 16) -> list[float]:
+    """Scores for token sequences, batched by length (less padding), returned in input order."""
+    if not sequences:
+        return []
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    scores = [0.0] * len(sequences)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, mask = pad_right([sequences[i] for i in chunk], pad_id)
+        for i, value in zip(chunk, score_batch(model, ids.to(device), mask.to(device)).tolist()):
+            scores[i] = value
+    model.train(was_training)
+    return scores
+
+
+def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 16,
+                        max_length: int = 1024) -> list[float]:
+    """Scores for chat conversations (each ending with the assistant turn to judge). Over-long ones keep
+    their end, which holds the response being judged."""
+    sequences = [encode_conversation(tokenizer, messages, None).input_ids[-max_length:] for messages in conversations]
+    return score_sequences(model, sequences, tokenizer.pad_token_id, batch_size)
+
+
+def score_pairs(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 16) -> tuple[list[float], list[float]]:
+    """(chosen scores, rejected scores) for tokenized preference pairs."""
+    scores = score_sequences(model, [p.chosen.input_ids for p in pairs] + [p.rejected.input_ids for p in pairs],
+                             pad_id, batch_size)
+    return scores[: len(pairs)], scores[len(pairs):]
+
+
+def pair_metrics(chosen: list[float], rejected: list[float], tie_tolerance: float = 1e-4) -> dict:
+    """The reward quality-gate figures: accuracy, ties, score mean and spread, and the chosen-rejected gap."""
+    c, r = torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)
+    if c.numel() == 0:
+        return {}
+    gap = c - r
+    both = torch.cat([c, r])
+    return {
+        "pairwise_accuracy": pairwise_accuracy(c, r),
+        "tie_share": float((gap.abs() <= tie_tolerance).double().mean()),
+        "score_mean": float(both.mean()),
+        "score_std": float(both.std()) if both.numel() > 1 else 0.0,
+        "chosen_mean": float(c.mean()),
+        "rejected_mean": float(r.mean()),
+        "gap_mean": float(gap.mean()),
+        "gap_std": float(gap.std()) if gap.numel() > 1 else 0.0,
+        "pairs": int(c.numel()),
+    }
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def reward_problem(source: ModelSource) -> str | None:
+    """Why `source` is not a reward model (checked at plan time, no weights loaded), or None."""
+    if source.entry is not None:
+        if source.entry.kind != "reward":
+            return (f"{source.entry.ref} is a {source.entry.kind} entry, not a reward model; "
+                    "train one with a `reward` stage")
+        return None
+    if source.kind in {"local"}:
+        config = Path(source.path) / "config.json"
+        architectures = json.loads(config.read_text()).get("architectures") or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            return f"{source.path} is not a sequence-classification model (architectures: {architectures})"
+        return None
+    if source.kind in {"packaged", "gguf"}:
+        return f"{source.ref} is a language model, not a reward model"
+    return None  # a hub id: checked when it loads
+
+
+def gate_problem(source: ModelSource) -> str | None:
+    """Why a reward entry must not be used for PPO (it failed its quality gate), or None."""
+    gate = (source.entry.manifest.get("gate") if source.entry is not None else None) or {}
+    if gate and not gate.get("passed", True):
+        return (f"{source.entry.ref} failed its quality gate: held-out accuracy {gate.get('accuracy', 0):.3f} < "
+                f"min_accuracy {gate.get('min_accuracy')}; set allow_failed_gate: true to use it anyway")
+    return None
+
+
+def load_reward_model(source: ModelSource, registry: Registry, dtype: str = "auto"):
+    """(model, tokenizer) for scoring: adapters are merged for speed; the score head comes from the entry."""
+    why = reward_problem(source)
+    if why:
+        raise RegistryError(why)
+    tokenizer = load_tokenizer(source, registry)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    entry = source.entry
+    if entry is not None and entry.artifact.get("type") == "adapter":
+        from peft import PeftModel
+
+        parent = _parent_source(entry, registry)
+        base = load_sequence_classifier(parent, registry, dtype=dtype, pad_token_id=tokenizer.pad_token_id)
+        model = PeftModel.from_pretrained(base, str(entry.file(entry.artifact["path"]))).merge_and_unload()
+    else:
+        folder = str(entry.file(entry.artifact["path"])) if entry is not None else full_weights_folder(source, registry)
+        model = load_sequence_classifier(ModelSource(ref=folder, kind="local", path=folder), registry, dtype=dtype,
+                                         pad_token_id=tokenizer.pad_token_id)
+    model.eval()
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def score_rows(model, tokenizer, rows: list[dict], source: str, batch_size: int = 16,
+               max_length: int = 1024) -> tuple[dict, list[dict]]:
+    """Score a file's rows: preference pairs (summary = the gate's pair metrics) or single responses
+    (`messages`, or `prompt` + `completion`/`response`). Returns (summary, one result per row)."""
+    from align.data.formats import load_conversations
+    from align.data.preference import detect_preference_shape, load_pairs
+    from align.errors import DataError
+
+    if rows and detect_preference_shape(rows[0]):
+        pairs = load_pairs(rows, source)
+        chosen = score_conversations(model, tokenizer, [p.prompt + p.chosen for p in pairs.pairs], batch_size, max_length)
+        rejected = score_conversations(model, tokenizer, [p.prompt + p.rejected for p in pairs.pairs], batch_size,
+                                       max_length)
+        summary = pair_metrics(chosen, rejected)
+        summary["skipped_rows"] = len(pairs.problems) + len(pairs.identical)
+        per_row = [{"row": p.index, "chosen_score": c, "rejected_score": r}
+                   for p, c, r in zip(pairs.pairs, chosen, rejected)]
+        return summary, per_row
+    normalized = [{**row, "completion": row["response"]} if "response" in row and "completion" not in row else row
+                  for row in rows]
+    conversations = load_conversations(normalized, "auto", source)
+    if conversations.problems:
+        raise DataError(f"{source}: {len(conversations.problems)} bad row(s), first: {conversations.problems[0]}")
+    scores = score_conversations(model, tokenizer, conversations.rows, batch_size, max_length)
+    values = torch.tensor(scores, dtype=torch.float64)
+    summary = {"rows": len(scores), "score_mean": float(values.mean()),
+               "score_std": float(values.std()) if len(scores) > 1 else 0.0,
+               "score_min": float(values.min()), "score_max": float(values.max())}
+    return summary, [{"row": i, "score": v} for i, v in zip(conversations.kept_index, scores)]

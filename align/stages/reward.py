@@ -1,0 +1,226 @@
+"""Reward stage: a one-output sequence classifier trained on preference pairs with a margin ranking loss.
+
+Why it is built this way:
+- The model is `AutoModelForSequenceClassification(num_labels=1)` on the parent's full weights, so the
+  entry loads anywhere transformers does. With LoRA/QLoRA the score head is a PEFT `modules_to_save`
+  module: fully trained, saved inside the adapter, restored on load (tests check scores survive reload).
+- The loop is transformers' `Trainer` (checkpoints, exact resume, schedules, mixed precision) with our
+  loss: chosen and rejected sides go through the model in one padded batch, scores are read at the last
+  real token (see `align.rewards.scoring`), and the loss is a pure function from `align.losses`.
+- Speed is learning quality on a small machine: pairs are batched by length (little padding), bf16
+  autocast is used where the hardware multiplies bf16 natively, prompts can be capped to their most recent
+  tokens (`max_prompt_length`), and no LM head is ever computed.
+- The quality gate is measured by the evaluation hook on held-out pairs after training: accuracy, ties,
+  score mean and spread, gap, and a histogram PNG. A failing entry is still registered (it is a result)
+  but marked failed, and PPO refuses it unless its recipe says `allow_failed_gate: true`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from align.data.prepare import prepare_pairs
+from align.data.tokenize import EncodedPair
+from align.errors import TrainingError
+from align.evaluate import evaluate_reward_model
+from align.fingerprint import hash_json, library_versions, tokenizer_facts
+from align.losses import pairwise_accuracy, reward_ranking_loss
+from align.models import (bnb_config, count_parameters, freeze_bottom, load_sequence_classifier, load_tokenizer,
+                          lora_config, materialize)
+from align.plots import score_histogram_png, training_curve_png
+from align.rewards.scoring import pad_right, score_batch
+from align.stages.base import (StageContext, base_lineage, check_finite, mixed_precision_args, peak_rss_mb,
+                               prepare_run_dir, safety_callbacks)
+
+log = logging.getLogger(__name__)
+
+
+def build_model(ctx: StageContext, tokenizer):
+    """The sequence classifier on the parent's weights, with LoRA/QLoRA and a fully trained score head."""
+    cfg = ctx.config
+    quant = bnb_config(cfg.quant) if cfg.method == "qlora" else None
+    model = load_sequence_classifier(ctx.parent, ctx.registry, dtype=cfg.dtype, quantization=quant,
+                                     pad_token_id=tokenizer.pad_token_id)
+    if cfg.method == "full":
+        freeze_bottom(model, cfg.freeze_layers)
+        return model, None
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_cfg = lora_config(cfg.lora, task_type="SEQ_CLS", modules_to_save=["score"], model=model,
+                           freeze_layers=cfg.freeze_layers)
+    return get_peft_model(model, peft_cfg), peft_cfg
+
+
+class PairCollator:
+    """Pairs -> one right-padded batch: the B chosen sequences first, then the B rejected ones."""
+
+    def __init__(self, pad_id: int, margin: float):
+        self.pad_id, self.margin = pad_id, margin
+
+    def __call__(self, rows: list[dict]) -> dict:
+        ids, mask = pad_right([r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], self.pad_id)
+        margins = [self.margin if r["margin"] is None else r["margin"] for r in rows]
+        return {"input_ids": ids, "attention_mask": mask, "margin": torch.tensor(margins, dtype=torch.float32)}
+
+
+def as_dataset(pairs: list[EncodedPair]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"chosen_ids": [p.chosen.input_ids for p in pairs],
+                              "rejected_ids": [p.rejected.input_ids for p in pairs],
+                              "margin": [p.margin for p in pairs],
+                              "length": [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]})
+
+
+def make_trainer(loss_kind: str, center_coef: float, **kwargs):
+    """A `Trainer` whose loss is the pairwise ranking loss on the model's scores."""
+    from transformers import Trainer
+
+    class PairwiseRewardTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # score_batch calls the trunk and head directly, past the autocast that accelerate wraps around
+            # model.forward, so mixed precision is entered here.
+            with self.accelerator.autocast():
+                scores = score_batch(model, inputs["input_ids"], inputs["attention_mask"])
+            chosen, rejected = scores.chunk(2)
+            loss = reward_ranking_loss(chosen, rejected, inputs["margin"], loss_kind, center_coef)
+            if model.training:
+                check_finite(float(loss.detach()), self.state.global_step + 1)
+                self._window.append((float(pairwise_accuracy(chosen.detach(), rejected.detach())),
+                                     float((chosen - rejected).detach().mean())))
+            return (loss, torch.stack([chosen, rejected], dim=-1)) if return_outputs else loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss, scores = self.compute_loss(model, inputs, return_outputs=True)
+            return loss.detach(), scores.detach().float(), None
+
+        def log(self, logs, *args, **kwargs):
+            if self._window and "loss" in logs:  # training accuracy and gap since the last log line
+                logs["train_accuracy"] = round(sum(a for a, _ in self._window) / len(self._window), 4)
+                logs["train_gap"] = round(sum(g for _, g in self._window) / len(self._window), 4)
+                self._window.clear()
+            super().log(logs, *args, **kwargs)
+
+    def accuracy(prediction) -> dict:
+        scores = torch.as_tensor(prediction.predictions)
+        return {"accuracy": pairwise_accuracy(scores[:, 0], scores[:, 1])}
+
+    trainer = PairwiseRewardTrainer(compute_metrics=accuracy, **kwargs)
+    trainer._window = []
+    return trainer
+
+
+def run(ctx: StageContext):
+    """Train, evaluate (quality gate) and register one reward entry; returns the registry `Entry`."""
+    from transformers import TrainingArguments
+
+    cfg = ctx.config
+    torch.manual_seed(cfg.seed)
+    ctx.parent = materialize(ctx.parent, ctx.registry)
+    tokenizer = load_tokenizer(ctx.parent, ctx.registry)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train, heldout, report = prepare_pairs(ctx.recipe, cfg, tokenizer)
+    config_dump = cfg.model_dump(by_alias=True)
+    fingerprint = {"config": hash_json(config_dump), "data": report.fingerprint, "seed": cfg.seed,
+                   "parent": ctx.parent.lineage(), "tokenizer": tokenizer_facts(tokenizer)["hash"]}
+    resume_from = prepare_run_dir(ctx.run_dir, fingerprint, ctx.force)
+
+    model, peft_cfg = build_model(ctx, tokenizer)
+    trainable, total = count_parameters(model)
+    log.info("%s: %d train / %d held-out pairs; %s trainable of %s parameters", ctx.entry_name, len(train),
+             len(heldout), f"{trainable:,}", f"{total:,}")
+    args = TrainingArguments(
+        output_dir=str(ctx.run_dir), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_total_limit=2, eval_strategy="steps" if heldout and cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
+        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="length", include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        logging_first_step=True, label_names=[], **mixed_precision_args(cfg.mixed_precision, model))
+    stopper, time_limit = callbacks = safety_callbacks(cfg.time_limit_minutes)
+    trainer = make_trainer(cfg.loss, cfg.center_coef, model=model, args=args, train_dataset=as_dataset(train),
+                           eval_dataset=as_dataset(heldout) if heldout else None,
+                           data_collator=PairCollator(tokenizer.pad_token_id, cfg.margin), callbacks=callbacks)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - started
+    if stopper.requested:
+        raise TrainingError(f"interrupted at step {trainer.state.global_step}; a checkpoint is in {ctx.run_dir}. "
+                            "Run the same command again to resume.")
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    timings = {"train_seconds": round(seconds, 2), "train_tokens": tokens,
+               "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+               "peak_rss_mb": round(peak_rss_mb(), 1), "steps": trainer.state.global_step,
+               "resumed_from": str(resume_from) if resume_from else None,
+               "stopped_at_time_limit": time_limit.reached, "mixed_precision": "bf16" if args.bf16 else
+               ("fp16" if args.fp16 else "no")}
+    if torch.cuda.is_available():
+        timings["peak_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    log.info("trained %d steps in %.1fs: %s tokens/s, peak RSS %.0f MB", trainer.state.global_step, seconds,
+             timings["tokens_per_second"], timings["peak_rss_mb"])
+
+    model = trainer.model
+    model.eval()
+    metrics, scores = evaluate_reward_model(model, heldout, tokenizer.pad_token_id, cfg.batch_size * 2)
+    metrics["train_loss"] = result.training_loss
+    gate = {"min_accuracy": cfg.gate.min_accuracy, "accuracy": metrics.get("pairwise_accuracy"),
+            "passed": metrics.get("pairwise_accuracy") is not None
+            and metrics["pairwise_accuracy"] >= cfg.gate.min_accuracy}
+    if not heldout:
+        gate.update(passed=False, why="no held-out pairs to measure")
+    (log.info if gate["passed"] else log.warning)(
+        "quality gate %s: held-out accuracy %s vs min_accuracy %.3f", "passed" if gate["passed"] else "FAILED",
+        f"{gate['accuracy']:.3f}" if gate["accuracy"] is not None else "n/a", cfg.gate.min_accuracy)
+    history = [h for h in trainer.state.log_history if h.get("step", 0) > 0 or "loss" in h]
+    return register(ctx, model, tokenizer, peft_cfg, report, config_dump, history, timings, metrics, gate, scores)
+
+
+def register(ctx: StageContext, model, tokenizer, peft_cfg, report, config_dump: dict, history: list[dict],
+             timings: dict, metrics: dict, gate: dict, scores: tuple[list[float], list[float]]):
+    cfg = ctx.config
+    with ctx.registry.create(ctx.entry_name, "reward") as draft:
+        if peft_cfg is not None:
+            model.save_pretrained(draft.path / "adapter")
+            artifact = {"type": "adapter", "path": "adapter", "applies_to": ctx.parent.lineage(),
+                        "head": "score"}
+            adapter = {"method": cfg.method, "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                       "modules_to_save": ["score"],
+                       "quant": cfg.quant.model_dump() if cfg.method == "qlora" else None}
+        else:
+            model.save_pretrained(draft.path / "model", safe_serialization=True)
+            artifact, adapter = {"type": "full", "path": "model", "head": "score"}, None
+        tokenizer.save_pretrained(draft.path / "tokenizer")
+        training_curve_png(history, draft.path / "training_curve.png", ctx.entry_name)
+        score_histogram_png(*scores, draft.path / "score_histogram.png",
+                            f"{ctx.entry_name}: held-out scores (accuracy {metrics.get('pairwise_accuracy', 0):.3f})")
+        draft.manifest.update({
+            "stage": {"name": ctx.name, "kind": "reward"},
+            "recipe": {"name": ctx.recipe.name, "source": ctx.recipe.source},
+            "artifact": artifact,
+            "parent": ctx.parent.lineage(),
+            "base": base_lineage(ctx),
+            "adapter": adapter,
+            "tokenizer": {"path": "tokenizer", **tokenizer_facts(tokenizer)},
+            "data": {"train": report.as_dict()},
+            "config": config_dump,
+            "config_hash": hash_json(config_dump),
+            "metrics": metrics,
+            "gate": gate,
+            "history": history,
+            "timings": timings,
+            "versions": library_versions(),
+        })
+    entry = draft.entry
+    log.info("registered %s", entry.ref)
+    return entry
