@@ -152,7 +152,7 @@ def load_causal_lm(source: ModelSource, registry: Registry, *, dtype: str = "aut
     if source.entry is not None:
         entry = source.entry
         if entry.artifact.get("type") == "adapter":
-            merged = load_causal_lm(_parent_source(entry, registry), registry, dtype=dtype)
+            merged = load_causal_lm(adapter_parent(entry, registry), registry, dtype=dtype)
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(merged, str(entry.file(entry.artifact["path"])))
@@ -169,7 +169,7 @@ def load_causal_lm(source: ModelSource, registry: Registry, *, dtype: str = "aut
     return AutoModelForCausalLM.from_pretrained(source.path or source.ref, **kwargs)
 
 
-def _parent_source(entry: Entry, registry: Registry) -> ModelSource:
+def adapter_parent(entry: Entry, registry: Registry) -> ModelSource:
     """The model an adapter entry applies to: its recorded `artifact.applies_to` lineage."""
     target = entry.artifact.get("applies_to") or {}
     if target.get("source") == "registry":
@@ -248,6 +248,33 @@ def load_sequence_classifier(source: ModelSource, registry: Registry, *, dtype: 
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), which makes bf16 autocast ~2x faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def inference_autocast(model):
+    """bf16 autocast for no-grad passes (scoring, evaluation) where the hardware multiplies bf16 natively;
+    fp32 weights stay fp32 and the results are returned in fp32 by the callers. `ALIGN_BF16_INFERENCE=0`
+    turns it off (exact fp32 scores)."""
+    import contextlib
+
+    import torch
+
+    if os.environ.get("ALIGN_BF16_INFERENCE") == "0":
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and next(model.parameters()).dtype == torch.float32 and cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _cuda() -> bool:

@@ -162,6 +162,8 @@ class RewardStage(StageBase, PreferenceData):
     loss: Literal["bradley_terry", "hinge"] = "bradley_terry"
     margin: float = 0.0
     center_coef: float = Field(0.0, ge=0)
+    # last: score read at the last token (the usual); mean: mean of the response tokens' final hidden states
+    pooling: Literal["last", "mean"] = "last"
     gate: Gate = Gate()
 
 

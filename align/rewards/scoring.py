@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from align.data.tokenize import EncodedPair, encode_conversation
+from align.data.tokenize import IGNORE, EncodedPair, encode_conversation
 from align.errors import RegistryError
 from align.losses import pairwise_accuracy
-from align.models import ModelSource, _parent_source, full_weights_folder, load_sequence_classifier, load_tokenizer
+from align.models import (ModelSource, adapter_parent, full_weights_folder, inference_autocast,
+                          load_sequence_classifier, load_tokenizer)
 from align.registry import Registry
 
 
@@ -32,13 +33,35 @@ def _trunk_and_head(model):
     return getattr(base, base.base_model_prefix), base.score
 
 
-def score_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scores [B] for right-padded sequences, read at each row's last attended token."""
+POOLINGS = ("last", "mean")
+
+
+def pooling_of(model) -> str:
+    """How a reward model reads its score: `last` attended token (the usual), or `mean` of the response's
+    final hidden states. Set on the model by the reward stage and by `load_reward_model` from the entry."""
+    return getattr(model, "reward_pooling", "last")
+
+
+def score_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [B] for right-padded sequences. `starts` [B]: where each row's response begins (mean pooling
+    averages from there to the last attended token; without it, over the whole sequence)."""
     trunk, head = _trunk_and_head(model)
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    last = attention_mask.sum(dim=-1) - 1
-    pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
-    return head(pooled).squeeze(-1).float()
+    if pooling_of(model) == "mean":
+        keep = attention_mask.bool()
+        if starts is not None:
+            positions = torch.arange(hidden.size(1), device=hidden.device)
+            keep = keep & (positions[None, :] >= starts.to(hidden.device)[:, None])
+        weights = keep.to(hidden.dtype).unsqueeze(-1)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    else:
+        last = attention_mask.sum(dim=-1) - 1
+        pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+    # The head runs in fp32 even under autocast: bf16 scores would be rounded to ~0.01 and tie.
+    dtype = head.weight.dtype if head.weight.dtype.is_floating_point else pooled.dtype  # 4-bit heads: as is
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return head(pooled.to(dtype)).squeeze(-1).float()
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +75,10 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def score_sequences(model, sequences: list[list[int]], pad_id: int, batch_size: int = 16) -> list[float]:
-    """Scores for token sequences, batched by length (less padding), returned in input order."""
+def score_sequences(model, sequences: list[list[int]], pad_id: int, batch_size: int = 16,
+                    starts: list[int] | None = None) -> list[float]:
+    """Scores for token sequences, batched by length (less padding), returned in input order; bf16
+    autocast where the hardware has it (see `inference_autocast`)."""
     if not sequences:
         return []
     device = next(model.parameters()).device
@@ -64,7 +89,10 @@ def score_sequences(model, sequences: list[list[int]], pad_id: int, batch_size: 
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         ids, mask = pad_right([sequences[i] for i in chunk], pad_id)
-        for i, value in zip(chunk, score_batch(model, ids.to(device), mask.to(device)).tolist()):
+        row_starts = torch.tensor([starts[i] for i in chunk]) if starts is not None else None
+        with inference_autocast(model):
+            values = score_batch(model, ids.to(device), mask.to(device), row_starts)
+        for i, value in zip(chunk, values.tolist()):
             scores[i] = value
     model.train(was_training)
     return scores
@@ -74,14 +102,21 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], batch
                         max_length: int = 1024) -> list[float]:
     """Scores for chat conversations (each ending with the assistant turn to judge). Over-long ones keep
     their end, which holds the response being judged."""
-    sequences = [encode_conversation(tokenizer, messages, None).input_ids[-max_length:] for messages in conversations]
-    return score_sequences(model, sequences, tokenizer.pad_token_id, batch_size)
+    sequences, starts = [], []
+    for messages in conversations:
+        last_prompt = max((i for i, m in enumerate(messages) if m["role"] != "assistant"), default=-1)
+        encoded = encode_conversation(tokenizer, messages, None, label_from=last_prompt + 1)
+        start = next((i for i, x in enumerate(encoded.labels) if x != IGNORE), 0)
+        cut = max(len(encoded.input_ids) - max_length, 0)
+        sequences.append(encoded.input_ids[cut:])
+        starts.append(max(start - cut, 0))
+    return score_sequences(model, sequences, tokenizer.pad_token_id, batch_size, starts)
 
 
 def score_pairs(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 16) -> tuple[list[float], list[float]]:
     """(chosen scores, rejected scores) for tokenized preference pairs."""
     scores = score_sequences(model, [p.chosen.input_ids for p in pairs] + [p.rejected.input_ids for p in pairs],
-                             pad_id, batch_size)
+                             pad_id, batch_size, [p.prompt_tokens for p in pairs] * 2)
     return scores[: len(pairs)], scores[len(pairs):]
 
 
@@ -147,13 +182,14 @@ def load_reward_model(source: ModelSource, registry: Registry, dtype: str = "aut
     if entry is not None and entry.artifact.get("type") == "adapter":
         from peft import PeftModel
 
-        parent = _parent_source(entry, registry)
+        parent = adapter_parent(entry, registry)
         base = load_sequence_classifier(parent, registry, dtype=dtype, pad_token_id=tokenizer.pad_token_id)
         model = PeftModel.from_pretrained(base, str(entry.file(entry.artifact["path"]))).merge_and_unload()
     else:
         folder = str(entry.file(entry.artifact["path"])) if entry is not None else full_weights_folder(source, registry)
         model = load_sequence_classifier(ModelSource(ref=folder, kind="local", path=folder), registry, dtype=dtype,
                                          pad_token_id=tokenizer.pad_token_id)
+    model.reward_pooling = (entry.artifact.get("pooling") if entry is not None else None) or "last"
     model.eval()
     return model, tokenizer
 
@@ -171,9 +207,8 @@ def score_rows(model, tokenizer, rows: list[dict], source: str, batch_size: int 
 
     if rows and detect_preference_shape(rows[0]):
         pairs = load_pairs(rows, source)
-        chosen = score_conversations(model, tokenizer, [p.prompt + p.chosen for p in pairs.pairs], batch_size, max_length)
-        rejected = score_conversations(model, tokenizer, [p.prompt + p.rejected for p in pairs.pairs], batch_size,
-                                       max_length)
+        chosen, rejected = (score_conversations(model, tokenizer, [p.prompt + getattr(p, side) for p in pairs.pairs],
+                                                batch_size, max_length) for side in ("chosen", "rejected"))
         summary = pair_metrics(chosen, rejected)
         summary["skipped_rows"] = len(pairs.problems) + len(pairs.identical)
         per_row = [{"row": p.index, "chosen_score": c, "rejected_score": r}

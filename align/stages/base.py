@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.errors import TrainingError
-from align.models import ModelSource
+from align.models import ModelSource, cpu_has_bf16
 from align.registry import Registry, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -146,15 +146,6 @@ def safety_callbacks(time_limit_minutes: float | None = None):
                 signal.signal(sig, handler)
 
     return [GracefulStop(), TimeLimit(time_limit_minutes)]
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), which makes bf16 autocast ~2x faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def mixed_precision_args(setting: str, model) -> dict:

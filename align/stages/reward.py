@@ -65,7 +65,9 @@ class PairCollator:
     def __call__(self, rows: list[dict]) -> dict:
         ids, mask = pad_right([r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], self.pad_id)
         margins = [self.margin if r["margin"] is None else r["margin"] for r in rows]
-        return {"input_ids": ids, "attention_mask": mask, "margin": torch.tensor(margins, dtype=torch.float32)}
+        starts = [r["prompt_tokens"] for r in rows] * 2
+        return {"input_ids": ids, "attention_mask": mask, "margin": torch.tensor(margins, dtype=torch.float32),
+                "starts": torch.tensor(starts, dtype=torch.long)}
 
 
 def as_dataset(pairs: list[EncodedPair]):
@@ -74,6 +76,7 @@ def as_dataset(pairs: list[EncodedPair]):
     return Dataset.from_dict({"chosen_ids": [p.chosen.input_ids for p in pairs],
                               "rejected_ids": [p.rejected.input_ids for p in pairs],
                               "margin": [p.margin for p in pairs],
+                              "prompt_tokens": [p.prompt_tokens for p in pairs],
                               "length": [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]})
 
 
@@ -86,7 +89,7 @@ def make_trainer(loss_kind: str, center_coef: float, **kwargs):
             # score_batch calls the trunk and head directly, past the autocast that accelerate wraps around
             # model.forward, so mixed precision is entered here.
             with self.accelerator.autocast():
-                scores = score_batch(model, inputs["input_ids"], inputs["attention_mask"])
+                scores = score_batch(model, inputs["input_ids"], inputs["attention_mask"], inputs["starts"])
             chosen, rejected = scores.chunk(2)
             loss = reward_ranking_loss(chosen, rejected, inputs["margin"], loss_kind, center_coef)
             if model.training:
@@ -133,6 +136,7 @@ def run(ctx: StageContext):
     resume_from = prepare_run_dir(ctx.run_dir, fingerprint, ctx.force)
 
     model, peft_cfg = build_model(ctx, tokenizer)
+    model.reward_pooling = cfg.pooling
     trainable, total = count_parameters(model)
     log.info("%s: %d train / %d held-out pairs; %s trainable of %s parameters", ctx.entry_name, len(train),
              len(heldout), f"{trainable:,}", f"{total:,}")
@@ -171,6 +175,7 @@ def run(ctx: StageContext):
              timings["tokens_per_second"], timings["peak_rss_mb"])
 
     model = trainer.model
+    model.reward_pooling = cfg.pooling
     model.eval()
     metrics, scores = evaluate_reward_model(model, heldout, tokenizer.pad_token_id, cfg.batch_size * 2)
     metrics["train_loss"] = result.training_loss
@@ -193,13 +198,13 @@ def register(ctx: StageContext, model, tokenizer, peft_cfg, report, config_dump:
         if peft_cfg is not None:
             model.save_pretrained(draft.path / "adapter")
             artifact = {"type": "adapter", "path": "adapter", "applies_to": ctx.parent.lineage(),
-                        "head": "score"}
+                        "head": "score", "pooling": cfg.pooling}
             adapter = {"method": cfg.method, "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                        "modules_to_save": ["score"],
                        "quant": cfg.quant.model_dump() if cfg.method == "qlora" else None}
         else:
             model.save_pretrained(draft.path / "model", safe_serialization=True)
-            artifact, adapter = {"type": "full", "path": "model", "head": "score"}, None
+            artifact, adapter = {"type": "full", "path": "model", "head": "score", "pooling": cfg.pooling}, None
         tokenizer.save_pretrained(draft.path / "tokenizer")
         training_curve_png(history, draft.path / "training_curve.png", ctx.entry_name)
         score_histogram_png(*scores, draft.path / "score_histogram.png",

@@ -24,7 +24,8 @@ from align.errors import TrainingError
 from align.evaluate import evaluate_model
 from align.fingerprint import hash_json, library_versions, tokenizer_facts
 from align.registry import write_json_atomic
-from align.models import bnb_config, count_parameters, freeze_bottom, load_causal_lm, load_tokenizer, lora_config, materialize
+from align.models import (bnb_config, count_parameters, freeze_bottom, load_causal_lm, load_tokenizer, lora_config,
+                          materialize)
 from align.plots import training_curve_png
 from align.stages.base import (StageContext, base_lineage, check_finite, mixed_precision_args, peak_rss_mb,
                                prepare_run_dir, safety_callbacks)
@@ -108,7 +109,8 @@ def run(ctx: StageContext):
         save_total_limit=2, eval_strategy="steps" if heldout else "no",
         eval_steps=cfg.eval_steps or cfg.save_steps, seed=cfg.seed, data_seed=cfg.seed,
         report_to="none", max_length=cfg.max_length, dataset_kwargs={"skip_prepare_dataset": True},
-        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), **mixed_precision_args(cfg.mixed_precision, model),
+        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        **mixed_precision_args(cfg.mixed_precision, model),
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=False,
         logging_first_step=True,
     )

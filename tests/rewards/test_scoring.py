@@ -10,6 +10,12 @@ from align.models import ModelSource, load_sequence_classifier
 from align.rewards.scoring import pair_metrics, reward_problem, score_conversations, score_sequences
 
 
+@pytest.fixture(autouse=True)
+def exact_fp32(monkeypatch):
+    """These tests compare scores to 1e-5, which bf16 autocast (on by default where the CPU has it) cannot."""
+    monkeypatch.setenv("ALIGN_BF16_INFERENCE", "0")
+
+
 @pytest.fixture(scope="module")
 def classifier(tiny_base, tmp_path_factory):
     from align.registry import Registry
@@ -51,3 +57,23 @@ def test_a_language_model_folder_is_not_a_reward_model(tiny_base):
     why = reward_problem(ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base)))
     assert why is not None and "not a sequence-classification model" in why and "LlamaForCausalLM" in why
     assert "not a reward model" in reward_problem(ModelSource(ref="smollm2-135m-instruct", kind="packaged"))
+
+
+def test_mean_pooling_averages_the_response_and_ignores_padding(classifier):
+    from align.rewards.scoring import _trunk_and_head, score_batch
+
+    seq, other = [5, 6, 7, 8, 9, 10], [11, 12, 13]
+    classifier.reward_pooling = "mean"
+    try:
+        alone = score_sequences(classifier, [seq], pad_id=2, starts=[3])[0]
+        batched = score_sequences(classifier, [other, seq], pad_id=2, batch_size=2, starts=[1, 3])[1]
+        trunk, head = _trunk_and_head(classifier)
+        with torch.no_grad():
+            hidden = trunk(input_ids=torch.tensor([seq])).last_hidden_state
+            by_hand = head(hidden[0, 3:].mean(dim=0)).item()
+            whole = score_batch(classifier, torch.tensor([seq]), torch.ones(1, 6, dtype=torch.long)).item()
+    finally:
+        classifier.reward_pooling = "last"
+    assert alone == pytest.approx(by_hand, abs=1e-5)
+    assert batched == pytest.approx(alone, abs=1e-5)
+    assert whole != pytest.approx(alone, abs=1e-4)  # without `starts` the prompt is averaged in too

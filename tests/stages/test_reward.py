@@ -102,9 +102,10 @@ def test_score_head_survives_save_and_reload(which, request):
     run = request.getfixturevalue(which)
     recorded = run.entry.manifest["metrics"]
     reloaded = _reloaded_metrics(run)
-    # A lost or re-initialized head gives different scores; the trained one gives the recorded ones.
+    # A lost or re-initialized head gives different scores; the trained one gives the recorded ones
+    # (to bf16 precision: scoring uses bf16 autocast where the CPU has it, and the reload merges the adapter).
     for key in ("chosen_mean", "rejected_mean", "gap_mean"):
-        assert reloaded[key] == pytest.approx(recorded[key], abs=1e-3), key
+        assert reloaded[key] == pytest.approx(recorded[key], abs=0.05), key
     assert reloaded["pairwise_accuracy"] == recorded["pairwise_accuracy"]
 
 
