@@ -133,7 +133,15 @@ def test_the_repository_has_recipes():
 def test_shipped_recipe_plans(path, tmp_path, monkeypatch, no_weights):
     monkeypatch.chdir(REPO_ROOT)
     recipe = load_recipe(path)
-    plan = make_plan(recipe, Registry(tmp_path / "registry"))
+    try:
+        plan = make_plan(recipe, Registry(tmp_path / "registry"))
+    except ConfigError as err:
+        # Recipes over the shared acceptance data (outside the repository) plan fully where it exists; elsewhere
+        # a missing external file must be their only problem (make_plan reports every problem at once).
+        external = [p for p in err.problems if "../shared/" in p.message and p.message.endswith("file not found")]
+        if external and len(external) == len(err.problems):
+            pytest.skip(f"acceptance data not on this machine: {external[0].message}")
+        raise
     assert [s.name for s in plan.stages] == list(recipe.stages)
     assert plan.base is not None
     if recipe.base in align.packaged.PACKAGED:
