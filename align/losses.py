@@ -34,5 +34,5 @@ def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     """Share of pairs where chosen scores strictly higher; a tie counts half (neither right nor wrong)."""
     if chosen.numel() == 0:
         return float("nan")
-    wins = (chosen > rejected).float().sum() + 0.5 * (chosen == rejected).float().sum()
-    return float(wins / chosen.numel())
+    wins = (chosen > rejected).double().sum() + 0.5 * (chosen == rejected).double().sum()
+    return float(wins) / chosen.numel()
