@@ -23,6 +23,7 @@ import time
 import torch
 
 from align.data.prepare import prepare_pairs
+from align.data.sampling import LengthGroupedEpochSampler
 from align.data.tokenize import EncodedPair
 from align.errors import TrainingError
 from align.evaluate import evaluate_reward_model
@@ -80,8 +81,9 @@ def as_dataset(pairs: list[EncodedPair]):
                               "length": [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]})
 
 
-def make_trainer(loss_kind: str, center_coef: float, **kwargs):
-    """A `Trainer` whose loss is the pairwise ranking loss on the model's scores."""
+def make_trainer(loss_kind: str, center_coef: float, group_by_length: bool = True, **kwargs):
+    """A `Trainer` whose loss is the pairwise ranking loss on the model's scores; batches grouped by length
+    in an order that depends only on seed and epoch (see `align.data.sampling`)."""
     from transformers import Trainer
 
     class PairwiseRewardTrainer(Trainer):
@@ -97,6 +99,12 @@ def make_trainer(loss_kind: str, center_coef: float, **kwargs):
                 self._window.append((float(pairwise_accuracy(chosen.detach(), rejected.detach())),
                                      float((chosen - rejected).detach().mean())))
             return (loss, torch.stack([chosen, rejected], dim=-1)) if return_outputs else loss
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if not group_by_length:
+                return super()._get_train_sampler(train_dataset)
+            return LengthGroupedEpochSampler(dataset["length"], self.args.train_batch_size, self.args.seed)
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             with torch.no_grad(), self.compute_loss_context_manager():
@@ -149,11 +157,11 @@ def run(ctx: StageContext):
         save_total_limit=2, eval_strategy="steps" if heldout and cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        length_column_name="length", include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
         logging_first_step=True, label_names=[], **mixed_precision_args(cfg.mixed_precision, model))
     stopper, time_limit = callbacks = safety_callbacks(cfg.time_limit_minutes)
-    trainer = make_trainer(cfg.loss, cfg.center_coef, model=model, args=args, train_dataset=as_dataset(train),
+    trainer = make_trainer(cfg.loss, cfg.center_coef, cfg.group_by_length, model=model, args=args,
+                           train_dataset=as_dataset(train),
                            eval_dataset=as_dataset(heldout) if heldout else None,
                            data_collator=PairCollator(tokenizer.pad_token_id, cfg.margin), callbacks=callbacks)
     started = time.perf_counter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from align.cli import main
 from align.data.prepare import prepare_pairs
-from align.errors import ConfigError
+from align.errors import ConfigError, TrainingError
 from align.models import ModelSource, load_tokenizer
 from align.pipeline import run_recipe
 from align.plan import make_plan
@@ -183,3 +184,35 @@ def test_align_score_refuses_a_policy(lora_run, tiny_base, capsys):
                  "--data", str(lora_run.folder / "prefs.jsonl")])
     assert code == 2
     assert "not a sequence-classification model" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ reliability
+
+
+def test_interrupted_run_resumes_to_the_same_result(lora_run, tmp_path, tiny_base):
+    runs_root = tmp_path / "runs"
+    shutil.copytree(lora_run.folder / "runs", runs_root)
+    run_dir = runs_root / "tiny" / "reward"
+    shutil.rmtree(run_dir / "checkpoint-30")  # as if stopped after the checkpoint at step 20
+    registry = Registry(tmp_path / "registry")
+    run_recipe(lora_run.recipe, registry, runs_root=runs_root)
+    resumed, original = registry.resolve("tiny/reward").manifest, lora_run.entry.manifest
+    assert resumed["timings"]["resumed_from"] == str(run_dir / "checkpoint-20")
+    assert resumed["timings"]["steps"] == 30
+    losses = [[h["loss"] for h in m["history"] if "loss" in h] for m in (resumed, original)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+    assert resumed["metrics"]["gap_mean"] == pytest.approx(original["metrics"]["gap_mean"], abs=1e-3)
+
+
+def test_time_limit_stops_early_and_still_registers(tmp_path, tiny_base):
+    run = _train(tmp_path, tiny_base, {"time_limit_minutes": 1e-6})
+    timings = run.entry.manifest["timings"]
+    assert timings["stopped_at_time_limit"] is True and timings["steps"] == 1
+
+
+def test_exploding_loss_stops_and_registers_nothing(tmp_path, tiny_base):
+    recipe = validate_recipe(_raw(tmp_path, tiny_base, {"method": "full", "lr": 1e38}), [], source="r.yaml")
+    registry = Registry(tmp_path / "registry")
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf|-inf) at step \d+"):
+        run_recipe(recipe, registry, runs_root=tmp_path / "runs")
+    assert registry.list() == []
