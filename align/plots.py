@@ -17,6 +17,17 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def training_curve_png(history: list[dict], path: Path, title: str) -> Path | None:
     """Training and eval loss against step, as a PNG beside the entry's manifest."""
     train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
@@ -29,14 +40,7 @@ def training_curve_png(history: list[dict], path: Path, title: str) -> Path | No
         ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), marker="o", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, "step", "loss", title, path)
 
 
 def score_histogram_png(chosen: list[float], rejected: list[float], path: Path, title: str) -> Path | None:
@@ -49,11 +53,4 @@ def score_histogram_png(chosen: list[float], rejected: list[float], path: Path, 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(chosen, bins=bins, alpha=0.6, label=f"chosen (mean {sum(chosen) / len(chosen):.2f})")
     ax.hist(rejected, bins=bins, alpha=0.6, label=f"rejected (mean {sum(rejected) / len(rejected):.2f})")
-    ax.set_xlabel("score")
-    ax.set_ylabel("pairs")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, "score", "pairs", title, path)

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.errors import TrainingError
+from align.fingerprint import hash_json, library_versions, tokenizer_facts
 from align.models import ModelSource, cpu_has_bf16
+from align.plots import training_curve_png
 from align.registry import Registry, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -171,3 +173,46 @@ def check_finite(loss_value: float, step: int) -> None:
     if not math.isfinite(loss_value):
         raise TrainingError(f"loss became {loss_value} at step {step}; stopping before the optimizer step, "
                             "no checkpoint written after it. Lower the learning rate or check the data.")
+
+
+def register_entry(ctx: StageContext, kind: str, model, tokenizer, peft_cfg, *, report, config_dump: dict,
+                   history: list[dict], timings: dict, metrics: dict, artifact_extra: dict | None = None,
+                   adapter_extra: dict | None = None, manifest_extra: dict | None = None, pictures=()):
+    """Save a trained stage as one registry entry (atomically): adapter or full weights, tokenizer, training
+    curve and any stage pictures (`pictures`: callables given the entry folder), and the manifest with its
+    lineage. Every stage registers through here, so every manifest has the same shape."""
+    cfg = ctx.config
+    with ctx.registry.create(ctx.entry_name, kind) as draft:
+        if peft_cfg is not None:
+            model.save_pretrained(draft.path / "adapter")
+            artifact = {"type": "adapter", "path": "adapter", "applies_to": ctx.parent.lineage()}
+            adapter = {"method": cfg.method, "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                       **(adapter_extra or {}), "quant": cfg.quant.model_dump() if cfg.method == "qlora" else None}
+        else:
+            model.save_pretrained(draft.path / "model", safe_serialization=True)
+            artifact, adapter = {"type": "full", "path": "model"}, None
+        artifact.update(artifact_extra or {})
+        tokenizer.save_pretrained(draft.path / "tokenizer")
+        training_curve_png(history, draft.path / "training_curve.png", ctx.entry_name)
+        for draw in pictures:
+            draw(draft.path)
+        draft.manifest.update({
+            "stage": {"name": ctx.name, "kind": cfg.kind},
+            "recipe": {"name": ctx.recipe.name, "source": ctx.recipe.source},
+            "artifact": artifact,
+            "parent": ctx.parent.lineage(),
+            "base": base_lineage(ctx),
+            "adapter": adapter,
+            "tokenizer": {"path": "tokenizer", **tokenizer_facts(tokenizer)},
+            "data": {"train": report.as_dict()},
+            "config": config_dump,
+            "config_hash": hash_json(config_dump),
+            "metrics": metrics,
+            **(manifest_extra or {}),
+            "history": history,
+            "timings": timings,
+            "versions": library_versions(),
+        })
+    entry = draft.entry
+    log.info("registered %s", entry.ref)
+    return entry

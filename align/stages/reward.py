@@ -27,14 +27,14 @@ from align.data.sampling import LengthGroupedEpochSampler
 from align.data.tokenize import EncodedPair
 from align.errors import TrainingError
 from align.evaluate import evaluate_reward_model
-from align.fingerprint import hash_json, library_versions, tokenizer_facts
+from align.fingerprint import hash_json, tokenizer_facts
 from align.losses import pairwise_accuracy, reward_ranking_loss
 from align.models import (bnb_config, count_parameters, freeze_bottom, load_sequence_classifier, load_tokenizer,
                           lora_config, materialize)
-from align.plots import score_histogram_png, training_curve_png
+from align.plots import score_histogram_png
 from align.rewards.scoring import pad_right, score_batch
-from align.stages.base import (StageContext, base_lineage, check_finite, mixed_precision_args, peak_rss_mb,
-                               prepare_run_dir, safety_callbacks)
+from align.stages.base import (StageContext, check_finite, mixed_precision_args, peak_rss_mb,
+                               prepare_run_dir, register_entry, safety_callbacks)
 
 log = logging.getLogger(__name__)
 
@@ -201,39 +201,9 @@ def run(ctx: StageContext):
 
 def register(ctx: StageContext, model, tokenizer, peft_cfg, report, config_dump: dict, history: list[dict],
              timings: dict, metrics: dict, gate: dict, scores: tuple[list[float], list[float]]):
-    cfg = ctx.config
-    with ctx.registry.create(ctx.entry_name, "reward") as draft:
-        if peft_cfg is not None:
-            model.save_pretrained(draft.path / "adapter")
-            artifact = {"type": "adapter", "path": "adapter", "applies_to": ctx.parent.lineage(),
-                        "head": "score", "pooling": cfg.pooling}
-            adapter = {"method": cfg.method, "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                       "modules_to_save": ["score"],
-                       "quant": cfg.quant.model_dump() if cfg.method == "qlora" else None}
-        else:
-            model.save_pretrained(draft.path / "model", safe_serialization=True)
-            artifact, adapter = {"type": "full", "path": "model", "head": "score", "pooling": cfg.pooling}, None
-        tokenizer.save_pretrained(draft.path / "tokenizer")
-        training_curve_png(history, draft.path / "training_curve.png", ctx.entry_name)
-        score_histogram_png(*scores, draft.path / "score_histogram.png",
-                            f"{ctx.entry_name}: held-out scores (accuracy {metrics.get('pairwise_accuracy', 0):.3f})")
-        draft.manifest.update({
-            "stage": {"name": ctx.name, "kind": "reward"},
-            "recipe": {"name": ctx.recipe.name, "source": ctx.recipe.source},
-            "artifact": artifact,
-            "parent": ctx.parent.lineage(),
-            "base": base_lineage(ctx),
-            "adapter": adapter,
-            "tokenizer": {"path": "tokenizer", **tokenizer_facts(tokenizer)},
-            "data": {"train": report.as_dict()},
-            "config": config_dump,
-            "config_hash": hash_json(config_dump),
-            "metrics": metrics,
-            "gate": gate,
-            "history": history,
-            "timings": timings,
-            "versions": library_versions(),
-        })
-    entry = draft.entry
-    log.info("registered %s", entry.ref)
-    return entry
+    title = f"{ctx.entry_name}: held-out scores (accuracy {metrics.get('pairwise_accuracy', 0):.3f})"
+    return register_entry(
+        ctx, "reward", model, tokenizer, peft_cfg, report=report, config_dump=config_dump, history=history,
+        timings=timings, metrics=metrics, artifact_extra={"head": "score", "pooling": ctx.config.pooling},
+        adapter_extra={"modules_to_save": ["score"]}, manifest_extra={"gate": gate},
+        pictures=[lambda folder: score_histogram_png(*scores, folder / "score_histogram.png", title)])

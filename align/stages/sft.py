@@ -22,13 +22,12 @@ from align.data.prepare import (DataReport, apply_row_policy, check_dropped_shar
                                 load_demonstrations, tokenize_all)
 from align.errors import TrainingError
 from align.evaluate import evaluate_model
-from align.fingerprint import hash_json, library_versions, tokenizer_facts
+from align.fingerprint import hash_json, tokenizer_facts
 from align.registry import write_json_atomic
 from align.models import (bnb_config, count_parameters, freeze_bottom, load_causal_lm, load_tokenizer, lora_config,
                           materialize)
-from align.plots import training_curve_png
-from align.stages.base import (StageContext, base_lineage, check_finite, mixed_precision_args, peak_rss_mb,
-                               prepare_run_dir, safety_callbacks)
+from align.stages.base import (StageContext, check_finite, mixed_precision_args, peak_rss_mb,
+                               prepare_run_dir, register_entry, safety_callbacks)
 
 log = logging.getLogger(__name__)
 
@@ -159,40 +158,14 @@ def run(ctx: StageContext):
 
 def register(ctx: StageContext, model, tokenizer, peft_cfg, report: DataReport, config_dump: dict,
              history: list[dict], timings: dict, metrics: dict, baseline: dict | None):
-    cfg = ctx.config
-    with ctx.registry.create(ctx.entry_name, "policy") as draft:
-        if peft_cfg is not None:
-            model.save_pretrained(draft.path / "adapter")
-            artifact = {"type": "adapter", "path": "adapter", "applies_to": ctx.parent.lineage()}
-            adapter = {"method": cfg.method, "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                       "targets": sorted(peft_cfg.target_modules) if not isinstance(peft_cfg.target_modules, str)
-                       else peft_cfg.target_modules,
-                       "quant": cfg.quant.model_dump() if cfg.method == "qlora" else None}
-        else:
-            model.save_pretrained(draft.path / "model", safe_serialization=True)
-            artifact, adapter = {"type": "full", "path": "model"}, None
-        tokenizer.save_pretrained(draft.path / "tokenizer")
-        training_curve_png(history, draft.path / "training_curve.png", ctx.entry_name)
-        draft.manifest.update({
-            "stage": {"name": ctx.name, "kind": "sft"},
-            "recipe": {"name": ctx.recipe.name, "source": ctx.recipe.source},
-            "artifact": artifact,
-            "parent": ctx.parent.lineage(),
-            "base": base_lineage(ctx),
-            "adapter": adapter,
-            "tokenizer": {"path": "tokenizer", **tokenizer_facts(tokenizer)},
-            "data": {"train": report.as_dict()},
-            "config": config_dump,
-            "config_hash": hash_json(config_dump),
-            "metrics": metrics,
-            "baseline": {"of": ctx.parent.lineage(), "metrics": baseline} if baseline else None,
-            "history": history,
-            "timings": timings,
-            "versions": library_versions(),
-        })
-    entry = draft.entry
-    log.info("registered %s", entry.ref)
-    return entry
+    targets = None
+    if peft_cfg is not None:
+        targets = peft_cfg.target_modules
+        targets = targets if isinstance(targets, str) else sorted(targets)
+    return register_entry(
+        ctx, "policy", model, tokenizer, peft_cfg, report=report, config_dump=config_dump, history=history,
+        timings=timings, metrics=metrics, adapter_extra={"targets": targets},
+        manifest_extra={"baseline": {"of": ctx.parent.lineage(), "metrics": baseline} if baseline else None})
 
 
 class _SafeMixin:
