@@ -87,8 +87,8 @@ def cmd_score(args) -> int:
     from align.rewards.scoring import load_reward_model, score_rows
 
     registry = _registry(args)
+    rows = read_rows(args.data)  # a bad file is reported before any weights load
     model, tokenizer = load_reward_model(resolve_model_ref(args.ref, registry), registry)
-    rows = read_rows(args.data)
     summary, per_row = score_rows(model, tokenizer, rows, args.data, args.batch_size, args.max_length)
     if args.out:
         from pathlib import Path
