@@ -16,7 +16,8 @@ from align.registry import Entry, Registry
 from align.stages.base import StageContext
 
 log = logging.getLogger(__name__)
-RUNNERS = {"sft": "align.stages.sft", "reward": "align.stages.reward"}
+RUNNERS = {"sft": "align.stages.sft", "reward": "align.stages.reward",
+           "dpo": "align.stages.dpo"}
 
 
 def run_recipe(recipe, registry: Registry | None = None, only: list[str] | None = None,

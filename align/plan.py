@@ -19,7 +19,7 @@ from align.models import ModelSource, four_bit_problem, resolve_model_ref
 from align.registry import Registry
 from align.rewards.checkers import CHECKERS
 
-IMPLEMENTED = {"sft", "reward"}
+IMPLEMENTED = {"sft", "reward", "dpo"}
 
 
 @dataclass

@@ -54,3 +54,14 @@ def score_histogram_png(chosen: list[float], rejected: list[float], path: Path, 
     ax.hist(chosen, bins=bins, alpha=0.6, label=f"chosen (mean {sum(chosen) / len(chosen):.2f})")
     ax.hist(rejected, bins=bins, alpha=0.6, label=f"rejected (mean {sum(rejected) / len(rejected):.2f})")
     return _save(plt, fig, ax, "score", "pairs", title, path)
+
+
+def margin_histogram_png(margins: list[float], path: Path, title: str) -> Path | None:
+    """Histogram of per-pair reward margins (chosen minus rejected); right of zero is a pair ranked right."""
+    if not margins:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(margins, bins=30, alpha=0.8, label=f"margin (mean {sum(margins) / len(margins):.3f})")
+    ax.axvline(0.0, color="black", linewidth=1)
+    return _save(plt, fig, ax, "implicit reward margin (chosen - rejected)", "pairs", title, path)

@@ -121,6 +121,10 @@ class StageBase(Strict):
     logging_steps: int = Field(5, gt=0)
     save_steps: int = Field(50, gt=0)
     eval_steps: int | None = Field(None, gt=0)
+    # A chat template for this stage (a .jinja file, or the template text itself) in place of the parent's.
+    # Stages after SFT refuse a tokenizer or template that differs from their parent's unless
+    # `allow_template_mismatch: true`: a policy trained on one template and tuned on another learns noise.
+    chat_template: str | None = None
     allow_template_mismatch: bool = False
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     time_limit_minutes: float | None = Field(None, gt=0)
@@ -168,11 +172,33 @@ class RewardStage(StageBase, PreferenceData):
 
 
 class DPOStage(StageBase, PreferenceData):
+    """`loss`: sigmoid (DPO), cdpo (DPO with `label_smoothing` = share of flipped labels), ipo, hinge, and the
+    reference-free simpo (`beta`, target margin `simpo_gamma`) and orpo (weight `orpo_lambda`).
+
+    `reference` (reference-based losses): `precomputed` log-probs from one pass before training (no model
+    kept; the cheapest), `adapter_disabled` (LoRA/QLoRA: the same weights with the adapter switched off),
+    `copy` (a frozen second copy), or `auto` = precomputed."""
+
     kind: Literal["dpo"] = "dpo"
     beta: float = Field(0.1, gt=0)
     loss: Literal["sigmoid", "ipo", "hinge", "cdpo", "simpo", "orpo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    simpo_gamma: float = Field(0.5, ge=0)
+    orpo_lambda: float = Field(0.1, gt=0)
     reference: Literal["auto", "adapter_disabled", "copy", "precomputed"] = "auto"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DPOStage":
+        if self.loss == "cdpo" and self.label_smoothing == 0:
+            raise ValueError("loss cdpo needs label_smoothing > 0 (the assumed share of flipped labels)")
+        if self.label_smoothing and self.loss not in ("cdpo", "simpo"):
+            raise ValueError(f"label_smoothing applies to the cdpo and simpo losses, not {self.loss}")
+        if self.loss in ("simpo", "orpo") and self.reference not in ("auto",):
+            raise ValueError(f"loss {self.loss} is reference-free; remove reference: {self.reference}")
+        if self.reference == "adapter_disabled" and self.method == "full":
+            raise ValueError("reference adapter_disabled needs method lora or qlora (full fine-tuning has no "
+                             "adapter to switch off); use precomputed or copy")
+        return self
 
 
 class PPOStage(StageBase):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from align.errors import TrainingError
 from align.fingerprint import hash_json, library_versions, tokenizer_facts
-from align.models import ModelSource, cpu_has_bf16
+from align.models import ModelSource, cpu_has_bf16, load_tokenizer
 from align.plots import training_curve_png
 from align.registry import Registry, write_json_atomic
 
@@ -56,6 +56,51 @@ def base_lineage(ctx: StageContext) -> dict:
     if entry.kind == "base":
         return {"source": "registry", "ref": entry.ref}
     return entry.manifest.get("base") or ctx.parent.lineage()
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def read_chat_template(value: str, recipe) -> str:
+    """A recipe's `chat_template`: template text (it holds `{{` or `{%`), else a path to a file with it."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = recipe.resolve_path(value)
+    if not path.is_file():
+        raise TrainingError(f"chat_template: {value} is neither a template nor a readable file")
+    return path.read_text()
+
+
+def stage_tokenizer(ctx: StageContext):
+    """The parent's tokenizer, with the stage's `chat_template` if it sets one and pad defaulting to EOS.
+
+    Stages after SFT must tokenize exactly as their parent was trained: the tokenizer and chat-template
+    hashes are compared with what the parent's manifest recorded (or, for a model outside the registry,
+    with its own tokenizer), and a difference is refused, naming both hashes, unless the stage says
+    `allow_template_mismatch: true`. SFT may set a new template: that is where a template is chosen."""
+    cfg = ctx.config
+    tokenizer = load_tokenizer(ctx.parent, ctx.registry)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    entry = ctx.parent.entry
+    expected = (entry.manifest.get("tokenizer") if entry is not None else None) or tokenizer_facts(tokenizer)
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = read_chat_template(cfg.chat_template, ctx.recipe)
+    actual = tokenizer_facts(tokenizer)
+    differs = [what for what in ("hash", "chat_template_hash") if expected.get(what) != actual.get(what)]
+    if differs and cfg.kind != "sft":
+        message = (f"stages.{ctx.name}: the tokenizer this stage would use differs from its parent "
+                   f"{ctx.parent.describe()}: tokenizer hash {expected.get('hash')} (parent) vs {actual['hash']} "
+                   f"(this stage), chat-template hash {expected.get('chat_template_hash')} (parent) vs "
+                   f"{actual['chat_template_hash']} (this stage)")
+        if not cfg.allow_template_mismatch:
+            raise TrainingError(message + ". Token ids or turn markers would not mean what the parent learned; "
+                                "use the parent's template, or set allow_template_mismatch: true.")
+        log.warning("%s; going on because allow_template_mismatch is set", message)
+    elif differs:
+        log.info("stages.%s: chat template %s replaces the parent's %s", ctx.name, actual["chat_template_hash"],
+                 expected.get("chat_template_hash"))
+    return tokenizer
 
 
 # ------------------------------------------------------------------------------------------ run folder

@@ -1,0 +1,177 @@
+"""The DPO stage end to end on a tiny random Llama: it learns a separable preference (held-out implicit-
+reward accuracy rises), the reference stays frozen, every loss variant and reference mode trains, a
+tokenizer or chat-template mismatch with the parent is refused, and an interrupted run resumes."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.data.prepare import prepare_pairs
+from align.errors import ConfigError, TrainingError
+from align.models import ModelSource, load_causal_lm, load_tokenizer
+from align.pipeline import run_recipe
+from align.recipe import validate_recipe
+from align.registry import Registry
+from align.stages.dpo import pair_logps
+from conftest import write_jsonl
+
+KIND = ["Sure, here is some help.", "Happy to help you with that.", "Of course, glad to help."]
+RUDE = ["No. Go away.", "I refuse, stop asking me.", "Leave me alone now."]
+FAST_DPO = {"max_steps": 24, "batch_size": 8, "lr": 5e-3, "logging_steps": 4, "save_steps": 12,
+            "eval_split": 0.25, "scheduler": "constant", "beta": 0.5,
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
+
+
+def preference_rows(count: int = 64) -> list[dict]:
+    rng = random.Random(1)
+    return [{"prompt": f"Question {i}: can you help with task {rng.randint(0, 99)}?",
+             "chosen": rng.choice(KIND), "rejected": rng.choice(RUDE)} for i in range(count)]
+
+
+def _recipe(folder: Path, base, stage: dict | None = None):
+    data = write_jsonl(folder / "prefs.jsonl", preference_rows())
+    raw = {"name": "tiny", "base": str(base), "stages": {"dpo": {"data": str(data), **FAST_DPO, **(stage or {})}}}
+    return validate_recipe(raw, [], source=str(folder / "r.yaml"))
+
+
+def _train(folder: Path, base, stage: dict | None = None):
+    recipe = _recipe(folder, base, stage)
+    registry = Registry(folder / "registry")
+    run_recipe(recipe, registry, runs_root=folder / "runs")
+    return recipe, registry, registry.resolve("tiny/dpo")
+
+
+def _heldout_logps(recipe, registry, source: ModelSource):
+    tokenizer = load_tokenizer(source, registry)
+    _, heldout, _ = prepare_pairs(recipe, recipe.stages["dpo"], tokenizer)
+    model = load_causal_lm(source, registry, dtype="fp32")
+    return pair_logps(model, heldout, tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_base):
+    return _train(tmp_path_factory.mktemp("dpo-lora"), tiny_base)
+
+
+def test_learns_a_separable_preference(lora_run, tiny_base):
+    recipe, registry, entry = lora_run
+    metrics = entry.manifest["metrics"]
+    assert metrics["preference_accuracy"] >= 0.9
+    assert metrics["reward_margin"] > 0.5
+    assert metrics["rewards_chosen"] > metrics["rewards_rejected"]
+    losses = [h["loss"] for h in entry.manifest["history"] if "loss" in h]
+    assert losses[-1] < 0.5 * losses[0]
+    assert {"train_accuracy", "rewards_chosen", "rewards_rejected", "rewards_margin"} <= set(
+        next(h for h in entry.manifest["history"] if "rewards_margin" in h))
+    assert entry.manifest["preference"] == {"loss": "sigmoid", "beta": 0.5, "reference": "precomputed"}
+    assert entry.file("margin_histogram.png").stat().st_size > 0
+    # The held-out margin recorded is what the saved entry gives against its parent.
+    parent = ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base))
+    policy = _heldout_logps(recipe, registry, ModelSource(ref=entry.ref, kind="registry", entry=entry))
+    reference = _heldout_logps(recipe, registry, parent)
+    rewards = 0.5 * (policy - reference)
+    assert float((rewards[:, 0] - rewards[:, 1]).mean()) == pytest.approx(metrics["reward_margin"], rel=1e-2)
+
+
+def test_reference_stays_frozen(lora_run, tiny_base):
+    """The precomputed reference log-probs are the parent's, and the parent's weights are untouched."""
+    recipe, registry, entry = lora_run
+    parent = ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base))
+    saved = torch.load(Path(recipe.source).parent / "runs" / "tiny" / "dpo" / "reference_logps.pt")
+    now = _heldout_logps(recipe, registry, parent)
+    assert torch.allclose(saved["heldout"].float(), now.float(), atol=2e-3)
+
+
+@pytest.mark.parametrize("stage", [
+    {"reference": "adapter_disabled"},
+    {"loss": "ipo", "beta": 0.1},
+    {"loss": "hinge"},
+    {"loss": "cdpo", "label_smoothing": 0.1},
+    {"loss": "simpo", "beta": 2.0},
+    {"loss": "orpo", "lr": 1e-2},
+    {"method": "full", "reference": "copy", "lr": 1e-3},
+])
+def test_variants_learn(tmp_path, tiny_base, stage):
+    _, _, entry = _train(tmp_path, tiny_base, {"max_steps": 16, **stage})
+    metrics = entry.manifest["metrics"]
+    assert metrics["preference_accuracy"] >= 0.75, metrics
+    assert metrics["reward_margin"] > 0
+
+
+def test_adapter_disabled_reference_is_the_parent(tmp_path, tiny_base):
+    """With the adapter switched off the policy computes the parent's log-probs, before and after training."""
+    recipe, registry, entry = _train(tmp_path, tiny_base, {"reference": "adapter_disabled", "max_steps": 8})
+    from peft import PeftModel
+
+    parent = ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base))
+    tokenizer = load_tokenizer(parent, registry)
+    _, heldout, _ = prepare_pairs(recipe, recipe.stages["dpo"], tokenizer)
+    base = load_causal_lm(parent, registry, dtype="fp32")
+    before = pair_logps(base, heldout, tokenizer.pad_token_id)
+    policy = PeftModel.from_pretrained(base, str(entry.file("adapter")))
+    with policy.disable_adapter():
+        disabled = pair_logps(policy, heldout, tokenizer.pad_token_id)
+    trained = pair_logps(policy, heldout, tokenizer.pad_token_id)
+    assert torch.allclose(before, disabled, atol=1e-4)
+    assert not torch.allclose(before, trained, atol=1e-2)
+
+
+def test_template_mismatch_is_refused(tmp_path, tiny_base):
+    other = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(TrainingError) as err:
+        _train(tmp_path, tiny_base, {"chat_template": other})
+    message = str(err.value)
+    assert "stages.dpo" in message and "chat-template hash" in message and "allow_template_mismatch" in message
+    assert not (tmp_path / "registry" / "tiny").exists()  # refused before anything was trained or written
+
+
+def test_template_mismatch_allowed_when_overridden(tmp_path, tiny_base):
+    other = "{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+    _, _, entry = _train(tmp_path, tiny_base, {"chat_template": other, "allow_template_mismatch": True,
+                                               "max_steps": 4})
+    assert entry.manifest["tokenizer"]["chat_template_hash"] != ""
+
+
+@pytest.mark.parametrize("stage, key", [
+    ({"loss": "cdpo"}, "label_smoothing"),
+    ({"loss": "ipo", "label_smoothing": 0.1}, "label_smoothing"),
+    ({"loss": "simpo", "reference": "copy"}, "reference-free"),
+    ({"method": "full", "reference": "adapter_disabled"}, "adapter_disabled"),
+    ({"beta": 0}, "beta"),
+])
+def test_bad_settings_are_named(tmp_path, tiny_base, stage, key):
+    with pytest.raises(ConfigError) as err:
+        _recipe(tmp_path, tiny_base, stage)
+    assert "stages.dpo" in str(err.value) and key in str(err.value)
+
+
+def test_interrupted_run_resumes_to_the_same_result(lora_run, tmp_path):
+    """Stopped after a checkpoint, the run resumes from it (reusing the saved reference log-probs, not
+    recomputing them) and ends where the uninterrupted run ended."""
+    recipe, _, original = lora_run
+    runs_root = tmp_path / "runs"
+    shutil.copytree(Path(recipe.source).parent / "runs", runs_root)
+    run_dir = runs_root / "tiny" / "dpo"
+    shutil.rmtree(run_dir / "checkpoint-24")  # as if stopped after the checkpoint at step 12
+    saved = (run_dir / "reference_logps.pt").stat().st_mtime_ns
+    registry = Registry(tmp_path / "registry")
+    run_recipe(recipe, registry, runs_root=runs_root)
+    resumed = registry.resolve("tiny/dpo").manifest
+    assert resumed["timings"]["resumed_from"] == str(run_dir / "checkpoint-12")
+    assert resumed["timings"]["steps"] == 24
+    assert (run_dir / "reference_logps.pt").stat().st_mtime_ns == saved
+    losses = [[h["loss"] for h in m["history"] if "loss" in h] for m in (resumed, original.manifest)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+    assert resumed["metrics"]["reward_margin"] == pytest.approx(original.manifest["metrics"]["reward_margin"],
+                                                                abs=1e-3)
+
+
+def test_exploding_loss_stops_and_registers_nothing(tmp_path, tiny_base):
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf|-inf) at step \d+"):
+        _train(tmp_path, tiny_base, {"method": "full", "lr": 1e38})
+    assert Registry(tmp_path / "registry").list() == []
