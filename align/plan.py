@@ -75,6 +75,11 @@ def make_plan(recipe, registry: Registry | None = None, only: list[str] | None =
             why = four_bit_problem()
             if why:
                 problems.append(Problem(f"{where}.method", f"qlora needs 4-bit support: {why}"))
+        template = cfg.chat_template
+        if template is not None and "{{" not in template and "{%" not in template:
+            if not recipe.resolve_path(template).is_file():
+                problems.append(Problem(f"{where}.chat_template", f"{template}: neither a template nor a readable "
+                                        "file"))
         if cfg.kind == "ppo":
             stage.notes += _check_reward_sources(recipe, name, index, cfg, selected, registry, problems, check_hub)
         for key in ("data", "eval_data", "prompts", "eval_prompts"):

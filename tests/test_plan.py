@@ -86,7 +86,7 @@ def test_bad_row_reported_at_plan_time_with_its_index(tiny_raw_recipe, tmp_path,
     assert "1 bad rows to drop" in plan.describe()
 
 
-@pytest.mark.parametrize("kind", ["dpo", "ppo"])
+@pytest.mark.parametrize("kind", ["ppo"])
 def test_unimplemented_stage_kinds_are_reported(kind, tiny_raw_recipe, tmp_path, no_weights):
     raw = tiny_raw_recipe(tmp_path)
     prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"}])
@@ -109,6 +109,18 @@ def test_reward_stage_plans_with_a_summary_of_its_pairs(tiny_raw_recipe, tmp_pat
     raw["stages"]["reward"]["on_bad_rows"] = "error"
     problems = plan_problems(raw, tmp_path)
     assert problems == {f"stages.reward.data: {tmp_path / 'prefs.jsonl'}: row 6": "missing field `rejected`"}
+
+
+def test_dpo_stage_plans_and_a_missing_chat_template_file_is_named(tiny_raw_recipe, tmp_path, no_weights):
+    raw = tiny_raw_recipe(tmp_path)
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"}])
+    raw["stages"]["dpo"] = {"data": str(prefs), "loss": "ipo", "beta": 0.2}
+    plan = make_plan(validate(raw, tmp_path), Registry(tmp_path / "registry"))
+    assert "dpo [dpo] from output of stage sft" in plan.describe() and "explicit preference pairs" in plan.describe()
+    raw["stages"]["dpo"]["chat_template"] = "templates/missing.jinja"
+    problems = plan_problems(raw, tmp_path)
+    assert list(problems) == ["stages.dpo.chat_template"], problems
+    assert "templates/missing.jinja" in problems["stages.dpo.chat_template"]
 
 
 def test_stage_option_naming_a_missing_stage(tiny_raw_recipe, tmp_path, no_weights):

@@ -292,6 +292,8 @@ def run(ctx: StageContext):
     resume_from = prepare_run_dir(ctx.run_dir, fingerprint, ctx.force)
 
     model, peft_cfg = build_model(ctx)
+    if torch.cuda.is_available() and cfg.method != "qlora":  # the reference pass runs before the Trainer moves it
+        model.to("cuda")
     mode = reference_mode(cfg)
     ref_model, reference = None, {"train": None, "heldout": None}
     if mode == "precomputed":

@@ -29,12 +29,13 @@ from align.errors import TrainingError
 from align.evaluate import evaluate_reward_model
 from align.fingerprint import hash_json, tokenizer_facts
 from align.losses import pairwise_accuracy, reward_ranking_loss
-from align.models import (bnb_config, count_parameters, freeze_bottom, load_sequence_classifier, load_tokenizer,
+from align.models import (bnb_config, count_parameters, freeze_bottom, load_sequence_classifier,
                           lora_config, materialize)
 from align.plots import score_histogram_png
 from align.rewards.scoring import pad_right, score_batch
 from align.stages.base import (StageContext, check_finite, mixed_precision_args, peak_rss_mb,
-                               prepare_run_dir, register_entry, safety_callbacks)
+                               prepare_run_dir, register_entry, safety_callbacks,
+                               stage_tokenizer)
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,7 @@ def run(ctx: StageContext):
     cfg = ctx.config
     torch.manual_seed(cfg.seed)
     ctx.parent = materialize(ctx.parent, ctx.registry)
-    tokenizer = load_tokenizer(ctx.parent, ctx.registry)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = stage_tokenizer(ctx)
     train, heldout, report = prepare_pairs(ctx.recipe, cfg, tokenizer)
     config_dump = cfg.model_dump(by_alias=True)
     fingerprint = {"config": hash_json(config_dump), "data": report.fingerprint, "seed": cfg.seed,

@@ -24,10 +24,11 @@ from align.errors import TrainingError
 from align.evaluate import evaluate_model
 from align.fingerprint import hash_json, tokenizer_facts
 from align.registry import write_json_atomic
-from align.models import (bnb_config, count_parameters, freeze_bottom, load_causal_lm, load_tokenizer, lora_config,
+from align.models import (bnb_config, count_parameters, freeze_bottom, load_causal_lm, lora_config,
                           materialize)
 from align.stages.base import (StageContext, check_finite, mixed_precision_args, peak_rss_mb,
-                               prepare_run_dir, register_entry, safety_callbacks)
+                               prepare_run_dir, register_entry, safety_callbacks,
+                               stage_tokenizer)
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,7 @@ def run(ctx: StageContext):
     cfg = ctx.config
     torch.manual_seed(cfg.seed)
     ctx.parent = materialize(ctx.parent, ctx.registry)
-    tokenizer = load_tokenizer(ctx.parent, ctx.registry)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = stage_tokenizer(ctx)
     train, heldout, report = prepare_data(ctx, tokenizer)
     config_dump = cfg.model_dump(by_alias=True)
     fingerprint = {"config": hash_json(config_dump), "data": report.fingerprint, "seed": cfg.seed,

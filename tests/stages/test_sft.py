@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from align.data.tokenize import encode_conversation
-from align.errors import TrainingError
+from align.errors import ConfigError, TrainingError
 from align.fingerprint import hash_file, hash_json, tokenizer_facts
 from align.models import ModelSource, load_causal_lm, load_tokenizer
 from align.pipeline import run_recipe
@@ -267,3 +267,26 @@ def test_exploding_loss_stops_training_and_registers_nothing(tiny_raw_recipe, tm
     assert registry.list() == []
     assert not (registry.root / "tiny").exists()
     assert latest_checkpoint(tmp_path / "runs" / "tiny" / "sft") is None
+
+
+def test_sft_may_set_a_new_chat_template_and_records_it(tiny_raw_recipe, tmp_path, tiny_base):
+    """SFT is where a template is chosen: a `chat_template` file replaces the parent's, training uses it, and
+    the entry's tokenizer and manifest carry it, so later stages are checked against it."""
+    from align.tiny import TEMPLATES
+
+    template = tmp_path / "llama2.jinja"
+    template.write_text(TEMPLATES["llama2"])
+    run = _train(tmp_path, tiny_raw_recipe, {"chat_template": str(template), "max_steps": 2})
+    parent_tokenizer = load_tokenizer(ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base)),
+                                      run.registry)
+    saved = load_tokenizer(ModelSource(ref=run.entry.ref, kind="registry", entry=run.entry), run.registry)
+    assert saved.chat_template == TEMPLATES["llama2"] != parent_tokenizer.chat_template
+    assert run.entry.manifest["tokenizer"]["chat_template_hash"] == tokenizer_facts(saved)["chat_template_hash"]
+    assert run.entry.manifest["tokenizer"]["chat_template_hash"] != tokenizer_facts(parent_tokenizer)[
+        "chat_template_hash"]
+
+
+def test_a_missing_chat_template_file_is_named_before_training(tiny_raw_recipe, tmp_path):
+    with pytest.raises(ConfigError, match="stages.sft.chat_template: nowhere.jinja: neither a template nor a read"):
+        _train(tmp_path, tiny_raw_recipe, {"chat_template": "nowhere.jinja", "max_steps": 2})
+    assert not (tmp_path / "runs").exists()
