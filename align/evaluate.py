@@ -106,13 +106,17 @@ def eval_fingerprint(settings, loss_fingerprint: str | None, prompts_fingerprint
 
 @torch.no_grad()
 def _mean_nll(model, data: list[Encoded], pad_id: int, batch_size: int) -> float:
-    """Token-weighted mean negative log-likelihood over labelled tokens."""
+    """Token-weighted mean negative log-likelihood over labelled tokens. Batches are length-sorted and the
+    LM head is projected at labelled positions only (`align.logprobs`), in fp32 like the trunk."""
+    from align.logprobs import sequence_logps
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        batch = data[start:start + batch_size]
+    order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        batch = [data[i] for i in order[start:start + batch_size]]
         width = max(len(e.input_ids) for e in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -121,12 +125,9 @@ def _mean_nll(model, data: list[Encoded], pad_id: int, batch_size: int) -> float
             ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
             labels[row, : len(e.labels)] = torch.tensor(e.labels)
             mask[row, : len(e.input_ids)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                                shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
-        total += nll.item()
-        count += int((shift_labels != IGNORE).sum())
+        sums, counts = sequence_logps(model, ids.to(device), mask.to(device), labels.to(device))
+        total -= float(sums.double().sum())
+        count += int(counts.sum())
     if was_training:
         model.train()
     return total / max(count, 1)
@@ -151,7 +152,7 @@ def load_eval_prompts(recipe) -> tuple[list[dict], str | None]:
 
 def evaluate_model(recipe, model, tokenizer, fallback_loss: list[Encoded] | None = None) -> dict:
     """The hook every stage calls: the recipe's eval metrics on `model`, with the fingerprint of how."""
-    from align.data.prepare import DataReport, load_demonstrations, tokenize_all
+    from align.data.prepare import load_demonstrations, tokenize_all
 
     settings = recipe.eval
     prompt_rows, prompts_fp = load_eval_prompts(recipe)

@@ -185,6 +185,9 @@ class DPOStage(StageBase, PreferenceData):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     simpo_gamma: float = Field(0.5, ge=0)
     orpo_lambda: float = Field(0.1, gt=0)
+    # Adds rpo_alpha * the chosen responses' per-token NLL (RPO, Pang et al. 2024): keeps DPO from lowering
+    # the likelihood of the preferred answers along with the rejected ones (which can cost EOS and format).
+    rpo_alpha: float = Field(0.0, ge=0)
     reference: Literal["auto", "adapter_disabled", "copy", "precomputed"] = "auto"
 
     @model_validator(mode="after")

@@ -103,6 +103,31 @@ def stage_tokenizer(ctx: StageContext):
     return tokenizer
 
 
+# ------------------------------------------------------------------------------------------ models
+
+
+def build_policy(ctx: StageContext, tokenizer):
+    """A causal LM on the parent's weights (adapter parents merged in full precision first, then quantized
+    for QLoRA) with a fresh LoRA adapter, or with the bottom `freeze_layers` blocks frozen for full
+    fine-tuning; returns (model, LoRA config or None). Shared by the SFT and DPO stages."""
+    from align.models import bnb_config, freeze_bottom, load_causal_lm, lora_config
+
+    cfg = ctx.config
+    quant = bnb_config(cfg.quant) if cfg.method == "qlora" else None
+    model = load_causal_lm(ctx.parent, ctx.registry, dtype=cfg.dtype, quantization=quant)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.method == "full":
+        freeze_bottom(model, cfg.freeze_layers)
+        return model, None
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_cfg = lora_config(cfg.lora, model=model, freeze_layers=cfg.freeze_layers)
+    return get_peft_model(model, peft_cfg), peft_cfg
+
+
 # ------------------------------------------------------------------------------------------ run folder
 
 
@@ -212,6 +237,53 @@ def mixed_precision_args(setting: str, model) -> dict:
         bf16 = torch.cuda.is_bf16_supported()
         return {"bf16": bf16, "fp16": not bf16}
     return {"bf16": weights == torch.bfloat16 or cpu_has_bf16(), "fp16": False}
+
+
+def training_arguments(ctx: StageContext, model, eval_strategy: str, eval_steps: int | None) -> dict:
+    """The `TrainingArguments` every stage shares, from its typed config: batch, schedule, checkpoints every
+    `save_steps` (two kept), seeds, mixed precision, token counting; CPU unless a GPU is there."""
+    import torch
+
+    cfg = ctx.config
+    return dict(
+        output_dir=str(ctx.run_dir), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_total_limit=2, eval_strategy=eval_strategy, eval_steps=eval_steps, seed=cfg.seed,
+        data_seed=cfg.seed, report_to="none", remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0, logging_first_step=True, **mixed_precision_args(cfg.mixed_precision, model))
+
+
+def train_and_time(ctx: StageContext, trainer, resume_from: Path | None, callbacks) -> tuple[object, dict]:
+    """Run (or resume) training; returns the trainer's result and the timings the manifest records. An
+    interrupted run (SIGTERM/SIGINT) raises after its checkpoint, saying how to resume."""
+    import time
+
+    import torch
+
+    stopper, time_limit = callbacks
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - started
+    if stopper.requested:
+        raise TrainingError(f"interrupted at step {trainer.state.global_step}; a checkpoint is in {ctx.run_dir}. "
+                            "Run the same command again to resume.")
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    args = trainer.args
+    timings = {"train_seconds": round(seconds, 2), "train_tokens": tokens,
+               "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+               "peak_rss_mb": round(peak_rss_mb(), 1), "steps": trainer.state.global_step,
+               "resumed_from": str(resume_from) if resume_from else None,
+               "stopped_at_time_limit": time_limit.reached,
+               "mixed_precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "no")}
+    if torch.cuda.is_available():
+        timings["peak_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    log.info("trained %d steps in %.1fs: %s tokens/s, peak RSS %.0f MB", trainer.state.global_step, seconds,
+             timings["tokens_per_second"], timings["peak_rss_mb"])
+    return result, timings
 
 
 def check_finite(loss_value: float, step: int) -> None:

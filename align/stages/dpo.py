@@ -33,17 +33,15 @@ import torch
 from align.data.prepare import prepare_pairs
 from align.data.sampling import LengthGroupedEpochSampler
 from align.data.tokenize import IGNORE, Encoded, EncodedPair
-from align.errors import TrainingError
 from align.evaluate import evaluate_model
 from align.fingerprint import hash_json, tokenizer_facts
 from align.logprobs import mean_nll, sequence_logps
 from align.losses import dpo_loss, orpo_loss, pairwise_accuracy, simpo_loss
-from align.models import (bnb_config, count_parameters, freeze_bottom, inference_autocast, load_causal_lm,
-                          lora_config, materialize)
+from align.models import count_parameters, inference_autocast, materialize
 from align.plots import margin_histogram_png
 from align.rewards.scoring import pad_right
-from align.stages.base import (StageContext, check_finite, mixed_precision_args, peak_rss_mb, prepare_run_dir,
-                               register_entry, safety_callbacks, stage_tokenizer)
+from align.stages.base import (StageContext, build_policy, check_finite, prepare_run_dir, register_entry,
+                               safety_callbacks, stage_tokenizer, train_and_time, training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -58,23 +56,6 @@ def reference_mode(cfg) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ model
-
-
-def build_model(ctx: StageContext):
-    """The policy on the parent's weights (adapter parents merged in full precision first), with LoRA/QLoRA
-    or with the bottom `freeze_layers` blocks frozen; returns (model, peft config or None, base model)."""
-    cfg = ctx.config
-    quant = bnb_config(cfg.quant) if cfg.method == "qlora" else None
-    model = load_causal_lm(ctx.parent, ctx.registry, dtype=cfg.dtype, quantization=quant)
-    if cfg.method == "full":
-        freeze_bottom(model, cfg.freeze_layers)
-        return model, None
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    peft_cfg = lora_config(cfg.lora, model=model, freeze_layers=cfg.freeze_layers)
-    return get_peft_model(model, peft_cfg), peft_cfg
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -185,7 +166,11 @@ def preference_loss(cfg, logp: torch.Tensor, counts: torch.Tensor, reference: to
     if cfg.loss == "ipo":  # IPO on per-token means, so beta does not depend on response length
         ref_c, ref_r = ref_c / n_chosen.clamp(min=1), ref_r / n_rejected.clamp(min=1)
         chosen, rejected = mean_c, mean_r
-    return dpo_loss(chosen, rejected, ref_c, ref_r, cfg.beta, cfg.loss, cfg.label_smoothing)
+    loss, chosen_reward, rejected_reward = dpo_loss(chosen, rejected, ref_c, ref_r, cfg.beta, cfg.loss,
+                                                    cfg.label_smoothing)
+    if cfg.rpo_alpha:
+        loss = loss + cfg.rpo_alpha * mean_nll(logp.chunk(2)[0], n_chosen).mean()
+    return loss, chosen_reward, rejected_reward
 
 
 def make_trainer(cfg, mode: str | None, ref_model=None, **kwargs):
@@ -291,7 +276,7 @@ def run(ctx: StageContext):
                    "parent": ctx.parent.lineage(), "tokenizer": tokenizer_facts(tokenizer)["hash"]}
     resume_from = prepare_run_dir(ctx.run_dir, fingerprint, ctx.force)
 
-    model, peft_cfg = build_model(ctx)
+    model, peft_cfg = build_policy(ctx, tokenizer)
     if torch.cuda.is_available() and cfg.method != "qlora":  # the reference pass runs before the Trainer moves it
         model.to("cuda")
     mode = reference_mode(cfg)
@@ -307,39 +292,15 @@ def run(ctx: StageContext):
     log.info("%s: %d train / %d held-out pairs; %s trainable of %s parameters; loss %s, reference %s",
              ctx.entry_name, len(train), len(heldout), f"{trainable:,}", f"{total:,}", cfg.loss, mode or "none")
 
-    args = TrainingArguments(
-        output_dir=str(ctx.run_dir), per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_total_limit=2, eval_strategy="steps" if heldout and cfg.eval_steps else "no",
-        eval_steps=cfg.eval_steps, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
-        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
-        logging_first_step=True, label_names=[], **mixed_precision_args(cfg.mixed_precision, model))
-    stopper, time_limit = callbacks = safety_callbacks(cfg.time_limit_minutes)
+    args = TrainingArguments(**training_arguments(ctx, model, "steps" if heldout and cfg.eval_steps else "no",
+                                                  cfg.eval_steps), label_names=[])
+    callbacks = safety_callbacks(cfg.time_limit_minutes)
     trainer = make_trainer(cfg, mode, ref_model, model=model, args=args,
                            train_dataset=as_dataset(train, reference["train"]),
                            eval_dataset=as_dataset(heldout, reference["heldout"]) if heldout else None,
                            data_collator=PreferenceCollator(tokenizer.pad_token_id), callbacks=callbacks)
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    seconds = time.perf_counter() - started
-    if stopper.requested:
-        raise TrainingError(f"interrupted at step {trainer.state.global_step}; a checkpoint is in {ctx.run_dir}. "
-                            "Run the same command again to resume.")
-    tokens = int(trainer.state.num_input_tokens_seen or 0)
-    timings = {"train_seconds": round(seconds, 2), "train_tokens": tokens,
-               "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
-               "peak_rss_mb": round(peak_rss_mb(), 1), "steps": trainer.state.global_step,
-               "resumed_from": str(resume_from) if resume_from else None, "reference": mode,
-               "stopped_at_time_limit": time_limit.reached, "mixed_precision": "bf16" if args.bf16 else
-               ("fp16" if args.fp16 else "no")}
-    if torch.cuda.is_available():
-        timings["peak_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    log.info("trained %d steps in %.1fs: %s tokens/s, peak RSS %.0f MB", trainer.state.global_step, seconds,
-             timings["tokens_per_second"], timings["peak_rss_mb"])
+    result, timings = train_and_time(ctx, trainer, resume_from, callbacks)
+    timings["reference"] = mode
 
     model = trainer.model
     model.eval()

@@ -18,14 +18,12 @@ Why it is built this way:
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
 from align.data.prepare import prepare_pairs
 from align.data.sampling import LengthGroupedEpochSampler
 from align.data.tokenize import EncodedPair
-from align.errors import TrainingError
 from align.evaluate import evaluate_reward_model
 from align.fingerprint import hash_json, tokenizer_facts
 from align.losses import pairwise_accuracy, reward_ranking_loss
@@ -33,9 +31,8 @@ from align.models import (bnb_config, count_parameters, freeze_bottom, load_sequ
                           lora_config, materialize)
 from align.plots import score_histogram_png
 from align.rewards.scoring import pad_right, score_batch
-from align.stages.base import (StageContext, check_finite, mixed_precision_args, peak_rss_mb,
-                               prepare_run_dir, register_entry, safety_callbacks,
-                               stage_tokenizer)
+from align.stages.base import (StageContext, check_finite, prepare_run_dir, register_entry, safety_callbacks,
+                               stage_tokenizer, train_and_time, training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -147,39 +144,14 @@ def run(ctx: StageContext):
     trainable, total = count_parameters(model)
     log.info("%s: %d train / %d held-out pairs; %s trainable of %s parameters", ctx.entry_name, len(train),
              len(heldout), f"{trainable:,}", f"{total:,}")
-    args = TrainingArguments(
-        output_dir=str(ctx.run_dir), per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_total_limit=2, eval_strategy="steps" if heldout and cfg.eval_steps else "no",
-        eval_steps=cfg.eval_steps, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
-        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
-        logging_first_step=True, label_names=[], **mixed_precision_args(cfg.mixed_precision, model))
-    stopper, time_limit = callbacks = safety_callbacks(cfg.time_limit_minutes)
+    args = TrainingArguments(**training_arguments(ctx, model, "steps" if heldout and cfg.eval_steps else "no",
+                                                  cfg.eval_steps), label_names=[])
+    callbacks = safety_callbacks(cfg.time_limit_minutes)
     trainer = make_trainer(cfg.loss, cfg.center_coef, cfg.group_by_length, model=model, args=args,
                            train_dataset=as_dataset(train),
                            eval_dataset=as_dataset(heldout) if heldout else None,
                            data_collator=PairCollator(tokenizer.pad_token_id, cfg.margin), callbacks=callbacks)
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    seconds = time.perf_counter() - started
-    if stopper.requested:
-        raise TrainingError(f"interrupted at step {trainer.state.global_step}; a checkpoint is in {ctx.run_dir}. "
-                            "Run the same command again to resume.")
-    tokens = int(trainer.state.num_input_tokens_seen or 0)
-    timings = {"train_seconds": round(seconds, 2), "train_tokens": tokens,
-               "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
-               "peak_rss_mb": round(peak_rss_mb(), 1), "steps": trainer.state.global_step,
-               "resumed_from": str(resume_from) if resume_from else None,
-               "stopped_at_time_limit": time_limit.reached, "mixed_precision": "bf16" if args.bf16 else
-               ("fp16" if args.fp16 else "no")}
-    if torch.cuda.is_available():
-        timings["peak_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    log.info("trained %d steps in %.1fs: %s tokens/s, peak RSS %.0f MB", trainer.state.global_step, seconds,
-             timings["tokens_per_second"], timings["peak_rss_mb"])
+    result, timings = train_and_time(ctx, trainer, resume_from, callbacks)
 
     model = trainer.model
     model.reward_pooling = cfg.pooling

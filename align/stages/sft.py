@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import torch
 
@@ -23,12 +22,10 @@ from align.data.prepare import (DataReport, apply_row_policy, check_dropped_shar
 from align.errors import TrainingError
 from align.evaluate import evaluate_model
 from align.fingerprint import hash_json, tokenizer_facts
+from align.models import count_parameters, materialize
 from align.registry import write_json_atomic
-from align.models import (bnb_config, count_parameters, freeze_bottom, load_causal_lm, lora_config,
-                          materialize)
-from align.stages.base import (StageContext, check_finite, mixed_precision_args, peak_rss_mb,
-                               prepare_run_dir, register_entry, safety_callbacks,
-                               stage_tokenizer)
+from align.stages.base import (StageContext, build_policy, check_finite, prepare_run_dir, register_entry,
+                               safety_callbacks, stage_tokenizer, train_and_time, training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +53,6 @@ def prepare_data(ctx: StageContext, tokenizer):
     return train, heldout, report
 
 
-def build_model(ctx: StageContext, tokenizer):
-    cfg = ctx.config
-    quant = bnb_config(cfg.quant) if cfg.method == "qlora" else None
-    model = load_causal_lm(ctx.parent, ctx.registry, dtype=cfg.dtype, quantization=quant)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.method == "full":
-        freeze_bottom(model, cfg.freeze_layers)
-        return model, None
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    peft_cfg = lora_config(cfg.lora, model=model, freeze_layers=cfg.freeze_layers)
-    return get_peft_model(model, peft_cfg), peft_cfg
-
-
 def run(ctx: StageContext):
     """Train, evaluate and register one SFT entry; returns the registry `Entry`."""
     from datasets import Dataset
@@ -89,7 +69,7 @@ def run(ctx: StageContext):
                    "parent": ctx.parent.lineage(), "tokenizer": tokenizer_facts(tokenizer)["hash"]}
     resume_from = prepare_run_dir(ctx.run_dir, fingerprint, ctx.force)
 
-    model, peft_cfg = build_model(ctx, tokenizer)
+    model, peft_cfg = build_policy(ctx, tokenizer)
     trainable, total = count_parameters(model)
     log.info("%s: %d train / %d held-out examples; %s trainable of %s parameters", ctx.entry_name,
              len(train), len(heldout), f"{trainable:,}", f"{total:,}")
@@ -98,22 +78,9 @@ def run(ctx: StageContext):
         return Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
                                   "labels": [e.labels for e in examples]})
 
-    args = SFTConfig(
-        output_dir=str(ctx.run_dir), per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_total_limit=2, eval_strategy="steps" if heldout else "no",
-        eval_steps=cfg.eval_steps or cfg.save_steps, seed=cfg.seed, data_seed=cfg.seed,
-        report_to="none", max_length=cfg.max_length, dataset_kwargs={"skip_prepare_dataset": True},
-        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        **mixed_precision_args(cfg.mixed_precision, model),
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=False,
-        logging_first_step=True,
-    )
+    args = SFTConfig(**training_arguments(ctx, model, "steps" if heldout else "no", cfg.eval_steps or cfg.save_steps),
+                     max_length=cfg.max_length, dataset_kwargs={"skip_prepare_dataset": True}, disable_tqdm=False)
     callbacks = safety_callbacks(cfg.time_limit_minutes)
-    stopper, time_limit = callbacks
     trainer = make_safe_sft_trainer(model=model, args=args, train_dataset=as_dataset(train),
                                     eval_dataset=as_dataset(heldout) if heldout else None,
                                     processing_class=tokenizer, callbacks=callbacks)
@@ -130,23 +97,8 @@ def run(ctx: StageContext):
     if baseline is not None:
         if heldout:
             history.append({"step": 0, "eval_loss": baseline.get("eval_loss")})
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    seconds = time.perf_counter() - started
-    if stopper.requested:
-        raise TrainingError(f"interrupted at step {trainer.state.global_step}; a checkpoint is in {ctx.run_dir}. "
-                            "Run the same command again to resume.")
+    result, timings = train_and_time(ctx, trainer, resume_from, callbacks)
     history += [h for h in trainer.state.log_history if h.get("step", 0) > 0 or "loss" in h]
-    tokens = int(trainer.state.num_input_tokens_seen or 0)
-    timings = {"train_seconds": round(seconds, 2), "train_tokens": tokens,
-               "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
-               "peak_rss_mb": round(peak_rss_mb(), 1), "steps": trainer.state.global_step,
-               "resumed_from": str(resume_from) if resume_from else None,
-               "stopped_at_time_limit": time_limit.reached}
-    if torch.cuda.is_available():
-        timings["peak_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    log.info("trained %d steps in %.1fs: %s tokens/s, peak RSS %.0f MB", trainer.state.global_step, seconds,
-             timings["tokens_per_second"], timings["peak_rss_mb"])
 
     model = trainer.model
     model.eval()
