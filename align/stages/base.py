@@ -103,6 +103,26 @@ def stage_tokenizer(ctx: StageContext):
     return tokenizer
 
 
+def start_run(ctx: StageContext, prepare):
+    """The start every preference stage shares: seed, parent entry, the checked tokenizer, the stage's data
+    (`prepare(tokenizer)` -> (train, held-out, report), raising on bad data before any weights load), and
+    the run folder keyed by the run's fingerprint. Returns (tokenizer, prepared, config dump, fingerprint,
+    checkpoint to resume from or None)."""
+    import torch
+
+    from align.models import materialize
+
+    cfg = ctx.config
+    torch.manual_seed(cfg.seed)
+    ctx.parent = materialize(ctx.parent, ctx.registry)
+    tokenizer = stage_tokenizer(ctx)
+    prepared = prepare(tokenizer)
+    config_dump = cfg.model_dump(by_alias=True)
+    fingerprint = {"config": hash_json(config_dump), "data": prepared[2].fingerprint, "seed": cfg.seed,
+                   "parent": ctx.parent.lineage(), "tokenizer": tokenizer_facts(tokenizer)["hash"]}
+    return tokenizer, prepared, config_dump, fingerprint, prepare_run_dir(ctx.run_dir, fingerprint, ctx.force)
+
+
 # ------------------------------------------------------------------------------------------ models
 
 

@@ -34,14 +34,14 @@ from align.data.prepare import prepare_pairs
 from align.data.sampling import LengthGroupedEpochSampler
 from align.data.tokenize import IGNORE, Encoded, EncodedPair
 from align.evaluate import evaluate_model
-from align.fingerprint import hash_json, tokenizer_facts
+from align.fingerprint import hash_json
 from align.logprobs import mean_nll, sequence_logps
 from align.losses import dpo_loss, orpo_loss, pairwise_accuracy, simpo_loss
-from align.models import count_parameters, inference_autocast, materialize
+from align.models import count_parameters, inference_autocast
 from align.plots import margin_histogram_png
 from align.rewards.scoring import pad_right
-from align.stages.base import (StageContext, build_policy, check_finite, prepare_run_dir, register_entry,
-                               safety_callbacks, stage_tokenizer, train_and_time, training_arguments)
+from align.stages.base import (StageContext, build_policy, check_finite, register_entry, safety_callbacks,
+                               start_run, train_and_time, training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -267,14 +267,8 @@ def run(ctx: StageContext):
     from transformers import TrainingArguments
 
     cfg = ctx.config
-    torch.manual_seed(cfg.seed)
-    ctx.parent = materialize(ctx.parent, ctx.registry)
-    tokenizer = stage_tokenizer(ctx)
-    train, heldout, report = prepare_pairs(ctx.recipe, cfg, tokenizer)
-    config_dump = cfg.model_dump(by_alias=True)
-    fingerprint = {"config": hash_json(config_dump), "data": report.fingerprint, "seed": cfg.seed,
-                   "parent": ctx.parent.lineage(), "tokenizer": tokenizer_facts(tokenizer)["hash"]}
-    resume_from = prepare_run_dir(ctx.run_dir, fingerprint, ctx.force)
+    tokenizer, (train, heldout, report), config_dump, fingerprint, resume_from = start_run(
+        ctx, lambda tokenizer: prepare_pairs(ctx.recipe, cfg, tokenizer))
 
     model, peft_cfg = build_policy(ctx, tokenizer)
     if torch.cuda.is_available() and cfg.method != "qlora":  # the reference pass runs before the Trainer moves it

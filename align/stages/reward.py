@@ -25,14 +25,12 @@ from align.data.prepare import prepare_pairs
 from align.data.sampling import LengthGroupedEpochSampler
 from align.data.tokenize import EncodedPair
 from align.evaluate import evaluate_reward_model
-from align.fingerprint import hash_json, tokenizer_facts
 from align.losses import pairwise_accuracy, reward_ranking_loss
-from align.models import (bnb_config, count_parameters, freeze_bottom, load_sequence_classifier,
-                          lora_config, materialize)
+from align.models import bnb_config, count_parameters, freeze_bottom, load_sequence_classifier, lora_config
 from align.plots import score_histogram_png
 from align.rewards.scoring import pad_right, score_batch
-from align.stages.base import (StageContext, check_finite, prepare_run_dir, register_entry, safety_callbacks,
-                               stage_tokenizer, train_and_time, training_arguments)
+from align.stages.base import (StageContext, check_finite, register_entry, safety_callbacks, start_run,
+                               train_and_time, training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +128,8 @@ def run(ctx: StageContext):
     from transformers import TrainingArguments
 
     cfg = ctx.config
-    torch.manual_seed(cfg.seed)
-    ctx.parent = materialize(ctx.parent, ctx.registry)
-    tokenizer = stage_tokenizer(ctx)
-    train, heldout, report = prepare_pairs(ctx.recipe, cfg, tokenizer)
-    config_dump = cfg.model_dump(by_alias=True)
-    fingerprint = {"config": hash_json(config_dump), "data": report.fingerprint, "seed": cfg.seed,
-                   "parent": ctx.parent.lineage(), "tokenizer": tokenizer_facts(tokenizer)["hash"]}
-    resume_from = prepare_run_dir(ctx.run_dir, fingerprint, ctx.force)
+    tokenizer, (train, heldout, report), config_dump, fingerprint, resume_from = start_run(
+        ctx, lambda tokenizer: prepare_pairs(ctx.recipe, cfg, tokenizer))
 
     model, peft_cfg = build_model(ctx, tokenizer)
     model.reward_pooling = cfg.pooling
