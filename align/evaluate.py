@@ -108,23 +108,16 @@ def eval_fingerprint(settings, loss_fingerprint: str | None, prompts_fingerprint
 def _mean_nll(model, data: list[Encoded], pad_id: int, batch_size: int) -> float:
     """Token-weighted mean negative log-likelihood over labelled tokens. Batches are length-sorted and the
     LM head is projected at labelled positions only (`align.logprobs`), in fp32 like the trunk."""
+    from align.data.sampling import length_sorted_chunks, pad_right
     from align.logprobs import sequence_logps
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        batch = [data[i] for i in order[start:start + batch_size]]
-        width = max(len(e.input_ids) for e in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, e in enumerate(batch):
-            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            labels[row, : len(e.labels)] = torch.tensor(e.labels)
-            mask[row, : len(e.input_ids)] = 1
+    for chunk in length_sorted_chunks([len(e.input_ids) for e in data], batch_size):
+        ids, mask = pad_right([data[i].input_ids for i in chunk], pad_id)
+        labels, _ = pad_right([data[i].labels for i in chunk], IGNORE)
         sums, counts = sequence_logps(model, ids.to(device), mask.to(device), labels.to(device))
         total -= float(sums.double().sum())
         count += int(counts.sum())

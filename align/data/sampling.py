@@ -1,4 +1,4 @@
-"""Batch order for training: length-grouped, reproducible per epoch, so a resumed run sees the same batches.
+"""Batch order and padding. For training: length-grouped, reproducible per epoch, so a resumed run sees the same batches.
 
 Grouping by length cuts padding (on a CPU, padding is wasted compute). The order depends only on the seed
 and the epoch number, never on the global RNG state, so a run resumed mid-epoch from a checkpoint replays
@@ -31,3 +31,22 @@ class LengthGroupedEpochSampler(Sampler[int]):
         for start in range(0, len(order), size):
             group = sorted(order[start:start + size], key=lambda i: -self.lengths[i])
             yield from group
+
+
+def length_sorted_chunks(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in order of length, cut into batches: for inference passes, where order is free and padding
+    is wasted compute. Callers put results back by index."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [N, width] tensor of `sequences` and its attention mask; with `pad_id=-100` it pads
+    label rows."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from align.data.sampling import length_sorted_chunks, pad_right
 from align.data.tokenize import IGNORE, EncodedPair, encode_conversation
 from align.errors import RegistryError
 from align.losses import pairwise_accuracy
@@ -64,16 +65,6 @@ def score_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         return head(pooled.to(dtype)).squeeze(-1).float()
 
 
-def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def score_sequences(model, sequences: list[list[int]], pad_id: int, batch_size: int = 16,
                     starts: list[int] | None = None) -> list[float]:
@@ -84,10 +75,8 @@ def score_sequences(model, sequences: list[list[int]], pad_id: int, batch_size: 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     scores = [0.0] * len(sequences)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in length_sorted_chunks([len(s) for s in sequences], batch_size):
         ids, mask = pad_right([sequences[i] for i in chunk], pad_id)
         row_starts = torch.tensor([starts[i] for i in chunk]) if starts is not None else None
         with inference_autocast(model):

@@ -306,10 +306,41 @@ def train_and_time(ctx: StageContext, trainer, resume_from: Path | None, callbac
     return result, timings
 
 
+class PairBatchesMixin:
+    """For `Trainer` subclasses over preference pairs (reward, DPO): training batches grouped by length in an
+    order fixed by seed and epoch (`align.data.sampling`), unless `group_by_length` is False; and evaluation
+    steps that return the loss with the (chosen, rejected) values `compute_loss(return_outputs=True)` gives."""
+
+    group_by_length = True
+
+    def _get_train_sampler(self, train_dataset=None):
+        from align.data.sampling import LengthGroupedEpochSampler
+
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        return LengthGroupedEpochSampler(dataset["length"], self.args.train_batch_size, self.args.seed)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        import torch
+
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, values = self.compute_loss(model, inputs, return_outputs=True)
+        return loss.detach(), values.detach().float(), None
+
+
 def check_finite(loss_value: float, step: int) -> None:
     if not math.isfinite(loss_value):
         raise TrainingError(f"loss became {loss_value} at step {step}; stopping before the optimizer step, "
                             "no checkpoint written after it. Lower the learning rate or check the data.")
+
+
+def lora_targets(peft_cfg) -> str | list[str] | None:
+    """The modules a LoRA config adapts, as the manifest records them (sorted names, or `all-linear`)."""
+    if peft_cfg is None:
+        return None
+    targets = peft_cfg.target_modules
+    return targets if isinstance(targets, str) else sorted(targets)
 
 
 def register_entry(ctx: StageContext, kind: str, model, tokenizer, peft_cfg, *, report, config_dump: dict,

@@ -31,17 +31,16 @@ import time
 import torch
 
 from align.data.prepare import prepare_pairs
-from align.data.sampling import LengthGroupedEpochSampler
-from align.data.tokenize import IGNORE, Encoded, EncodedPair
+from align.data.sampling import length_sorted_chunks, pad_right
+from align.data.tokenize import IGNORE, EncodedPair
 from align.evaluate import evaluate_model
 from align.fingerprint import hash_json
 from align.logprobs import mean_nll, sequence_logps
 from align.losses import dpo_loss, orpo_loss, pairwise_accuracy, simpo_loss
 from align.models import count_parameters, inference_autocast
 from align.plots import margin_histogram_png
-from align.rewards.scoring import pad_right
-from align.stages.base import (StageContext, build_policy, check_finite, register_entry, safety_callbacks,
-                               start_run, train_and_time, training_arguments)
+from align.stages.base import (PairBatchesMixin, StageContext, build_policy, check_finite, register_entry, safety_callbacks,
+                               lora_targets, start_run, train_and_time, training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +54,7 @@ def reference_mode(cfg) -> str | None:
     return "precomputed" if cfg.reference == "auto" else cfg.reference
 
 
-# ------------------------------------------------------------------------------------------ model
-
-
 # ------------------------------------------------------------------------------------------ batches
-
-
-def labels_from(pair_side: Encoded) -> list[int]:
-    return [tok if lab != IGNORE else IGNORE for tok, lab in zip(pair_side.input_ids, pair_side.labels)]
 
 
 class PreferenceCollator:
@@ -74,9 +66,7 @@ class PreferenceCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         ids, mask = pad_right([r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], self.pad_id)
-        labels = torch.full_like(ids, IGNORE)
-        for i, r in enumerate([r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]):
-            labels[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        labels, _ = pad_right([r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows], IGNORE)
         reference = [r["ref_chosen"] for r in rows] + [r["ref_rejected"] for r in rows]
         return {"input_ids": ids, "attention_mask": mask, "labels": labels,
                 "reference": torch.tensor(reference, dtype=torch.float32)}
@@ -87,9 +77,9 @@ def as_dataset(pairs: list[EncodedPair], reference: torch.Tensor | None):
 
     ref = reference.tolist() if reference is not None else [[math.nan, math.nan]] * len(pairs)
     return Dataset.from_dict({"chosen_ids": [p.chosen.input_ids for p in pairs],
-                              "chosen_labels": [labels_from(p.chosen) for p in pairs],
+                              "chosen_labels": [p.chosen.labels for p in pairs],
                               "rejected_ids": [p.rejected.input_ids for p in pairs],
-                              "rejected_labels": [labels_from(p.rejected) for p in pairs],
+                              "rejected_labels": [p.rejected.labels for p in pairs],
                               "ref_chosen": [r[0] for r in ref], "ref_rejected": [r[1] for r in ref],
                               "length": [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]})
 
@@ -101,22 +91,17 @@ def as_dataset(pairs: list[EncodedPair], reference: torch.Tensor | None):
 def pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 16) -> torch.Tensor:
     """Summed response log-probs [N, 2] (chosen, rejected) under `model`, batched by length, without
     gradients; bf16 autocast where the hardware has it (the head stays fp32)."""
+    from tqdm.auto import tqdm
+
     sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))
+    chunks = length_sorted_chunks([len(s.input_ids) for s in sequences], batch_size)
     out = torch.zeros(len(sequences), dtype=torch.float64)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    from tqdm.auto import tqdm
-
-    for start in tqdm(range(0, len(order), batch_size), desc="reference log-probs", leave=False,
-                      disable=len(order) <= batch_size * 4):
-        chunk = order[start:start + batch_size]
+    for chunk in tqdm(chunks, desc="reference log-probs", leave=False, disable=len(chunks) <= 4):
         ids, mask = pad_right([sequences[i].input_ids for i in chunk], pad_id)
-        labels = torch.full_like(ids, IGNORE)
-        for row, i in enumerate(chunk):
-            side = labels_from(sequences[i])
-            labels[row, : len(side)] = torch.tensor(side)
+        labels, _ = pad_right([sequences[i].labels for i in chunk], IGNORE)
         with inference_autocast(model):
             sums, _ = sequence_logps(model, ids.to(device), mask.to(device), labels.to(device))
         out[chunk] = sums.double().cpu()
@@ -178,7 +163,9 @@ def make_trainer(cfg, mode: str | None, ref_model=None, **kwargs):
     by seed and epoch."""
     from transformers import Trainer
 
-    class PreferenceTrainer(Trainer):
+    class PreferenceTrainer(PairBatchesMixin, Trainer):
+        group_by_length = cfg.group_by_length
+
         def batch_logps(self, model, inputs):
             # sequence_logps calls the trunk and head directly, past the autocast accelerate wraps around
             # model.forward, so mixed precision is entered here.
@@ -203,17 +190,6 @@ def make_trainer(cfg, mode: str | None, ref_model=None, **kwargs):
                 self._window.append((float(pairwise_accuracy(chosen, rejected)), float(chosen.mean()),
                                      float(rejected.mean())))
             return (loss, torch.stack([chosen, rejected], dim=-1)) if return_outputs else loss
-
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            if not cfg.group_by_length:
-                return super()._get_train_sampler(train_dataset)
-            return LengthGroupedEpochSampler(dataset["length"], self.args.train_batch_size, self.args.seed)
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            with torch.no_grad(), self.compute_loss_context_manager():
-                loss, rewards = self.compute_loss(model, inputs, return_outputs=True)
-            return loss.detach(), rewards.detach().float(), None
 
         def log(self, logs, *args, **kwargs):
             if self._window and "loss" in logs:  # training figures since the last log line
@@ -312,15 +288,11 @@ def run(ctx: StageContext):
 
 def register(ctx: StageContext, model, tokenizer, peft_cfg, report, config_dump: dict, history: list[dict],
              timings: dict, metrics: dict, margins: list[float]):
-    targets = None
-    if peft_cfg is not None:
-        targets = peft_cfg.target_modules
-        targets = targets if isinstance(targets, str) else sorted(targets)
     title = (f"{ctx.entry_name}: held-out reward margins (accuracy {metrics.get('preference_accuracy', 0):.3f})")
-    pictures = [lambda folder: margin_histogram_png(margins, folder / "margin_histogram.png", title)] if margins else []
+    pictures = [lambda folder: margin_histogram_png(margins, folder / "margin_histogram.png", title)]
     return register_entry(
         ctx, "policy", model, tokenizer, peft_cfg, report=report, config_dump=config_dump, history=history,
-        timings=timings, metrics=metrics, adapter_extra={"targets": targets},
+        timings=timings, metrics=metrics, adapter_extra={"targets": lora_targets(peft_cfg)},
         manifest_extra={"preference": {"loss": ctx.config.loss, "beta": ctx.config.beta,
                                        "reference": reference_mode(ctx.config)}},
         pictures=pictures)

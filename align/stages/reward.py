@@ -22,14 +22,14 @@ import logging
 import torch
 
 from align.data.prepare import prepare_pairs
-from align.data.sampling import LengthGroupedEpochSampler
+from align.data.sampling import pad_right
 from align.data.tokenize import EncodedPair
 from align.evaluate import evaluate_reward_model
 from align.losses import pairwise_accuracy, reward_ranking_loss
 from align.models import bnb_config, count_parameters, freeze_bottom, load_sequence_classifier, lora_config
 from align.plots import score_histogram_png
-from align.rewards.scoring import pad_right, score_batch
-from align.stages.base import (StageContext, check_finite, register_entry, safety_callbacks, start_run,
+from align.rewards.scoring import score_batch
+from align.stages.base import (PairBatchesMixin, StageContext, check_finite, register_entry, safety_callbacks, start_run,
                                train_and_time, training_arguments)
 
 log = logging.getLogger(__name__)
@@ -77,12 +77,14 @@ def as_dataset(pairs: list[EncodedPair]):
                               "length": [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]})
 
 
-def make_trainer(loss_kind: str, center_coef: float, group_by_length: bool = True, **kwargs):
+def make_trainer(loss_kind: str, center_coef: float, grouped: bool = True, **kwargs):
     """A `Trainer` whose loss is the pairwise ranking loss on the model's scores; batches grouped by length
     in an order that depends only on seed and epoch (see `align.data.sampling`)."""
     from transformers import Trainer
 
-    class PairwiseRewardTrainer(Trainer):
+    class PairwiseRewardTrainer(PairBatchesMixin, Trainer):
+        group_by_length = grouped
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # score_batch calls the trunk and head directly, past the autocast that accelerate wraps around
             # model.forward, so mixed precision is entered here.
@@ -95,17 +97,6 @@ def make_trainer(loss_kind: str, center_coef: float, group_by_length: bool = Tru
                 self._window.append((float(pairwise_accuracy(chosen.detach(), rejected.detach())),
                                      float((chosen - rejected).detach().mean())))
             return (loss, torch.stack([chosen, rejected], dim=-1)) if return_outputs else loss
-
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            if not group_by_length:
-                return super()._get_train_sampler(train_dataset)
-            return LengthGroupedEpochSampler(dataset["length"], self.args.train_batch_size, self.args.seed)
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            with torch.no_grad(), self.compute_loss_context_manager():
-                loss, scores = self.compute_loss(model, inputs, return_outputs=True)
-            return loss.detach(), scores.detach().float(), None
 
         def log(self, logs, *args, **kwargs):
             if self._window and "loss" in logs:  # training accuracy and gap since the last log line

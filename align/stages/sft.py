@@ -25,7 +25,7 @@ from align.fingerprint import hash_json, tokenizer_facts
 from align.models import count_parameters, materialize
 from align.registry import write_json_atomic
 from align.stages.base import (StageContext, build_policy, check_finite, prepare_run_dir, register_entry,
-                               safety_callbacks, stage_tokenizer, train_and_time, training_arguments)
+                               lora_targets, safety_callbacks, stage_tokenizer, train_and_time, training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,9 @@ def run(ctx: StageContext):
 
 def register(ctx: StageContext, model, tokenizer, peft_cfg, report: DataReport, config_dump: dict,
              history: list[dict], timings: dict, metrics: dict, baseline: dict | None):
-    targets = None
-    if peft_cfg is not None:
-        targets = peft_cfg.target_modules
-        targets = targets if isinstance(targets, str) else sorted(targets)
     return register_entry(
         ctx, "policy", model, tokenizer, peft_cfg, report=report, config_dump=config_dump, history=history,
-        timings=timings, metrics=metrics, adapter_extra={"targets": targets},
+        timings=timings, metrics=metrics, adapter_extra={"targets": lora_targets(peft_cfg)},
         manifest_extra={"baseline": {"of": ctx.parent.lineage(), "metrics": baseline} if baseline else None})
 
 

@@ -33,3 +33,23 @@ def test_every_index_once_and_lengths_grouped():
         return sum(max(LENGTHS[i] for i in o[k:k + 4]) * 4 - sum(LENGTHS[i] for i in o[k:k + 4])
                    for k in range(0, len(o), 4))
     assert padding(order) < 0.2 * padding(torch.randperm(400, generator=torch.Generator().manual_seed(0)).tolist())
+
+
+def test_length_sorted_chunks_cover_every_index_once_in_length_order():
+    from align.data.sampling import length_sorted_chunks
+
+    lengths = [5, 1, 9, 3, 7, 2, 8]
+    chunks = length_sorted_chunks(lengths, 3)
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    flat = [i for c in chunks for i in c]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths)
+
+
+def test_pad_right_pads_ids_and_labels():
+    from align.data.sampling import pad_right
+
+    ids, mask = pad_right([[4, 5, 6], [7]], 0)
+    assert ids.tolist() == [[4, 5, 6], [7, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    labels, _ = pad_right([[-100, 5], [-100, -100, 9]], -100)
+    assert labels.tolist() == [[-100, 5, -100], [-100, -100, 9]]
