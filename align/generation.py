@@ -1,4 +1,4 @@
-"""Batched generation from chat prompts, shared by the evaluation hook (and later PPO rollouts).
+"""Batched generation from chat prompts, shared by the evaluation hook and RL rollouts.
 
 Prompts are left-padded into batches sorted by length (less padding), generation stops per sequence at
 EOS, and the result says for each response whether it ended with EOS (a model that never stops is a
@@ -37,7 +37,14 @@ def generation_kwargs(settings, tokenizer) -> dict:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids: list[list[int]], settings, batch_size: int = 16) -> list[Generated]:
+def generate(model, tokenizer, prompt_ids: list[list[int]], settings, batch_size: int = 16,
+             autocast: bool = False) -> list[Generated]:
+    """Responses in input order. `autocast`: sample under bf16 autocast where the hardware has it (RL
+    rollouts, whose log-probs are recomputed in full precision afterwards)."""
+    import contextlib
+
+    from align.models import inference_autocast
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
@@ -55,7 +62,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings, batch_size
             ids = prompt_ids[i]
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention[row, width - len(ids):] = 1
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        with inference_autocast(model) if autocast else contextlib.nullcontext():
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
         for row, i in enumerate(chunk):
             new = out[row, width:].tolist()
             ended = eos in new

@@ -63,3 +63,39 @@ def mean_nll(logp_sum: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Per-token negative log-likelihood of each row."""
     return -logp_sum / counts.clamp(min=1)
 
+
+
+def _token_logps_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = (hidden.float() @ weight.float().t()) / temperature
+    normalizer = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(1, targets[:, None]).squeeze(1) - normalizer
+    with torch.no_grad():  # entropy is logged, never trained on: no graph for it
+        probs = torch.softmax(logits.detach(), dim=-1)
+        entropy = normalizer.detach() - (probs * logits.detach()).sum(dim=-1)
+    return logps, entropy
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                temperature: float = 1.0, value_head=None) -> dict[str, torch.Tensor]:
+    """Per-position figures for right-padded rows, aligned with `labels[:, 1:]` (shape [B, L - 1], zero where a
+    label is -100): `logps` of each labelled token under softmax(logits / temperature) (the distribution a
+    sampler at that temperature draws from), its `entropy`, and with a `value_head` the `values` read from the
+    hidden state that predicts the token (the state before it is generated). The head is projected at labelled
+    positions only, in fp32 chunks (see `head_logps`)."""
+    trunk, head = causal_parts(model)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    targets = labels[:, 1:].to(hidden.device)
+    scored = targets != IGNORE
+    picked = hidden[scored]
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        parts = [_token_logps_entropy(picked[i:i + HEAD_CHUNK], head.weight, targets[scored][i:i + HEAD_CHUNK],
+                                      temperature) for i in range(0, picked.size(0), HEAD_CHUNK)]
+        logps = torch.cat([p[0] for p in parts]) if parts else picked.new_zeros(0)
+        entropy = torch.cat([p[1] for p in parts]) if parts else picked.new_zeros(0)
+        out = {"logps": logps.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, logps.float()),
+               "entropy": entropy.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, entropy)}
+        if value_head is not None:
+            values = value_head(picked.to(value_head.weight.dtype)).squeeze(-1).float()
+            out["values"] = values.new_zeros(scored.shape).masked_scatter(scored, values)
+    return out

@@ -17,7 +17,7 @@ from align.stages.base import StageContext
 
 log = logging.getLogger(__name__)
 RUNNERS = {"sft": "align.stages.sft", "reward": "align.stages.reward",
-           "dpo": "align.stages.dpo"}
+           "dpo": "align.stages.dpo", "ppo": "align.stages.ppo"}
 
 
 def run_recipe(recipe, registry: Registry | None = None, only: list[str] | None = None,

@@ -19,7 +19,7 @@ from align.models import ModelSource, four_bit_problem, resolve_model_ref
 from align.registry import Registry
 from align.rewards.checkers import CHECKERS
 
-IMPLEMENTED = {"sft", "reward", "dpo"}
+IMPLEMENTED = {"sft", "reward", "dpo", "ppo"}
 
 
 @dataclass
@@ -137,6 +137,10 @@ def _check_reward_sources(recipe, name, index, cfg, selected, registry, problems
             if source.checker not in CHECKERS:
                 problems.append(Problem(f"{where}.checker", f"unknown checker {source.checker!r}; known: "
                                         f"{', '.join(sorted(CHECKERS))}"))
+                continue
+            why = CHECKERS[source.checker].args_problem(source.args)
+            if why:
+                problems.append(Problem(f"{where}.args", why))
             continue
         ref = source.model[1:] if source.model.startswith("@") else source.model
         if ref in recipe.stages:
@@ -197,6 +201,15 @@ def _check_data(recipe, spec, where: str, cfg, problems: list[Problem]) -> list[
         note += f", format {conversations.format}"
         if conversations.problems and cfg.on_bad_rows == "drop":
             note += f", {len(conversations.problems)} bad rows to drop"
+    if cfg.kind == "ppo":
+        from align.data.prompts import prompt_problems
+        from align.stages.ppo import checker_needs
+
+        found = prompt_problems(rows, str(spec.path), checker_needs(cfg))
+        problems += [Problem(where, str(p)) for p in found[:10]]
+        if len(found) > 10:
+            problems.append(Problem(where, f"... and {len(found) - 10} more unusable prompt rows"))
+        note += ", prompts" + (f" checked for {', '.join(sorted(checker_needs(cfg)))}" if checker_needs(cfg) else "")
     if cfg.kind in {"reward", "dpo"}:
         try:
             pairs = load_pairs(rows, str(spec.path), cfg.margin_field)

@@ -65,3 +65,47 @@ def margin_histogram_png(margins: list[float], path: Path, title: str) -> Path |
     ax.hist(margins, bins=30, alpha=0.8, label=f"margin (mean {sum(margins) / len(margins):.3f})")
     ax.axvline(0.0, color="black", linewidth=1)
     return _save(plt, fig, ax, "implicit reward margin (chosen - rejected)", "pairs", title, path)
+
+
+def rl_curves_png(history: list[dict], path: Path, title: str) -> Path | None:
+    """RL training at a glance: reward (total and per source), per-token KL, entropy, response length and
+    EOS share, clip fraction and value loss, each against step."""
+    steps = [h["step"] for h in history if "reward" in h]
+    if not steps:
+        return None
+    rows = [h for h in history if "reward" in h]
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    panels = [("reward", [k for k in rows[-1] if k == "reward" or k.startswith("reward/")]),
+              ("KL per token (nats)", ["kl_per_token"]), ("entropy per token", ["entropy"]),
+              ("response tokens", ["response_length"]), ("EOS share", ["eos_rate"]),
+              ("update", ["clip_fraction", "value_loss", "explained_variance"])]
+    for ax, (label, keys) in zip(axes.flat, panels):
+        for key in keys:
+            points = [(h["step"], h[key]) for h in rows if h.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), label=key)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def reward_histogram_png(before: list[float], after: list[float], path: Path, title: str) -> Path | None:
+    """Held-out rewards of the parent (before) and of the trained policy (after), overlaid."""
+    if not after:
+        return None
+    plt = _pyplot()
+    values = before + after
+    low, high = min(values), max(values)
+    bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if before:
+        ax.hist(before, bins=bins, alpha=0.6, label=f"before (mean {sum(before) / len(before):.3f})")
+    ax.hist(after, bins=bins, alpha=0.6, label=f"after (mean {sum(after) / len(after):.3f})")
+    return _save(plt, fig, ax, "reward", "held-out prompts", title, path)

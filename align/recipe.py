@@ -89,10 +89,15 @@ class RewardSource(Strict):
 
 
 class KLSettings(Strict):
+    """The KL penalty against the reference. `penalty: reward` subtracts coef * (log pi - log ref) from each
+    token's reward (InstructGPT); `loss` adds coef * the k3 estimate to the loss (GRPO). `adaptive` moves
+    the coefficient toward the value that keeps the per-token KL near `target` (Ziegler et al., 2019)."""
+
     coef: float = Field(0.05, ge=0)
     adaptive: bool = False
     target: float = Field(0.1, gt=0)
     horizon: int = Field(10000, gt=0)
+    penalty: Literal["reward", "loss"] = "reward"
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -205,12 +210,24 @@ class DPOStage(StageBase, PreferenceData):
 
 
 class PPOStage(StageBase):
+    """RL against reward models, checkers, or a weighted mix (`rewards`), our own PPO (`align.rl.ppo`).
+
+    Each step samples `rollout_batch` responses (`samples_per_prompt` per prompt), scores them, and makes
+    `ppo_epochs` passes in minibatches of `minibatch` responses (micro-batches of `batch_size`). `estimator`:
+    gae (a value head on the policy trunk, GAE with `gamma`, `lam`), grpo (group-normalized advantages over
+    the k samples of a prompt) or rloo (leave-one-out baseline). `missing_eos_penalty` is subtracted from the
+    reward of a response cut at `generation.max_new_tokens`. `eval_split` of the prompts (at most
+    `eval_limit`) are held out; the stage reports their reward before and after training."""
+
     kind: Literal["ppo"] = "ppo"
     prompts: DataSpec
     eval_prompts: DataSpec | None = None
+    eval_split: float = Field(0.05, ge=0, lt=1)
+    eval_limit: int = Field(64, gt=0)
     rewards: list[RewardSource] = Field(..., min_length=1)
     estimator: Literal["gae", "grpo", "rloo"] = "gae"
-    value: Literal["head", "adapter"] = "head"
+    value: Literal["head"] = "head"
+    vf_coef: float = Field(0.1, ge=0)
     kl: KLSettings = KLSettings()
     generation: GenerationSettings = GenerationSettings(temperature=1.0)
     samples_per_prompt: int = Field(1, gt=0)
@@ -221,8 +238,24 @@ class PPOStage(StageBase):
     value_clip: float = Field(0.2, gt=0)
     gamma: float = Field(1.0, gt=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
-    missing_eos_penalty: float | None = None
+    whiten_advantages: bool = True
+    group_scale: bool = True
+    reward_normalize: bool = False
+    reward_clip: float | None = Field(None, gt=0)
+    missing_eos_penalty: float | None = Field(None, ge=0)
     allow_failed_gate: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PPOStage":
+        if self.rollout_batch % self.samples_per_prompt:
+            raise ValueError(f"rollout_batch ({self.rollout_batch}) must be a multiple of samples_per_prompt "
+                             f"({self.samples_per_prompt})")
+        if self.estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            raise ValueError(f"estimator {self.estimator} compares the samples of a prompt: set "
+                             "samples_per_prompt >= 2")
+        if self.minibatch > self.rollout_batch:
+            raise ValueError(f"minibatch ({self.minibatch}) is larger than rollout_batch ({self.rollout_batch})")
+        return self
 
 
 STAGE_KINDS: dict[str, type[StageBase]] = {

@@ -86,16 +86,32 @@ def test_bad_row_reported_at_plan_time_with_its_index(tiny_raw_recipe, tmp_path,
     assert "1 bad rows to drop" in plan.describe()
 
 
-@pytest.mark.parametrize("kind", ["ppo"])
-def test_unimplemented_stage_kinds_are_reported(kind, tiny_raw_recipe, tmp_path, no_weights):
+def test_ppo_bad_inputs_are_named_at_plan_time(tiny_raw_recipe, tmp_path, no_weights):
+    """Prompts without the answers a checker needs, an unknown checker, bad checker arguments, and a reward
+    ref that is not a reward model: all reported together, by place, before any weights load."""
     raw = tiny_raw_recipe(tmp_path)
-    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"}])
-    stage = {"ppo": {"prompts": raw["eval"]["prompts"], "rewards": [{"checker": "math_answer"}]}}.get(
-        kind, {"data": str(prefs)})
-    raw["stages"][kind] = stage
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 1 + 1?", "answer": "2"},
+                                                       {"prompt": "What is 2 + 2?"}])
+    raw["stages"]["ppo"] = {"from": "sft", "prompts": str(prompts), "rewards": [
+        {"checker": "math_answer"}, {"checker": "no_such_checker"}, {"checker": "regex", "args": {"patern": "x"}},
+        {"model": "sft"}]}
     problems = plan_problems(raw, tmp_path)
-    assert list(problems) == [f"stages.{kind}"], problems
-    assert f"stage kind {kind!r} is not implemented" in problems[f"stages.{kind}"]
+    assert problems[f"stages.ppo.prompts"] == (f"{prompts}: row 1: checker 'math_answer' needs field(s) answer")
+    assert "unknown checker 'no_such_checker'" in problems["stages.ppo.rewards[1].checker"]
+    assert "patern" in problems["stages.ppo.rewards[2].args"]
+    assert "is a sft stage, not a reward model" in problems["stages.ppo.rewards[3].model"]
+
+
+def test_ppo_stage_plans_with_its_reward_sources(tiny_raw_recipe, tmp_path, no_weights):
+    raw = tiny_raw_recipe(tmp_path)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 1 + 1?", "answer": "2"}])
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    raw["stages"]["reward"] = {"data": str(prefs)}
+    raw["stages"]["ppo"] = {"prompts": str(prompts),
+                            "rewards": [{"model": "reward", "weight": 0.5}, {"checker": "math_answer"}]}
+    text = make_plan(validate(raw, tmp_path), Registry(tmp_path / "registry")).describe()
+    assert "3. ppo [ppo] from output of stage sft -> tiny/ppo@next" in text
+    assert "reward: output of stage reward" in text and "prompts checked for math_answer" in text
 
 
 def test_reward_stage_plans_with_a_summary_of_its_pairs(tiny_raw_recipe, tmp_path, no_weights):

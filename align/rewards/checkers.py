@@ -1,19 +1,32 @@
-"""Verifiable checkers: plain functions from (completion, row) to a score in [0, 1].
+"""Verifiable checkers: plain functions from (completion, row, **args) to a score in [0, 1].
 
 Checkers register by name with `@checker("name")`, so recipes and the evaluation hook pick them by name
 and new ones plug in without an if/else chain. A checker never raises on malformed output: anything it
 cannot parse scores 0.0, its lowest score. `needs` lists the row fields a checker requires, so a prompt
 set without answers is refused at plan time rather than scored zero silently.
+
+Recipes may pass per-checker arguments (`{checker: regex, args: {pattern: "^####"}}`); they reach the
+function as keyword arguments. A checker declares the names it accepts in `params` and the ones that
+must be given in `required`, so `Checker.args_problem` can refuse a misspelt or missing argument (or a
+regex that does not compile) at plan time instead of every completion scoring 0.0 at run time.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import resource
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-CheckFn = Callable[[str, dict], float]
+CheckFn = Callable[..., float]
 
 
 @dataclass(frozen=True)
@@ -22,21 +35,48 @@ class Checker:
     fn: CheckFn
     needs: tuple[str, ...]
     doc: str
+    params: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
 
-    def __call__(self, completion: str, row: dict) -> float:
+    def __call__(self, completion: str, row: dict, **args: Any) -> float:
         try:
-            score = float(self.fn(completion if isinstance(completion, str) else "", row))
+            score = float(self.fn(completion if isinstance(completion, str) else "", row, **args))
         except Exception:  # noqa: BLE001 - a checker's contract is "never raise"
             return 0.0
         return score if math.isfinite(score) else 0.0
+
+    def args_problem(self, args: dict | None) -> str | None:
+        """Why `args` cannot be passed to this checker, or None; checked at plan time so a typo fails loudly."""
+        args = {} if args is None else args
+        if not isinstance(args, dict):
+            return f"checker {self.name!r}: args must be a mapping of name to value, got {type(args).__name__}"
+        unknown = [name for name in args if name not in self.params]
+        if unknown:
+            accepted = ", ".join(self.params) if self.params else "none"
+            return (f"checker {self.name!r} does not accept argument(s) {', '.join(map(repr, unknown))}; "
+                    f"accepted: {accepted}")
+        missing = [name for name in self.required if name not in args]
+        if missing:
+            return f"checker {self.name!r} needs argument(s) {', '.join(map(repr, missing))}"
+        if "pattern" in self.params and "pattern" in args:
+            try:
+                re.compile(args["pattern"])
+            except (re.error, TypeError) as err:
+                return f"checker {self.name!r}: pattern {args['pattern']!r} does not compile: {err}"
+        return None
 
 
 CHECKERS: dict[str, Checker] = {}
 
 
-def checker(name: str, needs: tuple[str, ...] = ()):
+def checker(name: str, needs: tuple[str, ...] = (), params: tuple[str, ...] = (), required: tuple[str, ...] = ()):
+    """Register `fn` under `name`; `params` are the keyword args it accepts, `required` those it cannot go without."""
+    if not set(required) <= set(params):
+        raise ValueError(f"checker {name!r}: required args {sorted(set(required) - set(params))} are not in params")
+
     def register(fn: CheckFn) -> CheckFn:
-        CHECKERS[name] = Checker(name=name, fn=fn, needs=needs, doc=(fn.__doc__ or "").strip())
+        CHECKERS[name] = Checker(name=name, fn=fn, needs=tuple(needs), doc=(fn.__doc__ or "").strip(),
+                                 params=tuple(params), required=tuple(required))
         return fn
 
     return register
@@ -87,9 +127,9 @@ def reference_answer(row: dict) -> float | None:
     return parse_number(extracted) if extracted is not None else None
 
 
-@checker("math_answer", needs=("answer",))
-def math_answer(completion: str, row: dict) -> float:
-    """1.0 when the final number in the completion equals the row's `answer` (relative tolerance 1e-6)."""
+@checker("math_answer", needs=("answer",), params=("tolerance",))
+def math_answer(completion: str, row: dict, tolerance: float = 1e-6) -> float:
+    """1.0 when the final number in the completion equals the row's `answer` (relative `tolerance`, 1e-6)."""
     expected = reference_answer(row)
     found = extract_final_answer(completion)
     if expected is None or found is None:
@@ -97,7 +137,7 @@ def math_answer(completion: str, row: dict) -> float:
     value = parse_number(found)
     if value is None:
         return 0.0
-    return 1.0 if math.isclose(value, expected, rel_tol=1e-6, abs_tol=1e-9) else 0.0
+    return 1.0 if math.isclose(value, expected, rel_tol=float(tolerance), abs_tol=1e-9) else 0.0
 
 
 @checker("answer_format")
@@ -110,3 +150,149 @@ def answer_format(completion: str, row: dict) -> float:
 def exact_match(completion: str, row: dict) -> float:
     """1.0 when the stripped completion equals the row's `answer` exactly."""
     return 1.0 if completion.strip() == str(row["answer"]).strip() else 0.0
+
+
+# ------------------------------------------------------------------------------------------ format
+
+@checker("regex", params=("pattern", "full"), required=("pattern",))
+def regex(completion: str, row: dict, pattern: str, full: bool = False) -> float:
+    """1.0 when `pattern` occurs in the completion (`full: true`: matches the whole stripped completion)."""
+    if full:
+        return 1.0 if re.fullmatch(pattern, completion.strip()) else 0.0
+    return 1.0 if re.search(pattern, completion) else 0.0
+
+
+# A fenced block: its language tag and its body. An unclosed last fence (a truncated generation) still counts.
+_FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def fenced_blocks(text: str, languages: tuple[str, ...]) -> list[str]:
+    """Bodies of the ``` fenced blocks whose language tag (lower-cased, "" for none) is in `languages`."""
+    return [body for lang, body in _FENCE.findall(text) if lang.lower() in languages]
+
+
+@checker("json_valid", params=("required_keys",))
+def json_valid(completion: str, row: dict, required_keys: list[str] | None = None) -> float:
+    """1.0 when the completion (or its last ```json block) is JSON; `required_keys` must be top-level keys."""
+    candidates = [completion.strip()] + [body.strip() for body in reversed(fenced_blocks(completion, ("json", "")))]
+    for text in candidates:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            continue
+        if not required_keys:
+            return 1.0
+        keys = [required_keys] if isinstance(required_keys, str) else list(required_keys)
+        return 1.0 if isinstance(value, dict) and all(key in value for key in keys) else 0.0
+    return 0.0
+
+
+# ------------------------------------------------------------------------------------------ code
+
+# Runs before the completion's code. A best-effort guard against accidental network use, NOT a security
+# sandbox: `_socket`, ctypes or a subprocess get around it. Only run code you would run anyway. `socket.socket`
+# becomes a subclass that refuses to construct (not a plain function) so that modules subclassing it at
+# import time, such as `ssl`, still import.
+_NETWORK_GUARD = '''\
+def _align_disable_network():
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled")
+
+    class NoSocket(socket.socket):
+        def __init__(self, *args, **kwargs):
+            raise OSError("network disabled")
+
+    socket.socket = NoSocket
+    socket.create_connection = refuse
+    socket.getaddrinfo = refuse
+
+
+_align_disable_network()
+del _align_disable_network
+'''
+
+# The file the child runs: the guard, then solution + tests run as `__main__` from their own file (so a
+# `from __future__` import at the top of the solution stays legal), then a marker written only when that
+# file ran to its end. The marker makes an early `sys.exit(0)` or `os._exit(0)` in the solution, which skips
+# the tests, score 0.0 rather than pass.
+_RUNNER = '''\
+{guard}
+import runpy
+
+runpy.run_path({program!r}, run_name="__main__")
+with open({marker!r}, "w") as done:
+    done.write("ok")
+'''
+
+
+def extract_code(completion: str) -> str:
+    """The last ```python (or untagged ```) block of the completion, else the whole completion."""
+    blocks = fenced_blocks(completion, ("python", "python3", "py", ""))
+    return blocks[-1] if blocks else completion
+
+
+def _limit_resources(memory_mb: float, cpu_seconds: int) -> Callable[[], None]:
+    """The child's rlimits, set between fork and exec (so they bind the program, never this process)."""
+    memory = int(memory_mb * 1024 * 1024)
+
+    def cap(kind: int, value: int) -> None:
+        _, hard = resource.getrlimit(kind)
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(kind, (value, value))
+
+    def apply() -> None:
+        cap(resource.RLIMIT_AS, memory)
+        cap(resource.RLIMIT_CPU, cpu_seconds)  # a busy loop dies even if the wall-clock kill were missed
+        cap(resource.RLIMIT_CORE, 0)  # no core files from a killed program
+
+    return apply
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the child's whole process group, so that anything it forked goes with it."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_python(source: str, timeout: float = 5.0, memory_mb: float = 512) -> bool:
+    """Whether `source` runs to its end and exits 0 in a fresh interpreter within the time and memory limits."""
+    with tempfile.TemporaryDirectory(prefix="align-check-") as tmp:
+        program, runner = os.path.join(tmp, "solution.py"), os.path.join(tmp, "main.py")
+        marker = os.path.join(tmp, f"done-{secrets.token_hex(8)}")
+        with open(program, "w", encoding="utf-8") as f:
+            f.write(source)
+        with open(runner, "w", encoding="utf-8") as f:
+            f.write(_RUNNER.format(guard=_NETWORK_GUARD, program=program, marker=marker))
+        env = {"HOME": tmp, "TMPDIR": tmp, "PATH": os.defpath, "LANG": "C.UTF-8"}
+        proc = subprocess.Popen([sys.executable, "-I", runner], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_limit_resources(memory_mb, math.ceil(timeout) + 1))
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            _kill_group(proc.pid)  # also after a clean exit: a forked child must not outlive the check
+            proc.wait()
+        return code == 0 and os.path.exists(marker)
+
+
+@checker("python_tests", needs=("tests",), params=("timeout", "memory_mb", "partial"))
+def python_tests(completion: str, row: dict, timeout: float = 5.0, memory_mb: float = 512,
+                 partial: bool = False) -> float:
+    """1.0 when the completion's code passes the row's `tests` (asserts) in a subprocess with time and
+    memory limits; `partial: true` with a list of tests scores the share that passes, each run on its own."""
+    tests = row["tests"]
+    if isinstance(tests, str):
+        tests = [tests]
+    tests = [t for t in tests if isinstance(t, str) and t.strip()]
+    if not tests:  # nothing to verify: passing vacuously would reward any output
+        return 0.0
+    code = extract_code(completion)
+    if partial:
+        return sum(run_python(code + "\n\n" + t, timeout, memory_mb) for t in tests) / len(tests)
+    return 1.0 if run_python(code + "\n\n" + "\n\n".join(tests), timeout, memory_mb) else 0.0

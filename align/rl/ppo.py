@@ -1,0 +1,267 @@
+"""One PPO-family step, our own: rollouts -> rewards -> log-probs and values -> advantages -> clipped updates.
+
+Why our own: TRL no longer ships PPO, and the frameworks that do pin old library versions or break with
+LoRA. This is written on torch, transformers and PEFT only, around one base copy of the weights:
+
+- the policy is the base plus a trainable LoRA adapter (or full weights);
+- the reference is the same weights with the adapter switched off (`disable_adapter`), so it costs no
+  memory; full fine-tuning keeps a frozen copy instead;
+- the critic (estimator `gae`) is a value head on the policy's trunk; `grpo` and `rloo` need no critic:
+  they compare the k responses sampled for each prompt (group-normalized or leave-one-out baselines).
+
+The KL penalty against the reference goes into the reward, per token (the classic InstructGPT form, with
+a fixed or adaptive coefficient), or into the loss as the k3 estimator (`kl.penalty: loss`, GRPO's form).
+Losses, GAE and the estimators are the pure functions of `align.losses`, checked against hand-computed
+values in the tests. Every step returns its figures: reward per source, KL, entropy, clip fraction, value
+loss, explained variance, response length, EOS share and the time split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from align.errors import TrainingError
+from align.logprobs import token_logps
+from align.losses import (AdaptiveKL, explained_variance, gae, group_advantages, kl_per_token,
+                          leave_one_out_advantages, masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
+from align.rl.rollout import Rollouts, sample_rollouts, trimmed
+
+
+@dataclass
+class Experience:
+    rollouts: Rollouts
+    mask: torch.Tensor          # [B, T] float, 1 on response tokens
+    old_logps: torch.Tensor     # [B, T] policy log-probs when sampled
+    ref_logps: torch.Tensor     # [B, T] reference log-probs
+    entropy: torch.Tensor       # [B, T] policy entropy at each response position
+    values: torch.Tensor | None
+    scores: torch.Tensor        # [B] the reward after the EOS penalty, normalization and clipping
+    per_source: dict[str, torch.Tensor]
+    advantages: torch.Tensor    # [B, T]
+    returns: torch.Tensor | None
+
+
+def last_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last response token ([B, T] mask, contiguous response span)."""
+    return (mask.long().cumsum(dim=1)).argmax(dim=1)
+
+
+class PPOTrainer:
+    """Holds the policy, critic, optimizer, KL controller and reward mix; `step` does one PPO iteration."""
+
+    def __init__(self, cfg, model, tokenizer, rewards, value_head=None, reference=None, total_updates: int = 1,
+                 bf16: bool = False):
+        from transformers import get_scheduler
+
+        self.cfg, self.model, self.tokenizer, self.rewards = cfg, model, tokenizer, rewards
+        self.value_head, self.reference, self.bf16 = value_head, reference, bf16
+        self.device = next(model.parameters()).device
+        self.kl = AdaptiveKL(cfg.kl.coef, cfg.kl.target if cfg.kl.adaptive else None, cfg.kl.horizon)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if value_head is not None:
+            params += list(value_head.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = get_scheduler(cfg.scheduler, self.optimizer,
+                                       num_warmup_steps=int(cfg.warmup_ratio * total_updates),
+                                       num_training_steps=total_updates)
+        self.temperature = cfg.generation.temperature or 1.0
+
+    # -------------------------------------------------------------------------------------- passes
+
+    def _autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    @contextlib.contextmanager
+    def _reference_model(self):
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
+    def _forward(self, model, rollouts: Rollouts, index, value_head=None) -> tuple[dict, int]:
+        ids, mask, labels, width = trimmed(rollouts, index)
+        with self._autocast():
+            out = token_logps(model, ids.to(self.device), mask.to(self.device), labels.to(self.device),
+                              self.temperature, value_head)
+        return out, width - 1
+
+    @torch.no_grad()
+    def _scoring_pass(self, model, rollouts: Rollouts, value_head=None) -> dict[str, torch.Tensor]:
+        """Log-probs (and entropy, values) for every rollout row in chunks of `batch_size`, as [B, T]."""
+        rows, width = len(rollouts), rollouts.input_ids.size(1) - 1
+        out: dict[str, torch.Tensor] = {}
+        for start in range(0, rows, self.cfg.batch_size):
+            index = list(range(start, min(start + self.cfg.batch_size, rows)))
+            part, w = self._forward(model, rollouts, index, value_head)
+            for key, value in part.items():
+                out.setdefault(key, torch.zeros(rows, width))[index, :w] = value.float().cpu()
+        return out
+
+    # -------------------------------------------------------------------------------------- experience
+
+    def make_experience(self, rows: list[dict], prompt_ids: list[list[int]]) -> tuple[Experience, dict]:
+        cfg = self.cfg
+        self.model.eval()  # no dropout anywhere: the ratio must be 1 before the first update
+        started = time.perf_counter()
+        rollouts = sample_rollouts(self.model, self.tokenizer, rows, prompt_ids, cfg.generation,
+                                   cfg.rollout_batch)
+        generated = time.perf_counter()
+        scores, per_source = self.rewards(rows, rollouts.texts)
+        if cfg.missing_eos_penalty:
+            scores = scores - abs(cfg.missing_eos_penalty) * (~rollouts.ended).float()
+        policy = self._scoring_pass(self.model, rollouts, self.value_head)
+        with self._reference_model() as reference:
+            ref_logps = self._scoring_pass(reference, rollouts)["logps"]
+        mask = rollouts.mask.float()
+        old_logps, values = policy["logps"], policy.get("values")
+        advantages, returns = self.advantages(scores, old_logps, ref_logps, values, mask)
+        scored = time.perf_counter()
+        experience = Experience(rollouts=rollouts, mask=mask, old_logps=old_logps, ref_logps=ref_logps,
+                                entropy=policy["entropy"], values=values, scores=scores, per_source=per_source,
+                                advantages=advantages, returns=returns)
+        return experience, {"generate": generated - started, "score": scored - generated}
+
+    def advantages(self, scores, old_logps, ref_logps, values, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cfg = self.cfg
+        kl = kl_per_token(old_logps, ref_logps, "k1") * mask
+        kl_in_reward = cfg.kl.penalty == "reward"
+        coef = self.kl.coef if kl_in_reward else 0.0
+        if cfg.estimator == "gae":
+            rewards = -coef * kl
+            rewards[torch.arange(len(scores)), last_positions(mask)] += scores
+            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        else:
+            sequence_reward = scores - coef * kl.sum(dim=1)
+            k = cfg.samples_per_prompt
+            per_sequence = (group_advantages(sequence_reward, k, scale=cfg.group_scale) if cfg.estimator == "grpo"
+                            else leave_one_out_advantages(sequence_reward, k))
+            advantages, returns = per_sequence[:, None] * mask, None
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        return advantages, returns
+
+    # -------------------------------------------------------------------------------------- update
+
+    def update(self, exp: Experience, step: int) -> dict:
+        """`ppo_epochs` passes over the rollouts in minibatches of `minibatch` rows (accumulated in micro-batches
+        of `batch_size`); token-level means over each minibatch."""
+        cfg = self.cfg
+        rows = len(exp.rollouts)
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+
+        def add(name: str, value, weight: float) -> None:
+            sums[name] = sums.get(name, 0.0) + float(value) * weight
+            weights[name] = weights.get(name, 0.0) + weight
+
+        self.model.eval()
+        trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(rows, generator=generator).tolist()
+            for start in range(0, rows, cfg.minibatch):
+                minibatch = order[start:start + cfg.minibatch]
+                minibatch_tokens = float(exp.mask[minibatch].sum().clamp(min=1.0))
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro_start in range(0, len(minibatch), cfg.batch_size):
+                    micro = minibatch[micro_start:micro_start + cfg.batch_size]
+                    out, t = self._forward(self.model, exp.rollouts, micro, self.value_head)
+                    mask = exp.mask[micro, :t].to(self.device)
+                    share = float(mask.sum()) / minibatch_tokens
+                    policy_loss, clip_fraction, approx_kl = ppo_policy_loss(
+                        out["logps"], exp.old_logps[micro, :t].to(self.device),
+                        exp.advantages[micro, :t].to(self.device), mask, cfg.clip)
+                    loss = policy_loss
+                    add("policy_loss", policy_loss.detach(), share)
+                    add("clip_fraction", clip_fraction, share)
+                    add("approx_kl", approx_kl, share)
+                    if self.value_head is not None:
+                        value_loss, value_clipped = ppo_value_loss(
+                            out["values"], exp.values[micro, :t].to(self.device),
+                            exp.returns[micro, :t].to(self.device), mask, cfg.value_clip)
+                        loss = loss + cfg.vf_coef * value_loss
+                        add("value_loss", value_loss.detach(), share)
+                        add("value_clip_fraction", value_clipped, share)
+                    if cfg.kl.penalty == "loss":
+                        kl_loss = masked_mean(kl_per_token(out["logps"], exp.ref_logps[micro, :t].to(self.device),
+                                                           "k3"), mask)
+                        loss = loss + self.kl.coef * kl_loss
+                    (loss * share).backward()
+                    if not math.isfinite(float(loss.detach())):
+                        raise TrainingError(f"PPO loss became {float(loss)} at step {step}; stopping before the "
+                                            "optimizer step. Lower the learning rate or check the rewards.")
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                add("grad_norm", grad_norm, 1.0)
+                self.optimizer.step()
+                self.scheduler.step()
+        return {name: sums[name] / max(weights[name], 1e-12) for name in sums}
+
+    # -------------------------------------------------------------------------------------- one step
+
+    def step(self, rows: list[dict], prompt_ids: list[list[int]], step: int) -> dict:
+        """Sample, score and update once; returns the step's figures (flat, JSON-ready)."""
+        torch.manual_seed(self.cfg.seed * 1_000_003 + step)  # the same samples when a step is redone on resume
+        random.seed(self.cfg.seed * 1_000_003 + step)
+        exp, timings = self.make_experience(rows, prompt_ids)
+        started = time.perf_counter()
+        stats = self.update(exp, step)
+        timings["train"] = time.perf_counter() - started
+        observed_kl = float(masked_mean(kl_per_token(exp.old_logps, exp.ref_logps, "k1"), exp.mask))
+        coef = self.kl.coef
+        self.kl.update(observed_kl, len(exp.rollouts))
+        return self.figures(exp, stats, timings, observed_kl, coef)
+
+    def figures(self, exp: Experience, stats: dict, timings: dict, observed_kl: float, coef: float) -> dict:
+        lengths = exp.mask.sum(dim=1)
+        out = {"reward": float(exp.scores.mean()), "reward_std": float(exp.scores.std()) if len(exp.scores) > 1 else 0.0}
+        out.update({f"reward/{name}": float(values.mean()) for name, values in exp.per_source.items()})
+        kl_sum = (kl_per_token(exp.old_logps, exp.ref_logps, "k1") * exp.mask).sum(dim=1)
+        out.update({
+            "kl_per_token": observed_kl, "kl_per_sequence": float(kl_sum.mean()), "kl_coef": coef,
+            "entropy": float(masked_mean(exp.entropy, exp.mask)),
+            "response_length": float(lengths.mean()), "eos_rate": float(exp.rollouts.ended.float().mean()),
+            "lr": self.scheduler.get_last_lr()[0],
+            **stats,
+        })
+        if exp.values is not None:
+            out["explained_variance"] = explained_variance(exp.values, exp.returns, exp.mask)
+            out["value_mean"] = float(masked_mean(exp.values, exp.mask))
+        tokens = float(lengths.sum())
+        out.update({f"time_{k}": round(v, 3) for k, v in timings.items()})
+        out["step_seconds"] = round(sum(timings.values()), 3)
+        out["generated_tokens"] = tokens
+        return out
+
+    # -------------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict:
+        trainable = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {"trainable": trainable,
+                "value_head": self.value_head.state_dict() if self.value_head is not None else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "kl": self.kl.state_dict(), "rewards": self.rewards.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        params = dict(self.model.named_parameters())
+        missing = sorted(set(state["trainable"]) - set(params))
+        if missing:
+            raise TrainingError(f"checkpoint holds parameters this model lacks, e.g. {missing[0]}; "
+                                "it was written by a different setup")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value.to(params[name].device))
+        if self.value_head is not None and state.get("value_head") is not None:
+            self.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl.load_state_dict(state["kl"])
+        self.rewards.load_state_dict(state["rewards"])

@@ -1,0 +1,354 @@
+"""PPO stage: RL from a policy entry against reward models, verifiable checkers, or a weighted mix.
+
+Why it is built this way:
+- One base copy: the policy is the parent's weights plus a LoRA adapter (or QLoRA, or full weights); the
+  reference is the same weights with the adapter disabled (full fine-tuning keeps a frozen copy); the
+  critic, for `estimator: gae`, is a value head on the policy trunk. `grpo` and `rloo` need no critic.
+- The loop (`align.rl.ppo`) is our own: TRL no longer ships PPO. Each step is sample -> score -> update,
+  with the time split between them logged, so a slow stage says where its time goes.
+- Rewards come from `align.rewards.mix`: reward-model entries (refused at plan time, and again here, when
+  they failed their quality gate, unless `allow_failed_gate`) and named checkers with their arguments.
+- Held-out prompts (`eval_prompts`, else `eval_split` of the prompts) are scored before and after training
+  with greedy decoding, so the manifest says whether the reward rose, and by how much KL it was bought.
+- Resumable: a checkpoint (written whole, then renamed into place) holds the trainable weights, value
+  head, optimizer, scheduler, KL controller, reward normalizer and the history; the sampling seed of
+  each step is derived from the recipe seed and the step, so a resumed run draws the same samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from align.data.prepare import DataReport, heldout_split
+from align.data.prompts import load_prompts
+from align.data.tokenize import encode_prompt
+from align.errors import RegistryError, TrainingError
+from align.evaluate import evaluate_model
+from align.losses import kl_per_token, masked_mean
+from align.models import count_parameters
+from align.plots import reward_histogram_png, rl_curves_png
+from align.registry import write_json_atomic
+from align.rewards.checkers import CHECKERS
+from align.rewards.mix import RewardMix, checker_term, reward_model_term, term_names
+from align.rl.ppo import PPOTrainer
+from align.rl.rollout import sample_rollouts
+from align.stages.base import (StageContext, build_policy, latest_checkpoint, lora_targets, mixed_precision_args,
+                               peak_rss_mb, register_entry, start_run)
+
+log = logging.getLogger(__name__)
+STATE_FILE = "state.pt"
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def checker_needs(cfg) -> dict[str, tuple[str, ...]]:
+    return {s.checker: CHECKERS[s.checker].needs for s in cfg.rewards if s.checker is not None and s.checker in CHECKERS}
+
+
+def prepare_prompts(ctx: StageContext, tokenizer) -> tuple[list[dict], list[dict], DataReport]:
+    """Training and held-out prompt rows, each with its prompt ids (`prompt_ids`). Prompts too long to leave
+    room for `generation.max_new_tokens` within `max_length` are dropped and counted."""
+    cfg = ctx.config
+    needs = checker_needs(cfg)
+    prompts = load_prompts(ctx.recipe, cfg.prompts, needs)
+    report = DataReport(source=prompts.source, fingerprint=prompts.fingerprint, rows=len(prompts))
+    budget = cfg.max_length - cfg.generation.max_new_tokens
+    rows = []
+    for row in prompts.rows:
+        ids = encode_prompt(tokenizer, row["messages"])
+        if len(ids) > budget:
+            report.dropped["prompt longer than max_length - max_new_tokens"] += 1
+            report.examples.append(f"{prompts.source}: row {row['row']}: prompt of {len(ids)} tokens")
+            continue
+        rows.append({**row, "prompt_ids": ids})
+    report.kept = len(rows)
+    if not rows:
+        raise TrainingError(f"{prompts.source}: no prompt fits in max_length {cfg.max_length} with "
+                            f"max_new_tokens {cfg.generation.max_new_tokens}")
+    if cfg.eval_prompts is not None:
+        held = load_prompts(ctx.recipe, cfg.eval_prompts, needs, limit=cfg.eval_limit)
+        heldout = [{**r, "prompt_ids": encode_prompt(tokenizer, r["messages"])} for r in held.rows]
+        return rows, heldout, report
+    train_index, held_index = heldout_split(len(rows), cfg.eval_split, cfg.seed)
+    return [rows[i] for i in train_index], [rows[i] for i in held_index][: cfg.eval_limit], report
+
+
+def step_rows(rows: list[dict], step: int, prompts_per_step: int, samples: int, seed: int) -> list[dict]:
+    """The prompts of step `step` (each repeated `samples` times, consecutively): a seeded permutation per
+    pass over the data, so the order is fixed by seed and step alone (exact on resume)."""
+    out = []
+    for position in range(step * prompts_per_step, (step + 1) * prompts_per_step):
+        epoch, offset = divmod(position, len(rows))
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+        out += [rows[order[offset]]] * samples
+    return out
+
+
+# ------------------------------------------------------------------------------------------ rewards
+
+
+def reward_entry(ctx: StageContext, ref: str):
+    """The registry entry a reward source names: an earlier stage of this recipe, or any model ref; refused
+    when it is not a reward model or failed its quality gate (unless `allow_failed_gate`)."""
+    from align.models import resolve_model_ref
+    from align.rewards.scoring import gate_problem, reward_problem
+
+    name = ref[1:] if ref.startswith("@") else ref
+    if name in ctx.recipe.stages:
+        entry = ctx.registry.find(f"{ctx.recipe.name}/{name}")
+        if entry is None:
+            raise RegistryError(f"stages.{ctx.name}.rewards: stage {name!r} has no registry entry yet; run it first")
+        ref = entry.ref
+    source = resolve_model_ref(ref, ctx.registry)
+    why = reward_problem(source) or (None if ctx.config.allow_failed_gate else gate_problem(source))
+    if why:
+        raise RegistryError(f"stages.{ctx.name}.rewards: {why}")
+    return source
+
+
+def build_rewards(ctx: StageContext) -> tuple[RewardMix, list[dict]]:
+    """The reward mix of the recipe, reward models loaded; and how the manifest records each source."""
+    from align.rewards.scoring import load_reward_model
+
+    cfg = ctx.config
+    terms, recorded = [], []
+    for name, source in zip(term_names(cfg.rewards), cfg.rewards):
+        if source.checker is not None:
+            terms.append(checker_term(source.checker, source.weight, source.args))
+            recorded.append({"name": name, "checker": source.checker, "args": source.args, "weight": source.weight})
+            continue
+        model_source = reward_entry(ctx, source.model)
+        model, tokenizer = load_reward_model(model_source, ctx.registry)
+        if torch.cuda.is_available():
+            model.to("cuda")
+        terms.append(reward_model_term(name, source.weight, model, tokenizer, cfg.batch_size * 2, cfg.max_length))
+        recorded.append({"name": name, "model": model_source.lineage(), "weight": source.weight})
+    return RewardMix(terms, normalize=cfg.reward_normalize, clip=cfg.reward_clip), recorded
+
+
+# ------------------------------------------------------------------------------------------ held-out
+
+
+@torch.no_grad()
+def heldout_figures(trainer: PPOTrainer, rows: list[dict], policy_is_reference: bool = False) -> tuple[dict, list[float]]:
+    """Greedy responses to the held-out prompts scored by the reward mix (raw: no normalization), and the
+    per-token KL to the reference of sampled responses. Returns (figures, per-prompt rewards)."""
+    if not rows:
+        return {}, []
+    cfg = trainer.cfg
+    greedy = cfg.generation.model_copy(update={"temperature": 0.0})
+    ids = [r["prompt_ids"] for r in rows]
+    rollouts = sample_rollouts(trainer.model, trainer.tokenizer, rows, ids, greedy, cfg.rollout_batch)
+    total, per_source = trainer.rewards.raw(rows, rollouts.texts)
+    figures = {"reward": float(total.mean()), **{f"reward/{k}": float(v.mean()) for k, v in per_source.items()},
+               "eos_rate": float(rollouts.ended.float().mean()),
+               "response_length": float(rollouts.mask.sum(dim=1).float().mean()), "prompts": len(rows)}
+    if not policy_is_reference:
+        sampled = sample_rollouts(trainer.model, trainer.tokenizer, rows, ids, cfg.generation, cfg.rollout_batch)
+        policy = trainer._scoring_pass(trainer.model, sampled)["logps"]
+        with trainer._reference_model() as reference:
+            ref = trainer._scoring_pass(reference, sampled)["logps"]
+        figures["kl_per_token"] = float(masked_mean(kl_per_token(policy, ref, "k1"), sampled.mask.float()))
+    else:
+        figures["kl_per_token"] = 0.0
+    return figures, total.tolist()
+
+
+def parent_heldout(ctx: StageContext, trainer: PPOTrainer, rows: list[dict]) -> tuple[dict, list[float]]:
+    """The parent's held-out figures, measured once per run (cached in the run folder for resumes)."""
+    path = ctx.run_dir / "heldout_before.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return saved["figures"], saved["rewards"]
+    with trainer._reference_model() as reference:
+        policy, trainer.model = trainer.model, reference
+        try:
+            figures, rewards = heldout_figures(trainer, rows, policy_is_reference=True)
+        finally:
+            trainer.model = policy
+    write_json_atomic(path, {"figures": figures, "rewards": rewards})
+    return figures, rewards
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(ctx: StageContext, trainer: PPOTrainer, step: int, history: list[dict]) -> Path:
+    """Write `checkpoint-<step>` whole under a temporary name, then rename it into place; keep the last two."""
+    final = ctx.run_dir / f"checkpoint-{step}"
+    partial = ctx.run_dir / f".checkpoint-{step}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    torch.save(trainer.state_dict(), partial / STATE_FILE)
+    (partial / "trainer_state.json").write_text(json.dumps({"global_step": step, "history": history}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    kept = sorted((p for p in ctx.run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                  key=lambda p: int(p.name.split("-")[-1]))
+    for old in kept[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(trainer: PPOTrainer, folder: Path) -> tuple[int, list[dict]]:
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    trainer.load_state_dict(state)
+    meta = json.loads((folder / "trainer_state.json").read_text())
+    log.info("resuming from %s (step %d)", folder, meta["global_step"])
+    return meta["global_step"], meta["history"]
+
+
+class StopRequest:
+    """SIGTERM/SIGINT during training: finish the step, save a checkpoint, stop."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.warning("signal %s received: saving a checkpoint after this step", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def build_value_head(model):
+    hidden = model.config.hidden_size
+    head = torch.nn.Linear(hidden, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head.to(next(model.parameters()).device)
+
+
+def total_steps(cfg, train_prompts: int) -> int:
+    prompts_per_step = cfg.rollout_batch // cfg.samples_per_prompt
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * train_prompts / prompts_per_step))
+
+
+def run(ctx: StageContext):
+    """Train, evaluate and register one PPO entry; returns the registry `Entry`."""
+    import copy
+
+    from tqdm.auto import tqdm
+
+    cfg = ctx.config
+    tokenizer, (train, heldout, report), config_dump, fingerprint, resume_from = start_run(
+        ctx, lambda tokenizer: prepare_prompts(ctx, tokenizer))
+    rewards, recorded_sources = build_rewards(ctx)
+    model, peft_cfg = build_policy(ctx, tokenizer)
+    if torch.cuda.is_available() and cfg.method != "qlora":
+        model.to("cuda")
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if peft_cfg is None else None
+    value_head = build_value_head(model) if cfg.estimator == "gae" else None
+    steps = total_steps(cfg, len(train))
+    updates = steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch / cfg.minibatch)
+    bf16 = mixed_precision_args(cfg.mixed_precision, model)["bf16"]
+    trainer = PPOTrainer(cfg, model, tokenizer, rewards, value_head, reference, updates, bf16)
+    trainable, total = count_parameters(model)
+    log.info("%s: %d train / %d held-out prompts, %d steps of %d responses; %s trainable of %s parameters; "
+             "estimator %s", ctx.entry_name, len(train), len(heldout), steps, cfg.rollout_batch,
+             f"{trainable:,}", f"{total:,}", cfg.estimator)
+
+    before, before_rewards = parent_heldout(ctx, trainer, heldout)
+    start, history = (load_checkpoint(trainer, resume_from) if resume_from else (0, []))
+    prompts_per_step = cfg.rollout_batch // cfg.samples_per_prompt
+    started = time.perf_counter()
+    stopped_at_time_limit = False
+    with StopRequest() as stop, tqdm(total=steps, initial=start, desc=f"ppo {ctx.entry_name}",
+                                     disable=None) as bar:
+        for step in range(start, steps):
+            rows = step_rows(train, step, prompts_per_step, cfg.samples_per_prompt, cfg.seed)
+            figures = trainer.step(rows, [r["prompt_ids"] for r in rows], step)
+            figures["step"] = step + 1
+            history.append(figures)
+            bar.update(1)
+            bar.set_postfix(reward=f"{figures['reward']:.3f}", kl=f"{figures['kl_per_token']:.3f}",
+                            len=f"{figures['response_length']:.0f}")
+            if (step + 1) % cfg.logging_steps == 0 or step == start:
+                log.info("step %d: %s", step + 1, _log_line(figures))
+            elapsed = time.perf_counter() - started
+            at_limit = bool(cfg.time_limit_minutes) and elapsed > cfg.time_limit_minutes * 60
+            last = step + 1 == steps or at_limit or stop.requested
+            if (step + 1) % cfg.save_steps == 0 or last:
+                save_checkpoint(ctx, trainer, step + 1, history)
+            if stop.requested:
+                raise TrainingError(f"interrupted at step {step + 1}; a checkpoint is in {ctx.run_dir}. "
+                                    "Run the same command again to resume.")
+            if at_limit:
+                stopped_at_time_limit = True
+                log.warning("time limit of %.1f minutes reached at step %d: finishing", cfg.time_limit_minutes,
+                            step + 1)
+                break
+    seconds = time.perf_counter() - started
+    done = len(history)
+    timings = {"train_seconds": round(seconds, 2), "steps": done, "steps_this_run": done - start,
+               "steps_per_minute": round((done - start) / seconds * 60, 2) if seconds and done > start else None,
+               "stopped_at_time_limit": stopped_at_time_limit, "peak_rss_mb": round(peak_rss_mb(), 1),
+               "resumed_from": str(resume_from) if resume_from else None, "mixed_precision": "bf16" if bf16 else "no",
+               **_time_split(history[start:])}
+
+    after, after_rewards = heldout_figures(trainer, heldout)
+    metrics = {f"heldout_{k}_before": v for k, v in before.items() if k != "prompts"}
+    metrics.update({f"heldout_{k}": v for k, v in after.items()})
+    if history:
+        tail = history[-min(len(history), 5):]
+        for key in ("reward", "kl_per_token", "entropy", "response_length", "eos_rate"):
+            metrics[f"train_{key}_last"] = sum(h[key] for h in tail) / len(tail)
+    log.info("held-out reward %.4f -> %.4f, per-token KL %.4f", before.get("reward", float("nan")),
+             after.get("reward", float("nan")), after.get("kl_per_token", float("nan")))
+    model.eval()
+    metrics.update(evaluate_model(ctx.recipe, model, tokenizer))
+    if reference is not None:
+        del reference
+    title = f"{ctx.entry_name}: held-out rewards"
+    pictures = [lambda folder: rl_curves_png(history, folder / "rl_curves.png", ctx.entry_name),
+                lambda folder: reward_histogram_png(before_rewards, after_rewards, folder / "reward_histogram.png",
+                                                    title)]
+    manifest_extra = {"rl": {"estimator": cfg.estimator, "rewards": recorded_sources,
+                             "kl": {**cfg.kl.model_dump(), "final_coef": trainer.kl.coef},
+                             "value": cfg.value if cfg.estimator == "gae" else None}}
+    if value_head is not None:
+        manifest_extra["rl"]["value_head"] = "value_head.pt"
+        pictures.append(lambda folder: torch.save(value_head.state_dict(), folder / "value_head.pt"))
+    return register_entry(ctx, "policy", model, tokenizer, peft_cfg, report=report, config_dump=config_dump,
+                          history=history, timings=timings, metrics=metrics,
+                          adapter_extra={"targets": lora_targets(peft_cfg)}, manifest_extra=manifest_extra,
+                          pictures=pictures)
+
+
+def _time_split(history: list[dict]) -> dict:
+    if not history:
+        return {}
+    total = {k: sum(h.get(f"time_{k}", 0.0) for h in history) for k in ("generate", "score", "train")}
+    whole = sum(total.values()) or 1.0
+    tokens = sum(h.get("generated_tokens", 0.0) for h in history)
+    return {"time_split": {k: round(v / whole, 3) for k, v in total.items()},
+            "seconds_per_step": round(whole / len(history), 2),
+            "generated_tokens_per_second": round(tokens / max(total["generate"], 1e-9), 1)}
+
+
+def _log_line(figures: dict) -> str:
+    keys = ["reward", "kl_per_token", "kl_coef", "entropy", "response_length", "eos_rate", "clip_fraction",
+            "value_loss", "explained_variance", "time_generate", "time_score", "time_train"]
+    keys += [k for k in figures if k.startswith("reward/")]
+    return ", ".join(f"{k} {figures[k]:.4g}" for k in keys if isinstance(figures.get(k), (int, float)))
