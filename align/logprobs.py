@@ -10,6 +10,8 @@ logits are rounded to ~0.4%, which over a 50-token response is ~0.5 nats of nois
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -76,26 +78,77 @@ def _token_logps_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return logps, entropy
 
 
+# ------------------------------------------------------------------------------------------ frozen prefix
+#
+# With the bottom blocks frozen (no adapter there), the policy and its adapter-disabled reference compute the
+# same hidden states up to the first trainable block. RL runs that prefix once per rollout and starts the
+# reference pass, the policy pass and the trained pass from its output: on SmolLM2-135M with 14 of 30 blocks
+# frozen that removes about a third of the forward work of a step.
+
+SPLITTABLE = {"llama", "mistral", "qwen2", "qwen3"}  # decoder stacks whose forward takes hidden states as-is
+
+
+@contextlib.contextmanager
+def _blocks(trunk, start: int, stop: int | None, final_norm: bool):
+    """Temporarily keep only blocks [start, stop) of a decoder stack (and drop its final norm)."""
+    layers, norm = trunk.layers, trunk.norm
+    trunk.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    if not final_norm:
+        trunk.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        trunk.layers, trunk.norm = layers, norm
+
+
+def can_split(model) -> bool:
+    trunk, _ = causal_parts(model)
+    return (getattr(model.config, "model_type", None) in SPLITTABLE and hasattr(trunk, "layers")
+            and hasattr(trunk, "norm"))
+
+
+def prefix_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The hidden states entering block `blocks` (the output of the frozen prefix)."""
+    trunk, _ = causal_parts(model)
+    with _blocks(trunk, 0, blocks, final_norm=False):
+        return trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def trunk_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: torch.Tensor | None = None,
+                 start: int = 0) -> torch.Tensor:
+    """The final hidden states; from `prefix` (hidden states entering block `start`) when given."""
+    trunk, _ = causal_parts(model)
+    if prefix is None:
+        return trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    with _blocks(trunk, start, None, final_norm=True):
+        return trunk(inputs_embeds=prefix, attention_mask=attention_mask).last_hidden_state
+
+
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                temperature: float = 1.0, value_head=None) -> dict[str, torch.Tensor]:
+                temperature: float = 1.0, value_head=None, prefix: torch.Tensor | None = None,
+                start: int = 0, values_only: bool = False) -> dict[str, torch.Tensor]:
     """Per-position figures for right-padded rows, aligned with `labels[:, 1:]` (shape [B, L - 1], zero where a
     label is -100): `logps` of each labelled token under softmax(logits / temperature) (the distribution a
     sampler at that temperature draws from), its `entropy`, and with a `value_head` the `values` read from the
     hidden state that predicts the token (the state before it is generated). The head is projected at labelled
-    positions only, in fp32 chunks (see `head_logps`)."""
-    trunk, head = causal_parts(model)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    positions only, in fp32 chunks (see `head_logps`). `prefix`/`start`: begin at block `start` from the
+    frozen prefix's output (`prefix_hidden`). `values_only`: skip the LM head (a critic's pass)."""
+    _, head = causal_parts(model)
+    hidden = trunk_hidden(model, input_ids, attention_mask, prefix, start)[:, :-1]
     targets = labels[:, 1:].to(hidden.device)
     scored = targets != IGNORE
     picked = hidden[scored]
+    out: dict[str, torch.Tensor] = {}
     with torch.autocast(device_type=hidden.device.type, enabled=False):
+        if value_head is not None:
+            values = value_head(picked.to(value_head.weight.dtype)).squeeze(-1).float()
+            out["values"] = values.new_zeros(scored.shape).masked_scatter(scored, values)
+        if values_only:
+            return out
         parts = [_token_logps_entropy(picked[i:i + HEAD_CHUNK], head.weight, targets[scored][i:i + HEAD_CHUNK],
                                       temperature) for i in range(0, picked.size(0), HEAD_CHUNK)]
         logps = torch.cat([p[0] for p in parts]) if parts else picked.new_zeros(0)
         entropy = torch.cat([p[1] for p in parts]) if parts else picked.new_zeros(0)
-        out = {"logps": logps.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, logps.float()),
-               "entropy": entropy.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, entropy)}
-        if value_head is not None:
-            values = value_head(picked.to(value_head.weight.dtype)).squeeze(-1).float()
-            out["values"] = values.new_zeros(scored.shape).masked_scatter(scored, values)
+        out["logps"] = logps.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, logps.float())
+        out["entropy"] = entropy.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, entropy)
     return out

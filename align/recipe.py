@@ -214,7 +214,8 @@ class PPOStage(StageBase):
 
     Each step samples `rollout_batch` responses (`samples_per_prompt` per prompt), scores them, and makes
     `ppo_epochs` passes in minibatches of `minibatch` responses (micro-batches of `batch_size`). `estimator`:
-    gae (a value head on the policy trunk, GAE with `gamma`, `lam`), grpo (group-normalized advantages over
+    gae (a critic and GAE with `gamma`, `lam`; `value`: head = a value head on the policy trunk, adapter =
+    a value head on a second LoRA adapter of the same base), grpo (group-normalized advantages over
     the k samples of a prompt) or rloo (leave-one-out baseline). `missing_eos_penalty` is subtracted from the
     reward of a response cut at `generation.max_new_tokens`. `eval_split` of the prompts (at most
     `eval_limit`) are held out; the stage reports their reward before and after training."""
@@ -226,7 +227,7 @@ class PPOStage(StageBase):
     eval_limit: int = Field(64, gt=0)
     rewards: list[RewardSource] = Field(..., min_length=1)
     estimator: Literal["gae", "grpo", "rloo"] = "gae"
-    value: Literal["head"] = "head"
+    value: Literal["head", "adapter"] = "head"
     vf_coef: float = Field(0.1, ge=0)
     kl: KLSettings = KLSettings()
     generation: GenerationSettings = GenerationSettings(temperature=1.0)
@@ -253,6 +254,9 @@ class PPOStage(StageBase):
         if self.estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ValueError(f"estimator {self.estimator} compares the samples of a prompt: set "
                              "samples_per_prompt >= 2")
+        if self.value == "adapter" and self.method == "full":
+            raise ValueError("value: adapter puts the critic on a second LoRA adapter; it needs method lora or "
+                             "qlora (use value: head with full fine-tuning)")
         if self.minibatch > self.rollout_batch:
             raise ValueError(f"minibatch ({self.minibatch}) is larger than rollout_batch ({self.rollout_batch})")
         return self

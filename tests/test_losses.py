@@ -112,3 +112,75 @@ def test_orpo_odds_ratio_by_hand():
 def test_unknown_dpo_loss_is_refused():
     with pytest.raises(ValueError, match="unknown DPO loss 'kto'"):
         dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1, kind="kto")
+
+
+# ------------------------------------------------------------------------------------------ RL
+
+
+def test_gae_by_hand_and_padding_changes_nothing():
+    from align.losses import gae
+
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4, 9.9]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # t=2: 1 - 0.4 = 0.6; t=1: (0 + 0.4 - 0.2) + 0.5 * 0.6 = 0.5; t=0: (0 + 0.2 - 0.5) + 0.5 * 0.5 = -0.05
+    assert advantages.tolist()[0] == pytest.approx([-0.05, 0.5, 0.6, 0.0], abs=1e-6)
+    assert returns.tolist()[0] == pytest.approx([0.45, 0.7, 1.0, 0.0], abs=1e-6)
+    discounted, _ = gae(torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2), torch.ones(1, 2), gamma=0.9, lam=1.0)
+    assert discounted.tolist()[0] == pytest.approx([0.9, 1.0], abs=1e-6)
+
+
+def test_group_and_leave_one_out_advantages():
+    from align.losses import group_advantages, leave_one_out_advantages
+
+    grouped = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]), group_size=4)
+    assert grouped.tolist() == pytest.approx([1, -1, -1, 1, 0, 0, 0, 0], abs=1e-4)  # a solved group teaches nothing
+    unscaled = group_advantages(torch.tensor([3.0, 1.0]), group_size=2, scale=False)
+    assert unscaled.tolist() == pytest.approx([1.0, -1.0])
+    loo = leave_one_out_advantages(torch.tensor([1.0, 0.0, 0.0]), group_size=3)
+    assert loo.tolist() == pytest.approx([1.0, -0.5, -0.5])
+    with pytest.raises(ValueError, match="at least 2"):
+        leave_one_out_advantages(torch.tensor([1.0]), group_size=1)
+
+
+def test_clipped_policy_loss_by_hand():
+    from align.losses import ppo_policy_loss
+
+    logps = torch.tensor([[math.log(1.5), math.log(1.5), 0.0]])
+    old = torch.zeros(1, 3)
+    advantages = torch.tensor([[1.0, -1.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, clip_fraction, approx_kl = ppo_policy_loss(logps, old, advantages, mask, clip=0.2)
+    # A=+1, r=1.5: max(-1.5, -1.2) = -1.2 (clipped); A=-1: max(1.5, 1.2) = 1.5 (not clipped); third is padding
+    assert loss.item() == pytest.approx((-1.2 + 1.5) / 2, abs=1e-6)
+    assert clip_fraction.item() == pytest.approx(0.5)
+    assert approx_kl.item() == pytest.approx(1 / 1.5 - 1 + math.log(1.5), abs=1e-6)
+
+
+def test_clipped_value_loss_by_hand():
+    from align.losses import ppo_value_loss
+
+    values, old, returns = torch.tensor([[1.0, 1.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[0.0, 2.0]])
+    loss, clipped = ppo_value_loss(values, old, returns, torch.ones(1, 2), clip=0.2)
+    # row 1: max((1-0)^2, (0.7-0)^2) = 1; row 2: max((1-2)^2, (0.7-2)^2) = 1.69 (clipped branch)
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 1.69) / 2, abs=1e-6)
+    assert clipped.item() == pytest.approx(0.5)
+
+
+def test_kl_estimators_whitening_explained_variance_and_controller():
+    from align.losses import AdaptiveKL, explained_variance, kl_per_token, whiten
+
+    logps, ref = torch.tensor([-1.0]), torch.tensor([-2.0])
+    assert kl_per_token(logps, ref, "k1").item() == pytest.approx(1.0)
+    assert kl_per_token(logps, ref, "k2").item() == pytest.approx(0.5)
+    assert kl_per_token(logps, ref, "k3").item() == pytest.approx(math.exp(-1) - 1 + 1, abs=1e-6)
+    assert kl_per_token(ref, ref, "k3").item() == 0.0
+    white = whiten(torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    assert white.tolist()[0] == pytest.approx([-1.224745, 0.0, 1.224745, 0.0], abs=1e-5)
+    returns, mask = torch.tensor([[1.0, 2.0, 4.0]]), torch.ones(1, 3)
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full((1, 3), 7 / 3), returns, mask) == pytest.approx(0.0, abs=1e-6)
+    controller = AdaptiveKL(coef=0.1, target=0.1, horizon=100)
+    assert controller.update(observed_kl=0.5, samples=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    assert AdaptiveKL(coef=0.1, target=None, horizon=100).update(5.0, 10) == 0.1  # fixed coefficient

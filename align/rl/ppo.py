@@ -6,7 +6,9 @@ LoRA. This is written on torch, transformers and PEFT only, around one base copy
 - the policy is the base plus a trainable LoRA adapter (or full weights);
 - the reference is the same weights with the adapter switched off (`disable_adapter`), so it costs no
   memory; full fine-tuning keeps a frozen copy instead;
-- the critic (estimator `gae`) is a value head on the policy's trunk; `grpo` and `rloo` need no critic:
+- the critic (estimator `gae`) is a value head on the policy's trunk (`value: head`: one forward pass
+  serves both), or on a second LoRA adapter of the same base (`value: adapter`: the critic's gradients
+  never touch the policy's weights, at the price of a second pass); `grpo` and `rloo` need no critic:
   they compare the k responses sampled for each prompt (group-normalized or leave-one-out baselines).
 
 The KL penalty against the reference goes into the reward, per token (the classic InstructGPT form, with
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from align.errors import TrainingError
-from align.logprobs import token_logps
+from align.logprobs import can_split, prefix_hidden, token_logps
 from align.losses import (AdaptiveKL, explained_variance, gae, group_advantages, kl_per_token,
                           leave_one_out_advantages, masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
 from align.rl.rollout import Rollouts, sample_rollouts, trimmed
@@ -37,14 +39,15 @@ from align.rl.rollout import Rollouts, sample_rollouts, trimmed
 class Experience:
     rollouts: Rollouts
     mask: torch.Tensor          # [B, T] float, 1 on response tokens
-    old_logps: torch.Tensor     # [B, T] policy log-probs when sampled
+    old_logps: torch.Tensor | None  # [B, T] policy log-probs when sampled (None: on-policy, taken in the update)
     ref_logps: torch.Tensor     # [B, T] reference log-probs
-    entropy: torch.Tensor       # [B, T] policy entropy at each response position
+    entropy: torch.Tensor | None    # [B, T] policy entropy at each response position
     values: torch.Tensor | None
     scores: torch.Tensor        # [B] the reward after the EOS penalty, normalization and clipping
     per_source: dict[str, torch.Tensor]
     advantages: torch.Tensor    # [B, T]
     returns: torch.Tensor | None
+    prefixes: list[torch.Tensor] | None = None  # per row [L_i, H]: output of the frozen blocks, when shared
 
 
 def last_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -56,11 +59,12 @@ class PPOTrainer:
     """Holds the policy, critic, optimizer, KL controller and reward mix; `step` does one PPO iteration."""
 
     def __init__(self, cfg, model, tokenizer, rewards, value_head=None, reference=None, total_updates: int = 1,
-                 bf16: bool = False):
+                 bf16: bool = False, critic_adapter: str | None = None):
         from transformers import get_scheduler
 
         self.cfg, self.model, self.tokenizer, self.rewards = cfg, model, tokenizer, rewards
         self.value_head, self.reference, self.bf16 = value_head, reference, bf16
+        self.critic_adapter = critic_adapter  # the name of the critic's LoRA adapter, or None (head on policy)
         self.device = next(model.parameters()).device
         self.kl = AdaptiveKL(cfg.kl.coef, cfg.kl.target if cfg.kl.adaptive else None, cfg.kl.horizon)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -71,6 +75,14 @@ class PPOTrainer:
                                        num_warmup_steps=int(cfg.warmup_ratio * total_updates),
                                        num_training_steps=total_updates)
         self.temperature = cfg.generation.temperature or 1.0
+        # The frozen bottom blocks are shared by policy and reference (adapter disabled): run them once per
+        # rollout. Checked against the plain path on the first batch.
+        self.split = cfg.freeze_layers if (reference is None and cfg.freeze_layers and can_split(model)) else 0
+        self._split_checked = False
+        # One update per rollout with the KL in the loss: the policy's log-probs at sampling time equal those
+        # of the update's own forward pass, so no separate pass is needed (ratio 1, as in GRPO).
+        self.on_policy = (cfg.ppo_epochs == 1 and cfg.minibatch >= cfg.rollout_batch and cfg.estimator != "gae"
+                          and cfg.kl.penalty == "loss")
 
     # -------------------------------------------------------------------------------------- passes
 
@@ -87,21 +99,85 @@ class PPOTrainer:
             with self.model.disable_adapter():
                 yield self.model
 
-    def _forward(self, model, rollouts: Rollouts, index, value_head=None) -> tuple[dict, int]:
+    @contextlib.contextmanager
+    def _critic(self):
+        """Route forward passes through the critic's adapter. PEFT's `set_adapter` also flips which adapter
+        is trainable; both must stay trainable (one optimizer), so the flags are put back afterwards."""
+        flags = {name: p.requires_grad for name, p in self.model.named_parameters()}
+        self.model.set_adapter(self.critic_adapter)
+        try:
+            yield
+        finally:
+            self.model.set_adapter("default")
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(flags[name])
+
+    def _values(self, rollouts: Rollouts, index, prefixes) -> tuple[dict, int]:
+        """Values from the critic: the policy's own pass (`value: head`) is not used here; this is the
+        separate critic adapter's pass (`value: adapter`)."""
+        with self._critic():
+            return self._forward(self.model, rollouts, index, self.value_head, prefixes, values_only=True)
+
+    def _forward(self, model, rollouts: Rollouts, index, value_head=None,
+                 prefixes: list[torch.Tensor] | None = None, values_only: bool = False) -> tuple[dict, int]:
         ids, mask, labels, width = trimmed(rollouts, index)
+        prefix = None
+        if prefixes is not None:
+            prefix = torch.zeros(len(index), width, prefixes[0].size(-1), dtype=prefixes[0].dtype)
+            for row, i in enumerate(index):
+                prefix[row, : prefixes[i].size(0)] = prefixes[i]
+            prefix = prefix.to(self.device)
         with self._autocast():
             out = token_logps(model, ids.to(self.device), mask.to(self.device), labels.to(self.device),
-                              self.temperature, value_head)
+                              self.temperature, value_head, prefix=prefix, start=self.split, values_only=values_only)
         return out, width - 1
 
     @torch.no_grad()
-    def _scoring_pass(self, model, rollouts: Rollouts, value_head=None) -> dict[str, torch.Tensor]:
+    def _prefixes(self, rollouts: Rollouts) -> list[torch.Tensor] | None:
+        """Per row, the hidden states leaving the frozen blocks (unpadded), or None when not shared."""
+        if not self.split:
+            return None
+        out = []
+        for start in range(0, len(rollouts), self.cfg.batch_size):
+            index = list(range(start, min(start + self.cfg.batch_size, len(rollouts))))
+            ids, mask, _, _ = trimmed(rollouts, index)
+            with self._autocast():
+                hidden = prefix_hidden(self.model, ids.to(self.device), mask.to(self.device), self.split)
+            out += [hidden[row, : int(mask[row].sum())].cpu() for row in range(len(index))]
+        if not self._split_checked:
+            self._check_split(rollouts, out)
+        return out if self.split else None
+
+    def _check_split(self, rollouts: Rollouts, prefixes: list[torch.Tensor]) -> None:
+        """The shared-prefix path must give the plain path's log-probs; if a model's forward does anything
+        else with its input (scaling, extra embeddings), fall back to the plain path."""
+        import logging
+
+        self._split_checked = True
+        index = list(range(min(4, len(rollouts))))
+        mask = rollouts.mask[index]
+        with self._reference_model() as reference:
+            split, t = self._forward(reference, rollouts, index, prefixes=prefixes)
+            plain, _ = self._forward(reference, rollouts, index)
+        gap = float(((split["logps"] - plain["logps"]).abs() * mask[:, :t].to(self.device)).max())
+        if gap > 0.05:
+            logging.getLogger(__name__).warning("shared frozen-block pass differs from the plain pass by %.3g "
+                                                "nats; using the plain pass", gap)
+            self.split = 0
+
+    @torch.no_grad()
+    def _scoring_pass(self, model, rollouts: Rollouts, value_head=None,
+                      prefixes: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Log-probs (and entropy, values) for every rollout row in chunks of `batch_size`, as [B, T]."""
         rows, width = len(rollouts), rollouts.input_ids.size(1) - 1
         out: dict[str, torch.Tensor] = {}
         for start in range(0, rows, self.cfg.batch_size):
             index = list(range(start, min(start + self.cfg.batch_size, rows)))
-            part, w = self._forward(model, rollouts, index, value_head)
+            if value_head is not None and self.critic_adapter:
+                part, w = self._forward(model, rollouts, index, None, prefixes)
+                part["values"] = self._values(rollouts, index, prefixes)[0]["values"]
+            else:
+                part, w = self._forward(model, rollouts, index, value_head, prefixes)
             for key, value in part.items():
                 out.setdefault(key, torch.zeros(rows, width))[index, :w] = value.float().cpu()
         return out
@@ -118,23 +194,24 @@ class PPOTrainer:
         scores, per_source = self.rewards(rows, rollouts.texts)
         if cfg.missing_eos_penalty:
             scores = scores - abs(cfg.missing_eos_penalty) * (~rollouts.ended).float()
-        policy = self._scoring_pass(self.model, rollouts, self.value_head)
+        prefixes = self._prefixes(rollouts)
+        policy = {} if self.on_policy else self._scoring_pass(self.model, rollouts, self.value_head, prefixes)
         with self._reference_model() as reference:
-            ref_logps = self._scoring_pass(reference, rollouts)["logps"]
+            ref_logps = self._scoring_pass(reference, rollouts, prefixes=prefixes)["logps"]
         mask = rollouts.mask.float()
-        old_logps, values = policy["logps"], policy.get("values")
+        old_logps, values = policy.get("logps"), policy.get("values")
         advantages, returns = self.advantages(scores, old_logps, ref_logps, values, mask)
         scored = time.perf_counter()
         experience = Experience(rollouts=rollouts, mask=mask, old_logps=old_logps, ref_logps=ref_logps,
-                                entropy=policy["entropy"], values=values, scores=scores, per_source=per_source,
-                                advantages=advantages, returns=returns)
+                                entropy=policy.get("entropy"), values=values, scores=scores,
+                                per_source=per_source, advantages=advantages, returns=returns, prefixes=prefixes)
         return experience, {"generate": generated - started, "score": scored - generated}
 
     def advantages(self, scores, old_logps, ref_logps, values, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
         cfg = self.cfg
-        kl = kl_per_token(old_logps, ref_logps, "k1") * mask
         kl_in_reward = cfg.kl.penalty == "reward"
         coef = self.kl.coef if kl_in_reward else 0.0
+        kl = kl_per_token(old_logps, ref_logps, "k1") * mask if old_logps is not None else torch.zeros_like(mask)
         if cfg.estimator == "gae":
             rewards = -coef * kl
             rewards[torch.arange(len(scores)), last_positions(mask)] += scores
@@ -174,12 +251,20 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(minibatch), cfg.batch_size):
                     micro = minibatch[micro_start:micro_start + cfg.batch_size]
-                    out, t = self._forward(self.model, exp.rollouts, micro, self.value_head)
+                    head = None if self.critic_adapter else self.value_head
+                    out, t = self._forward(self.model, exp.rollouts, micro, head, exp.prefixes)
+                    if self.critic_adapter:
+                        out["values"] = self._values(exp.rollouts, micro, exp.prefixes)[0]["values"]
                     mask = exp.mask[micro, :t].to(self.device)
                     share = float(mask.sum()) / minibatch_tokens
+                    old = (out["logps"].detach() if exp.old_logps is None
+                           else exp.old_logps[micro, :t].to(self.device))
+                    ref = exp.ref_logps[micro, :t].to(self.device)
                     policy_loss, clip_fraction, approx_kl = ppo_policy_loss(
-                        out["logps"], exp.old_logps[micro, :t].to(self.device),
-                        exp.advantages[micro, :t].to(self.device), mask, cfg.clip)
+                        out["logps"], old, exp.advantages[micro, :t].to(self.device), mask, cfg.clip)
+                    if exp.old_logps is None:  # on-policy: the sampling-time figures come from this pass
+                        add("kl_per_token", masked_mean(kl_per_token(old, ref, "k1"), mask), share)
+                        add("entropy", masked_mean(out["entropy"], mask), share)
                     loss = policy_loss
                     add("policy_loss", policy_loss.detach(), share)
                     add("clip_fraction", clip_fraction, share)
@@ -192,8 +277,7 @@ class PPOTrainer:
                         add("value_loss", value_loss.detach(), share)
                         add("value_clip_fraction", value_clipped, share)
                     if cfg.kl.penalty == "loss":
-                        kl_loss = masked_mean(kl_per_token(out["logps"], exp.ref_logps[micro, :t].to(self.device),
-                                                           "k3"), mask)
+                        kl_loss = masked_mean(kl_per_token(out["logps"], ref, "k3"), mask)
                         loss = loss + self.kl.coef * kl_loss
                     (loss * share).backward()
                     if not math.isfinite(float(loss.detach())):
@@ -215,7 +299,10 @@ class PPOTrainer:
         started = time.perf_counter()
         stats = self.update(exp, step)
         timings["train"] = time.perf_counter() - started
-        observed_kl = float(masked_mean(kl_per_token(exp.old_logps, exp.ref_logps, "k1"), exp.mask))
+        if exp.old_logps is not None:
+            stats["kl_per_token"] = float(masked_mean(kl_per_token(exp.old_logps, exp.ref_logps, "k1"), exp.mask))
+            stats["entropy"] = float(masked_mean(exp.entropy, exp.mask))
+        observed_kl = stats["kl_per_token"]
         coef = self.kl.coef
         self.kl.update(observed_kl, len(exp.rollouts))
         return self.figures(exp, stats, timings, observed_kl, coef)
@@ -224,10 +311,8 @@ class PPOTrainer:
         lengths = exp.mask.sum(dim=1)
         out = {"reward": float(exp.scores.mean()), "reward_std": float(exp.scores.std()) if len(exp.scores) > 1 else 0.0}
         out.update({f"reward/{name}": float(values.mean()) for name, values in exp.per_source.items()})
-        kl_sum = (kl_per_token(exp.old_logps, exp.ref_logps, "k1") * exp.mask).sum(dim=1)
         out.update({
-            "kl_per_token": observed_kl, "kl_per_sequence": float(kl_sum.mean()), "kl_coef": coef,
-            "entropy": float(masked_mean(exp.entropy, exp.mask)),
+            "kl_per_token": observed_kl, "kl_per_sequence": observed_kl * float(lengths.mean()), "kl_coef": coef,
             "response_length": float(lengths.mean()), "eos_rate": float(exp.rollouts.ended.float().mean()),
             "lr": self.scheduler.get_last_lr()[0],
             **stats,

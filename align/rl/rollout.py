@@ -1,7 +1,7 @@
 """Rollouts for RL: sample responses with `generate`, then pack prompt + response into tensors for scoring.
 
-Sampling runs in bf16 autocast where the hardware multiplies bf16 natively (1.6x on this project's CPUs,
-measured on SmolLM2-135M, batch 16), on prompts batched by length and left-padded. The policy's log-probs
+Sampling (`align.rl.sampler`: finished responses leave the batch) runs in bf16 autocast where the hardware
+multiplies bf16 natively (1.6x on this project's CPUs, measured on SmolLM2-135M, batch 16). The policy's log-probs
 are then recomputed in one teacher-forced pass (fp32 head), so the sampler's small numeric differences
 never enter the PPO ratio: the old log-probs, the reference's and the trained ones come from the same code.
 """
@@ -50,8 +50,19 @@ def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int
 
 def sample_rollouts(model, tokenizer, rows: list[dict], prompt_ids: list[list[int]], settings,
                     batch_size: int) -> Rollouts:
-    """One response per entry of `prompt_ids` (repeat a prompt to sample it several times)."""
-    generated = generate(model, tokenizer, prompt_ids, settings, batch_size, autocast=True)
+    """One response per entry of `prompt_ids` (repeat a prompt to sample it several times), from our
+    sampling loop (finished rows leave the batch) in batches of `batch_size`, else from `generate`."""
+    from align.models import inference_autocast
+    from align.rl.sampler import sample
+
+    generated: list = []
+    for start in range(0, len(prompt_ids), batch_size):
+        with inference_autocast(model):
+            part = sample(model, tokenizer, prompt_ids[start:start + batch_size], settings)
+        if part is None:
+            generated = generate(model, tokenizer, prompt_ids, settings, batch_size, autocast=True)
+            break
+        generated += part
     # An empty response (EOS straight away) still has its EOS token to score; keep at least one token.
     responses = [g.token_ids if g.token_ids else [tokenizer.eos_token_id] for g in generated]
     input_ids, attention_mask, labels = pack(prompt_ids, responses, tokenizer.pad_token_id)

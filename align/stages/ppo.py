@@ -260,10 +260,16 @@ def run(ctx: StageContext):
         model.to("cuda")
     reference = copy.deepcopy(model).eval().requires_grad_(False) if peft_cfg is None else None
     value_head = build_value_head(model) if cfg.estimator == "gae" else None
+    critic = "critic" if value_head is not None and cfg.value == "adapter" else None
+    if critic:
+        model.add_adapter(critic, peft_cfg)
+        for name, param in model.named_parameters():
+            if f".{critic}." in name:
+                param.requires_grad_(True)
     steps = total_steps(cfg, len(train))
     updates = steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch / cfg.minibatch)
     bf16 = mixed_precision_args(cfg.mixed_precision, model)["bf16"]
-    trainer = PPOTrainer(cfg, model, tokenizer, rewards, value_head, reference, updates, bf16)
+    trainer = PPOTrainer(cfg, model, tokenizer, rewards, value_head, reference, updates, bf16, critic)
     trainable, total = count_parameters(model)
     log.info("%s: %d train / %d held-out prompts, %d steps of %d responses; %s trainable of %s parameters; "
              "estimator %s", ctx.entry_name, len(train), len(heldout), steps, cfg.rollout_batch,
@@ -288,10 +294,10 @@ def run(ctx: StageContext):
                 log.info("step %d: %s", step + 1, _log_line(figures))
             elapsed = time.perf_counter() - started
             at_limit = bool(cfg.time_limit_minutes) and elapsed > cfg.time_limit_minutes * 60
-            last = step + 1 == steps or at_limit or stop.requested
-            if (step + 1) % cfg.save_steps == 0 or last:
+            interrupted = stop.requested
+            if (step + 1) % cfg.save_steps == 0 or step + 1 == steps or at_limit or interrupted:
                 save_checkpoint(ctx, trainer, step + 1, history)
-            if stop.requested:
+            if interrupted:
                 raise TrainingError(f"interrupted at step {step + 1}; a checkpoint is in {ctx.run_dir}. "
                                     "Run the same command again to resume.")
             if at_limit:
@@ -330,6 +336,10 @@ def run(ctx: StageContext):
     if value_head is not None:
         manifest_extra["rl"]["value_head"] = "value_head.pt"
         pictures.append(lambda folder: torch.save(value_head.state_dict(), folder / "value_head.pt"))
+    if critic:  # the entry is the policy: PEFT saved the critic's adapter inside it; keep it beside instead
+        pictures.append(lambda folder: shutil.move(str(folder / "adapter" / critic), str(folder / critic)))
+        manifest_extra["rl"]["critic_adapter"] = critic
+
     return register_entry(ctx, "policy", model, tokenizer, peft_cfg, report=report, config_dump=config_dump,
                           history=history, timings=timings, metrics=metrics,
                           adapter_extra={"targets": lora_targets(peft_cfg)}, manifest_extra=manifest_extra,

@@ -2,12 +2,14 @@
 
 Demonstrations answer with a short worked line and a final `#### <number>`, the format the `math_answer`
 and `answer_format` checkers read. Preference pairs (for the reward stage) prefer that answer over a wrong
-number in the same format, or over the right number without the format. Training, preference and
-evaluation problems never share operands.
+number in the same format, or over the right number without the format. RL prompts (for PPO) carry only
+the question and its answer. Training, preference and evaluation problems never share operands; RL
+prompts never share them with evaluation problems.
 """
 
 import json
 import random
+import re
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -44,6 +46,7 @@ def main() -> None:
     ops = ["+", "-", "*"]
     train = [problem(rng, ops[i % 3], seen) for i in range(300)]
     held_out = [problem(rng, ops[i % 3], seen) for i in range(60)]
+    held_out_problems = {(r["prompt"], r["answer"]) for r in held_out}
     with open(HERE / "sft.jsonl", "w") as f:
         for row in train:
             f.write(json.dumps({"prompt": row["prompt"], "completion": row["completion"]}) + "\n")
@@ -55,6 +58,22 @@ def main() -> None:
         for i in range(150):
             row = problem(pref_rng, ops[i % 3], seen)
             f.write(json.dumps(preference(pref_rng, row, wrong_number=i % 2 == 0)) + "\n")
+    write_rl_prompts(held_out)
+
+
+def write_rl_prompts(held_out: list[dict], count: int = 1200) -> None:
+    """Questions and answers only (no worked solutions), for PPO. There are too few small products for
+    unique operands, so a problem may recur in another wording; none shares its operands with held-out
+    evaluation problems."""
+    held = {tuple(sorted(map(int, re.findall(r"\d+", r["prompt"])))) + (r["answer"],) for r in held_out}
+    rng, ops, rows = random.Random(7), ["+", "-", "*"], []
+    while len(rows) < count:
+        row = problem(rng, ops[len(rows) % 3], set())
+        if tuple(sorted(map(int, re.findall(r"\d+", row["prompt"])))) + (row["answer"],) not in held:
+            rows.append({"prompt": row["prompt"], "answer": row["answer"]})
+    with open(HERE / "rl_prompts.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 def preference(rng: random.Random, row: dict, wrong_number: bool) -> dict:

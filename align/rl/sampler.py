@@ -1,0 +1,97 @@
+"""A sampling loop for RL rollouts that stops computing for a response as soon as it ends.
+
+Why not only `model.generate`: a batch there runs until its longest response ends, every row paying for
+every step. RL rollouts vary a lot in length (a policy learning to answer briefly still has stragglers
+that run to `max_new_tokens`), so here finished rows leave the batch and the KV cache (`DynamicCache.
+batch_select_indices`) and later steps compute only for the rows still going. The prompt's LM head is
+projected at its last position only. Sampling is temperature, top-k and top-p, the same as `generate`'s,
+with stop strings checked on each row's decoded tail.
+
+`sample` returns None when the model's cache cannot drop rows; callers then use `generate`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from align.generation import Generated
+
+
+def _filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def _next_tokens(logits: torch.Tensor, settings) -> torch.Tensor:
+    logits = logits.float()
+    if not settings.temperature:
+        return logits.argmax(dim=-1)
+    logits = _filter(logits / settings.temperature, settings.top_k, settings.top_p)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(-1)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids: list[list[int]], settings) -> list[Generated] | None:
+    """One response per prompt (one batch, left-padded), in input order; None if the cache cannot drop rows."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    width = max(len(p) for p in prompt_ids)
+    rows = len(prompt_ids)
+    input_ids = torch.full((rows, width), pad, dtype=torch.long)
+    attention = torch.zeros((rows, width), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention[row, width - len(ids):] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    if not hasattr(cache, "batch_select_indices"):
+        return None
+    was_training = model.training
+    model.eval()
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1]
+    active = torch.arange(rows)
+    next_position = positions[:, -1] + 1
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    ended = [False] * rows
+    stops = list(settings.stop or [])
+    for step in range(settings.max_new_tokens):
+        tokens = _next_tokens(logits, settings)
+        done = tokens == eos
+        for slot, (row, token) in enumerate(zip(active.tolist(), tokens.tolist())):
+            generated[row].append(token)
+            if token == eos:
+                ended[row] = True
+            elif stops:
+                tail = tokenizer.decode(generated[row][-16:], skip_special_tokens=True)
+                if any(stop in tail for stop in stops):
+                    done[slot] = True
+                    ended[row] = True  # a stop string is a proper end, as EOS is
+        keep = ~done
+        if step + 1 == settings.max_new_tokens or not bool(keep.any()):
+            break
+        if not bool(keep.all()):
+            index = keep.nonzero().squeeze(-1)
+            cache.batch_select_indices(index)
+            active, tokens, attention, next_position = active[index.cpu()], tokens[index], attention[index], \
+                next_position[index]
+        attention = torch.cat([attention, attention.new_ones(attention.size(0), 1)], dim=-1)
+        out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position[:, None],
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+        next_position = next_position + 1
+    model.train(was_training)
+    return [Generated(text=tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True), token_ids=ids,
+                      ended_with_eos=ended[row]) for row, ids in enumerate(generated)]

@@ -1,0 +1,243 @@
+"""The PPO stage end to end on a tiny random Llama: a checker's reward is learned (GAE with a value head,
+and the critic-free GRPO and RLOO), KL to the reference is zero at step 0 and the reference's log-probs
+stay fixed while the policy's move, rewards mix a reward model with a checker and are logged per source,
+an interrupted run resumes to the same weights, and a failed reward gate or a bad prompt set is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.errors import AlignError, DataError, TrainingError
+from align.models import ModelSource, load_causal_lm
+from align.pipeline import run_recipe
+from align.recipe import validate_recipe
+from align.registry import Registry
+from conftest import write_jsonl
+
+PROMPTS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(8) for b in range(8)]
+DIGIT = {"checker": "regex", "args": {"pattern": "[0-9]"}}
+FAST_PPO = {"from": "base", "rewards": [DIGIT], "rollout_batch": 16, "minibatch": 8, "batch_size": 8, "ppo_epochs": 2,
+            "max_steps": 16, "lr": 1e-2, "scheduler": "constant", "generation": {"max_new_tokens": 8, "temperature": 1.0},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "logging_steps": 4, "save_steps": 4,
+            "kl": {"coef": 0.01}, "eval_split": 0.1}
+
+
+def _recipe(folder: Path, base, stage: dict | None = None, extra_stages: dict | None = None):
+    prompts = write_jsonl(folder / "prompts.jsonl", PROMPTS)
+    stages = {**(extra_stages or {}), "ppo": {"prompts": str(prompts), **FAST_PPO, **(stage or {})}}
+    raw = {"name": "tiny", "base": str(base), "stages": stages}
+    return validate_recipe(raw, [], source=str(folder / "r.yaml"))
+
+
+def _train(folder: Path, base, stage: dict | None = None, **kwargs):
+    recipe = _recipe(folder, base, stage, **kwargs)
+    registry = Registry(folder / "registry")
+    entries = run_recipe(recipe, registry, runs_root=folder / "runs")
+    return recipe, registry, entries["ppo"]
+
+
+def _mean(history: list[dict], key: str, part: slice) -> float:
+    values = [h[key] for h in history[part]]
+    return sum(values) / len(values)
+
+
+@pytest.fixture(scope="module")
+def gae_run(tmp_path_factory, tiny_base):
+    return _train(tmp_path_factory.mktemp("ppo-gae"), tiny_base)
+
+
+def test_gae_learns_the_checkers_reward(gae_run):
+    _, _, entry = gae_run
+    history, metrics = entry.manifest["history"], entry.manifest["metrics"]
+    assert _mean(history, "reward", slice(-4, None)) > _mean(history, "reward", slice(0, 4)) + 0.25
+    assert metrics["heldout_reward"] > metrics["heldout_reward_before"]  # greedy answers to unseen prompts
+    assert metrics["heldout_kl_per_token"] > 0.0
+
+
+def test_kl_is_zero_at_the_first_step_and_every_figure_is_logged(gae_run):
+    _, _, entry = gae_run
+    first = entry.manifest["history"][0]
+    assert first["kl_per_token"] == 0.0  # a fresh adapter is the reference exactly
+    for key in ("reward", "reward/regex", "kl_coef", "entropy", "clip_fraction", "value_loss", "explained_variance",
+                "response_length", "eos_rate", "time_generate", "time_score", "time_train"):
+        assert key in first, key
+    assert entry.manifest["history"][-1]["kl_per_token"] > 0.0
+    split = entry.manifest["timings"]["time_split"]
+    assert sum(split.values()) == pytest.approx(1.0, abs=0.01)
+    assert (entry.path / "rl_curves.png").stat().st_size > 0 and (entry.path / "reward_histogram.png").is_file()
+
+
+def test_the_registered_adapter_moved_and_the_reference_did_not(gae_run, tiny_base):
+    """The adapter-disabled reference equals the untouched base; the policy's log-probs differ from it."""
+    _, registry, entry = gae_run
+    base = load_causal_lm(ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base)), registry, dtype="fp32")
+    from peft import PeftModel
+
+    policy = PeftModel.from_pretrained(load_causal_lm(ModelSource(ref=str(tiny_base), kind="local",
+                                                                  path=str(tiny_base)), registry, dtype="fp32"),
+                                       str(entry.path / "adapter"))
+    ids = torch.tensor([[5, 17, 33, 41, 60, 72, 80, 91]])
+    with torch.no_grad():
+        reference = base(ids).logits
+        with policy.disable_adapter():
+            disabled = policy(ids).logits
+        trained = policy(ids).logits
+    assert torch.allclose(disabled, reference, atol=1e-5)
+    assert (trained - reference).abs().max() > 1e-3
+    assert (entry.path / "value_head.pt").is_file()
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_critic_free_estimators_learn_the_reward(estimator, tmp_path, tiny_base):
+    stage = {"estimator": estimator, "samples_per_prompt": 4, "kl": {"coef": 0.01, "penalty": "loss"},
+             "ppo_epochs": 1, "minibatch": 16, "max_steps": 24}  # one on-policy update per rollout
+    _, _, entry = _train(tmp_path, tiny_base, stage)
+    history = entry.manifest["history"]
+    assert "value_loss" not in history[0] and not (entry.path / "value_head.pt").exists()
+    assert _mean(history, "reward", slice(-6, None)) > _mean(history, "reward", slice(0, 4)) + 0.2
+    assert history[0]["kl_per_token"] == 0.0 and history[-1]["kl_per_token"] > 0.0
+
+
+def test_reference_log_probs_stay_fixed_while_the_policys_move(tmp_path, tiny_base):
+    """Drive the trainer directly: the same rollouts scored by the reference before and after training
+    give the same log-probs; the policy's change."""
+    from align.data.tokenize import encode_prompt
+    from align.models import load_tokenizer
+    from align.rewards.mix import RewardMix, checker_term
+    from align.rl.ppo import PPOTrainer
+    from align.rl.rollout import sample_rollouts
+    from align.stages.ppo import build_value_head
+    from peft import LoraConfig, get_peft_model
+
+    recipe = _recipe(tmp_path, tiny_base)
+    cfg = recipe.stages["ppo"]
+    source = ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base))
+    registry = Registry(tmp_path / "registry")
+    tokenizer = load_tokenizer(source, registry)
+    model = get_peft_model(load_causal_lm(source, registry, dtype="fp32"),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    trainer = PPOTrainer(cfg, model, tokenizer, RewardMix([checker_term("regex", 1.0, {"pattern": "[0-9]"})]),
+                         build_value_head(model), total_updates=20)
+    rows = [{**row, "messages": [{"role": "user", "content": row["prompt"]}]} for row in PROMPTS[:16]]
+    ids = [encode_prompt(tokenizer, r["messages"]) for r in rows]
+    torch.manual_seed(0)
+    fixed = sample_rollouts(model, tokenizer, rows, ids, cfg.generation, 16)
+
+    def both():
+        with trainer._reference_model() as reference:
+            ref = trainer._scoring_pass(reference, fixed)["logps"]
+        return ref, trainer._scoring_pass(model, fixed)["logps"]
+
+    ref_before, policy_before = both()
+    assert torch.equal(ref_before, policy_before)
+    for step in range(3):
+        trainer.step(rows, ids, step)
+    ref_after, policy_after = both()
+    assert torch.equal(ref_after, ref_before)
+    assert (policy_after - policy_before).abs().max() > 1e-3
+
+
+def test_rewards_mix_a_reward_model_and_a_checker_logged_per_source(tmp_path, tiny_base):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}", "chosen": "1 2 3", "rejected": "no"}
+                                                   for i in range(24)])
+    reward_stage = {"kind": "reward", "from": "base", "data": str(prefs), "max_steps": 4, "batch_size": 4,
+                    "lr": 1e-3, "gate": {"min_accuracy": 0.0}, "save_steps": 4}
+    stage = {"rewards": [{"model": "rm", "weight": 0.5}, DIGIT], "max_steps": 3}
+    _, _, entry = _train(tmp_path, tiny_base, stage, extra_stages={"rm": reward_stage})
+    first = entry.manifest["history"][0]
+    assert {"reward/reward:rm", "reward/regex"} <= set(first)
+    names = [s["name"] for s in entry.manifest["rl"]["rewards"]]
+    assert names == ["reward:rm", "regex"]
+    assert entry.manifest["rl"]["rewards"][0]["model"] == {"source": "registry", "ref": "tiny/rm@1"}
+    expected = 0.5 * first["reward/reward:rm"] + first["reward/regex"]
+    assert first["reward"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_reward_model_that_failed_its_gate_is_refused(tmp_path, tiny_base):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"}
+                                                   for i in range(12)])
+    reward_stage = {"kind": "reward", "from": "base", "data": str(prefs), "max_steps": 1, "batch_size": 4,
+                    "gate": {"min_accuracy": 1.0}, "eval_split": 0.5}
+    with pytest.raises(AlignError, match="failed its quality gate"):
+        _train(tmp_path, tiny_base, {"rewards": [{"model": "rm"}]}, extra_stages={"rm": reward_stage})
+    assert Registry(tmp_path / "registry").find("tiny/ppo") is None
+
+
+def test_prompts_without_answers_are_refused_before_training(tmp_path, tiny_base):
+    recipe = _recipe(tmp_path, tiny_base, {"rewards": [{"checker": "math_answer"}]})
+    write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:3] + [{"prompt": "What is 1 + 1?"}])
+    from align.stages.base import StageContext
+    from align.stages.ppo import run
+
+    registry = Registry(tmp_path / "registry")
+    ctx = StageContext(recipe=recipe, name="ppo", config=recipe.stages["ppo"], registry=registry,
+                       parent=ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base)),
+                       runs_root=tmp_path / "runs")
+    with pytest.raises(DataError, match="row 3: checker 'math_answer' needs field"):
+        run(ctx)
+    assert not (tmp_path / "runs" / "tiny" / "ppo" / "checkpoint-4").exists()
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_base, monkeypatch):
+    import align.stages.ppo as ppo_stage
+
+    stage = {"max_steps": 6, "save_steps": 3}
+    _, _, straight = _train(tmp_path / "straight", tiny_base, stage)
+
+    class StopAfterTwo(ppo_stage.StopRequest):
+        def __enter__(self):
+            super().__enter__()
+            self.calls = 0
+            return self
+
+        @property
+        def requested(self):
+            self.calls += 1
+            return self.calls >= 2
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr(ppo_stage, "StopRequest", StopAfterTwo)
+    with pytest.raises(TrainingError, match="interrupted at step 2"):
+        _train(tmp_path / "resumed", tiny_base, stage)
+    monkeypatch.undo()
+    assert (tmp_path / "resumed" / "runs" / "tiny" / "ppo" / "checkpoint-2").is_dir()
+    _, _, resumed = _train(tmp_path / "resumed", tiny_base, stage)
+    assert resumed.manifest["timings"]["resumed_from"].endswith("checkpoint-2")
+    assert [h["reward"] for h in resumed.manifest["history"]] == [h["reward"] for h in straight.manifest["history"]]
+    from safetensors.torch import load_file
+
+    a = load_file(straight.path / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed.path / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_plan_time_settings_errors_are_named(tmp_path, tiny_base):
+    from align.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        _recipe(tmp_path, tiny_base, {"estimator": "grpo", "samples_per_prompt": 1})
+    assert "samples_per_prompt >= 2" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        _recipe(tmp_path, tiny_base, {"samples_per_prompt": 3})
+    assert "multiple of samples_per_prompt" in str(info.value)
+
+
+def test_critic_on_its_own_adapter_trains_and_stays_out_of_the_policy(tmp_path, tiny_base):
+    _, _, entry = _train(tmp_path, tiny_base, {"value": "adapter", "max_steps": 6})
+    history = entry.manifest["history"]
+    assert all(h["value_loss"] >= 0 for h in history) and history[-1]["value_mean"] != 0.0  # the critic moved
+    assert not (entry.path / "adapter" / "critic").exists() and (entry.path / "critic").is_dir()
+    assert entry.manifest["rl"]["critic_adapter"] == "critic"
+    from peft import PeftModel
+
+    source = ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base))
+    policy = PeftModel.from_pretrained(load_causal_lm(source, Registry(tmp_path / "r2"), dtype="fp32"),
+                                       str(entry.path / "adapter"))
+    assert list(policy.peft_config) == ["default"]
