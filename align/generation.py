@@ -23,11 +23,9 @@ def generation_kwargs(settings, tokenizer) -> dict:
     kwargs = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
               "eos_token_id": tokenizer.eos_token_id}
     if settings.temperature and settings.temperature > 0:
-        kwargs.update(do_sample=True, temperature=settings.temperature)
-        if settings.top_k:
-            kwargs["top_k"] = settings.top_k
-        if settings.top_p:
-            kwargs["top_p"] = settings.top_p
+        # Unset top-k/top-p mean none: transformers would otherwise apply its default top_k=50 silently.
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_k=settings.top_k or 0,
+                      top_p=settings.top_p or 1.0)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if settings.stop:

@@ -41,7 +41,7 @@ from align.rewards.checkers import CHECKERS
 from align.rewards.mix import RewardMix, checker_term, reward_model_term, term_names
 from align.rl.ppo import PPOTrainer
 from align.rl.rollout import sample_rollouts
-from align.stages.base import (StageContext, build_policy, latest_checkpoint, lora_targets, mixed_precision_args,
+from align.stages.base import (StageContext, build_policy, lora_targets, mixed_precision_args,
                                peak_rss_mb, register_entry, start_run)
 
 log = logging.getLogger(__name__)
@@ -164,20 +164,23 @@ def heldout_figures(trainer: PPOTrainer, rows: list[dict], policy_is_reference: 
     return figures, total.tolist()
 
 
-def parent_heldout(ctx: StageContext, trainer: PPOTrainer, rows: list[dict]) -> tuple[dict, list[float]]:
-    """The parent's held-out figures, measured once per run (cached in the run folder for resumes)."""
+def parent_heldout(ctx: StageContext, trainer: PPOTrainer, rows: list[dict]) -> tuple[dict, list[float], dict]:
+    """The parent's held-out figures and its evaluation-hook metrics (the same hook the stage's entry gets),
+    measured once per run: cached in the run folder, so a resumed run compares against the same numbers."""
     path = ctx.run_dir / "heldout_before.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-        return saved["figures"], saved["rewards"]
+        return saved["figures"], saved["rewards"], saved["baseline"]
+    log.info("measuring the parent on the held-out prompts and the evaluation hook")
     with trainer._reference_model() as reference:
         policy, trainer.model = trainer.model, reference
         try:
             figures, rewards = heldout_figures(trainer, rows, policy_is_reference=True)
+            baseline = evaluate_model(ctx.recipe, reference, trainer.tokenizer)
         finally:
             trainer.model = policy
-    write_json_atomic(path, {"figures": figures, "rewards": rewards})
-    return figures, rewards
+    write_json_atomic(path, {"figures": figures, "rewards": rewards, "baseline": baseline})
+    return figures, rewards, baseline
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -275,7 +278,7 @@ def run(ctx: StageContext):
              "estimator %s", ctx.entry_name, len(train), len(heldout), steps, cfg.rollout_batch,
              f"{trainable:,}", f"{total:,}", cfg.estimator)
 
-    before, before_rewards = parent_heldout(ctx, trainer, heldout)
+    before, before_rewards, baseline = parent_heldout(ctx, trainer, heldout)
     start, history = (load_checkpoint(trainer, resume_from) if resume_from else (0, []))
     prompts_per_step = cfg.rollout_batch // cfg.samples_per_prompt
     started = time.perf_counter()
@@ -330,7 +333,7 @@ def run(ctx: StageContext):
     pictures = [lambda folder: rl_curves_png(history, folder / "rl_curves.png", ctx.entry_name),
                 lambda folder: reward_histogram_png(before_rewards, after_rewards, folder / "reward_histogram.png",
                                                     title)]
-    manifest_extra = {"rl": {"estimator": cfg.estimator, "rewards": recorded_sources,
+    manifest_extra = {"baseline": {"of": ctx.parent.lineage(), "metrics": baseline}, "rl": {"estimator": cfg.estimator, "rewards": recorded_sources,
                              "kl": {**cfg.kl.model_dump(), "final_coef": trainer.kl.coef},
                              "value": cfg.value if cfg.estimator == "gae" else None}}
     if value_head is not None:

@@ -5,7 +5,6 @@ an interrupted run resumes to the same weights, and a failed reward gate or a ba
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from conftest import write_jsonl
 PROMPTS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(8) for b in range(8)]
 DIGIT = {"checker": "regex", "args": {"pattern": "[0-9]"}}
 FAST_PPO = {"from": "base", "rewards": [DIGIT], "rollout_batch": 16, "minibatch": 8, "batch_size": 8, "ppo_epochs": 2,
-            "max_steps": 16, "lr": 1e-2, "scheduler": "constant", "generation": {"max_new_tokens": 8, "temperature": 1.0},
+            "max_steps": 16, "lr": 1e-2, "scheduler": "constant", "generation": {"max_new_tokens": 8, "temperature": 1.0, "top_k": 50},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "logging_steps": 4, "save_steps": 4,
             "kl": {"coef": 0.01}, "eval_split": 0.1}
 
@@ -158,7 +157,8 @@ def test_rewards_mix_a_reward_model_and_a_checker_logged_per_source(tmp_path, ti
 
 
 def test_a_reward_model_that_failed_its_gate_is_refused(tmp_path, tiny_base):
-    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"}
+    # Contradictory pairs (each preference appears both ways): no model ranks them all right.
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}", "chosen": "ab"[i % 2], "rejected": "ba"[i % 2]}
                                                    for i in range(12)])
     reward_stage = {"kind": "reward", "from": "base", "data": str(prefs), "max_steps": 1, "batch_size": 4,
                     "gate": {"min_accuracy": 1.0}, "eval_split": 0.5}

@@ -1,0 +1,64 @@
+"""Rollout sampling speed on the default model: transformers' `generate` against our sampling loop (finished
+responses leave the batch), with fp32 weights under bf16 autocast and with bf16 weights.
+
+    python benchmarks/rollout_speed.py [--rows 32] [--max-new-tokens 64] [--repeats 2]
+
+Prints seconds per batch and generated tokens per second for each variant. Needs the packaged default model
+(registered on first use) and the quickstart's RL prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from align.data.tokenize import encode_prompt
+from align.generation import generate
+from align.models import inference_autocast, load_causal_lm, load_tokenizer, resolve_model_ref
+from align.recipe import GenerationSettings
+from align.registry import Registry
+from align.rl.sampler import sample
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--registry", default=str(ROOT / "registry"))
+    args = parser.parse_args()
+    registry = Registry(args.registry)
+    source = resolve_model_ref("smollm2-135m-instruct", registry)
+    tokenizer = load_tokenizer(source, registry)
+    rows = [json.loads(line) for line in (ROOT / "data/quickstart/rl_prompts.jsonl").open()][: args.rows // 4]
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in rows for _ in range(4)]
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.7)
+    print(f"{len(prompts)} rollouts, max_new_tokens {args.max_new_tokens}, temperature 0.7, "
+          f"{torch.get_num_threads()} threads")
+    for dtype in ("fp32", "bf16"):
+        model = load_causal_lm(source, registry, dtype=dtype).eval()
+        for name in ("generate", "sampler"):
+            seconds, tokens = [], 0
+            for repeat in range(args.repeats):
+                torch.manual_seed(repeat)
+                started = time.perf_counter()
+                if name == "generate":
+                    out = generate(model, tokenizer, prompts, settings, len(prompts), autocast=True)
+                else:
+                    with inference_autocast(model):
+                        out = sample(model, tokenizer, prompts, settings)
+                seconds.append(time.perf_counter() - started)
+                tokens += sum(len(g.token_ids) for g in out)
+            mean = sum(seconds) / len(seconds)
+            print(f"{dtype:>5} weights  {name:>8}: {mean:6.2f} s per batch, {tokens / sum(seconds):6.1f} tokens/s, "
+                  f"mean response {tokens / args.repeats / len(prompts):.1f} tokens")
+        del model
+
+
+if __name__ == "__main__":
+    main()
