@@ -92,7 +92,7 @@ class PPOTrainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     @contextlib.contextmanager
-    def _reference_model(self):
+    def reference_model(self):
         if self.reference is not None:
             yield self.reference
         else:
@@ -156,7 +156,7 @@ class PPOTrainer:
         self._split_checked = True
         index = list(range(min(4, len(rollouts))))
         mask = rollouts.mask[index]
-        with self._reference_model() as reference:
+        with self.reference_model() as reference:
             split, t = self._forward(reference, rollouts, index, prefixes=prefixes)
             plain, _ = self._forward(reference, rollouts, index)
         gap = float(((split["logps"] - plain["logps"]).abs() * mask[:, :t].to(self.device)).max())
@@ -166,7 +166,7 @@ class PPOTrainer:
             self.split = 0
 
     @torch.no_grad()
-    def _scoring_pass(self, model, rollouts: Rollouts, value_head=None,
+    def scoring_pass(self, model, rollouts: Rollouts, value_head=None,
                       prefixes: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Log-probs (and entropy, values) for every rollout row in chunks of `batch_size`, as [B, T]."""
         rows, width = len(rollouts), rollouts.input_ids.size(1) - 1
@@ -195,9 +195,9 @@ class PPOTrainer:
         if cfg.missing_eos_penalty:
             scores = scores - abs(cfg.missing_eos_penalty) * (~rollouts.ended).float()
         prefixes = self._prefixes(rollouts)
-        policy = {} if self.on_policy else self._scoring_pass(self.model, rollouts, self.value_head, prefixes)
-        with self._reference_model() as reference:
-            ref_logps = self._scoring_pass(reference, rollouts, prefixes=prefixes)["logps"]
+        policy = {} if self.on_policy else self.scoring_pass(self.model, rollouts, self.value_head, prefixes)
+        with self.reference_model() as reference:
+            ref_logps = self.scoring_pass(reference, rollouts, prefixes=prefixes)["logps"]
         mask = rollouts.mask.float()
         old_logps, values = policy.get("logps"), policy.get("values")
         advantages, returns = self.advantages(scores, old_logps, ref_logps, values, mask)

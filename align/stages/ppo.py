@@ -155,9 +155,9 @@ def heldout_figures(trainer: PPOTrainer, rows: list[dict], policy_is_reference: 
                "response_length": float(rollouts.mask.sum(dim=1).float().mean()), "prompts": len(rows)}
     if not policy_is_reference:
         sampled = sample_rollouts(trainer.model, trainer.tokenizer, rows, ids, cfg.generation, cfg.rollout_batch)
-        policy = trainer._scoring_pass(trainer.model, sampled)["logps"]
-        with trainer._reference_model() as reference:
-            ref = trainer._scoring_pass(reference, sampled)["logps"]
+        policy = trainer.scoring_pass(trainer.model, sampled)["logps"]
+        with trainer.reference_model() as reference:
+            ref = trainer.scoring_pass(reference, sampled)["logps"]
         figures["kl_per_token"] = float(masked_mean(kl_per_token(policy, ref, "k1"), sampled.mask.float()))
     else:
         figures["kl_per_token"] = 0.0
@@ -172,7 +172,7 @@ def parent_heldout(ctx: StageContext, trainer: PPOTrainer, rows: list[dict]) -> 
         saved = json.loads(path.read_text())
         return saved["figures"], saved["rewards"], saved["baseline"]
     log.info("measuring the parent on the held-out prompts and the evaluation hook")
-    with trainer._reference_model() as reference:
+    with trainer.reference_model() as reference:
         policy, trainer.model = trainer.model, reference
         try:
             figures, rewards = heldout_figures(trainer, rows, policy_is_reference=True)

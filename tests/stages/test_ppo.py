@@ -127,9 +127,9 @@ def test_reference_log_probs_stay_fixed_while_the_policys_move(tmp_path, tiny_ba
     fixed = sample_rollouts(model, tokenizer, rows, ids, cfg.generation, 16)
 
     def both():
-        with trainer._reference_model() as reference:
-            ref = trainer._scoring_pass(reference, fixed)["logps"]
-        return ref, trainer._scoring_pass(model, fixed)["logps"]
+        with trainer.reference_model() as reference:
+            ref = trainer.scoring_pass(reference, fixed)["logps"]
+        return ref, trainer.scoring_pass(model, fixed)["logps"]
 
     ref_before, policy_before = both()
     assert torch.equal(ref_before, policy_before)
