@@ -128,19 +128,15 @@ def _mean_nll(model, data: list[Encoded], pad_id: int, batch_size: int) -> float
 
 def load_eval_prompts(recipe) -> tuple[list[dict], str | None]:
     """Rows of the recipe's `eval.prompts`, each with `messages` (the prompt as chat) and its other fields."""
-    from align.data.formats import _as_messages
     from align.data.io import fingerprint, read_rows
+    from align.data.prompts import prompt_messages
 
     spec = recipe.eval.prompts
     if spec is None:
         return [], None
     path = recipe.resolve_path(spec.path) if not spec.path.startswith("hf:") else spec.path
     rows = read_rows(path, split=spec.split, limit=spec.limit)[: recipe.eval.limit]
-    out = []
-    for row in rows:
-        prompt = row.get("prompt", row.get("question"))
-        out.append({**row, "messages": _as_messages(prompt, "prompt", "user")})
-    return out, fingerprint(path, rows)
+    return [{**row, "messages": prompt_messages(row)} for row in rows], fingerprint(path, rows)
 
 
 def evaluate_model(recipe, model, tokenizer, fallback_loss: list[Encoded] | None = None) -> dict:

@@ -7,9 +7,13 @@ failure we want to see, not hide).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from align.data.sampling import pad_left
+from align.models import inference_autocast
 
 
 @dataclass
@@ -39,10 +43,6 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings, batch_size
              autocast: bool = False) -> list[Generated]:
     """Responses in input order. `autocast`: sample under bf16 autocast where the hardware has it (RL
     rollouts, whose log-probs are recomputed in full precision afterwards)."""
-    import contextlib
-
-    from align.models import inference_autocast
-
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
@@ -53,13 +53,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings, batch_size
     kwargs = generation_kwargs(settings, tokenizer)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        width = max(len(prompt_ids[i]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids = prompt_ids[i]
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention[row, width - len(ids):] = 1
+        input_ids, attention = pad_left([prompt_ids[i] for i in chunk], pad)
+        width = input_ids.size(1)
         with inference_autocast(model) if autocast else contextlib.nullcontext():
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
         for row, i in enumerate(chunk):

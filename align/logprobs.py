@@ -145,8 +145,13 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
             out["values"] = values.new_zeros(scored.shape).masked_scatter(scored, values)
         if values_only:
             return out
-        parts = [_token_logps_entropy(picked[i:i + HEAD_CHUNK], head.weight, targets[scored][i:i + HEAD_CHUNK],
-                                      temperature) for i in range(0, picked.size(0), HEAD_CHUNK)]
+        # As in `head_logps`: past one chunk, logits are recomputed in the backward pass, not kept.
+        remat = torch.is_grad_enabled() and picked.size(0) > HEAD_CHUNK
+        picked_targets, parts = targets[scored], []
+        for i in range(0, picked.size(0), HEAD_CHUNK):
+            args = (picked[i:i + HEAD_CHUNK], head.weight, picked_targets[i:i + HEAD_CHUNK], temperature)
+            parts.append(checkpoint(_token_logps_entropy, *args, use_reentrant=False) if remat
+                         else _token_logps_entropy(*args))
         logps = torch.cat([p[0] for p in parts]) if parts else picked.new_zeros(0)
         entropy = torch.cat([p[1] for p in parts]) if parts else picked.new_zeros(0)
         out["logps"] = logps.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, logps.float())

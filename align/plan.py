@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from align.data.formats import load_conversations
 from align.data.io import check_source, is_hub_dataset, read_rows
 from align.data.preference import load_pairs
+from align.data.prompts import prompt_problems
 from align.data.prepare import pair_problems_for_plan, problems_for_plan
 from align.errors import AlignError, ConfigError, Problem
 from align.evaluate import METRICS
 from align.models import ModelSource, four_bit_problem, resolve_model_ref
 from align.registry import Registry
-from align.rewards.checkers import CHECKERS
+from align.rewards.checkers import CHECKERS, fields_needed
 
 IMPLEMENTED = {"sft", "reward", "dpo", "ppo"}
 
@@ -202,14 +203,9 @@ def _check_data(recipe, spec, where: str, cfg, problems: list[Problem]) -> list[
         if conversations.problems and cfg.on_bad_rows == "drop":
             note += f", {len(conversations.problems)} bad rows to drop"
     if cfg.kind == "ppo":
-        from align.data.prompts import prompt_problems
-        from align.stages.ppo import checker_needs
-
-        found = prompt_problems(rows, str(spec.path), checker_needs(cfg))
-        problems += [Problem(where, str(p)) for p in found[:10]]
-        if len(found) > 10:
-            problems.append(Problem(where, f"... and {len(found) - 10} more unusable prompt rows"))
-        note += ", prompts" + (f" checked for {', '.join(sorted(checker_needs(cfg)))}" if checker_needs(cfg) else "")
+        needs = fields_needed(s.checker for s in cfg.rewards if s.checker is not None)
+        _prompt_problems(rows, str(spec.path), needs, where, problems)
+        note += ", prompts" + (f" checked for {', '.join(sorted(needs))}" if needs else "")
     if cfg.kind in {"reward", "dpo"}:
         try:
             pairs = load_pairs(rows, str(spec.path), cfg.margin_field)
@@ -251,14 +247,13 @@ def _check_eval(recipe, problems: list[Problem]) -> None:
     except AlignError as err:
         problems.append(Problem("eval.prompts", str(err)))
         return
-    for index, row in enumerate(rows[: settings.limit]):
-        if not row.get("prompt", row.get("question")):
-            problems.append(Problem(f"eval.prompts: {spec.path}: row {index}", "missing field `prompt`"))
-            break
-        for name in settings.checkers:
-            needs = CHECKERS[name].needs if name in CHECKERS else ()
-            missing = [f for f in needs if row.get(f) in (None, "")]
-            if missing:
-                problems.append(Problem(f"eval.prompts: {spec.path}: row {index}",
-                                        f"checker {name!r} needs field(s) {', '.join(missing)}"))
-                return
+    _prompt_problems(rows[: settings.limit], str(spec.path), fields_needed(settings.checkers), "eval.prompts",
+                     problems)
+
+
+def _prompt_problems(rows: list[dict], source: str, needs: dict, where: str, problems: list[Problem]) -> None:
+    """Prompt rows without a prompt or without a field a checker reads, the first ten named by file and row."""
+    found = prompt_problems(rows, source, needs)
+    problems += [Problem(where, str(p)) for p in found[:10]]
+    if len(found) > 10:
+        problems.append(Problem(where, f"... and {len(found) - 10} more unusable prompt rows"))

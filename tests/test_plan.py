@@ -175,3 +175,20 @@ def test_shipped_recipe_plans(path, tmp_path, monkeypatch, no_weights):
     if recipe.base in align.packaged.PACKAGED:
         assert plan.base.kind == "packaged"  # resolved by name; nothing downloaded or converted
     assert not (tmp_path / "registry").exists()
+
+
+def test_eval_prompts_without_the_fields_of_the_eval_checkers_are_named(tiny_raw_recipe, tmp_path, no_weights):
+    raw = tiny_raw_recipe(tmp_path)
+    prompts = write_jsonl(tmp_path / "eval_prompts.jsonl", [{"prompt": "What is 1 + 1?", "answer": "2"},
+                                                            {"prompt": "What is 2 + 2?"}, {"answer": "3"}])
+    raw["eval"]["prompts"] = str(prompts)
+    problems = [str(p) for p in _plan_error(raw, tmp_path).problems]
+    assert problems == [f"eval.prompts: {prompts}: row 1: checker 'math_answer' needs field(s) answer",
+                        f"eval.prompts: {prompts}: row 2: missing field `prompt` (or one of question, messages, "
+                        "instruction)"]
+
+
+def _plan_error(raw: dict, tmp_path: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        make_plan(validate(raw, tmp_path), Registry(tmp_path / "registry"))
+    return info.value

@@ -82,6 +82,11 @@ def checker(name: str, needs: tuple[str, ...] = (), params: tuple[str, ...] = ()
     return register
 
 
+def fields_needed(names) -> dict[str, tuple[str, ...]]:
+    """For each known checker name, the row fields it reads (unknown names are reported elsewhere)."""
+    return {name: CHECKERS[name].needs for name in names if name in CHECKERS}
+
+
 def get_checker(name: str) -> Checker:
     if name not in CHECKERS:
         raise KeyError(f"unknown checker {name!r}; known: {', '.join(sorted(CHECKERS))}")

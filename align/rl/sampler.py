@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from align.data.sampling import pad_left
 from align.generation import Generated
 
 
@@ -44,14 +45,10 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings) -> list[Gene
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    width = max(len(p) for p in prompt_ids)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     rows = len(prompt_ids)
-    input_ids = torch.full((rows, width), pad, dtype=torch.long)
-    attention = torch.zeros((rows, width), dtype=torch.long)
-    for row, ids in enumerate(prompt_ids):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention[row, width - len(ids):] = 1
+    input_ids, attention = pad_left(prompt_ids, pad)
     input_ids, attention = input_ids.to(device), attention.to(device)
     positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)

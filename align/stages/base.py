@@ -187,6 +187,29 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------ callbacks
 
 
+class StopRequest:
+    """While entered, SIGTERM/SIGINT only set `requested`: the training loop finishes its step, saves a
+    checkpoint and stops. Shared by the `Trainer` callback below and the PPO loop."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.warning("signal %s received: saving a checkpoint after this step", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 def safety_callbacks(time_limit_minutes: float | None = None):
     """Callbacks for HF/TRL trainers: [graceful stop, time limit]. The graceful stop's `requested` flag
     tells the caller the run was interrupted (SIGTERM/SIGINT: checkpoint saved, stop); the time limit's
@@ -217,16 +240,14 @@ def safety_callbacks(time_limit_minutes: float | None = None):
         """On SIGTERM or SIGINT, finish the current step, save a checkpoint, and stop."""
 
         def __init__(self):
-            self.requested = False
-            self._previous = {}
+            self._stop = StopRequest()
+
+        @property
+        def requested(self) -> bool:
+            return self._stop.requested
 
         def on_train_begin(self, args, state, control, **kwargs):
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-        def _handle(self, signum, frame):
-            self.requested = True
-            log.warning("signal %s received: saving a checkpoint after this step", signum)
+            self._stop.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.requested:
@@ -234,8 +255,7 @@ def safety_callbacks(time_limit_minutes: float | None = None):
                 control.should_training_stop = True
 
         def on_train_end(self, args, state, control, **kwargs):
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
+            self._stop.__exit__(None, None, None)
 
     return [GracefulStop(), TimeLimit(time_limit_minutes)]
 
@@ -345,10 +365,10 @@ def lora_targets(peft_cfg) -> str | list[str] | None:
 
 def register_entry(ctx: StageContext, kind: str, model, tokenizer, peft_cfg, *, report, config_dump: dict,
                    history: list[dict], timings: dict, metrics: dict, artifact_extra: dict | None = None,
-                   adapter_extra: dict | None = None, manifest_extra: dict | None = None, pictures=()):
+                   adapter_extra: dict | None = None, manifest_extra: dict | None = None, extra_files=()):
     """Save a trained stage as one registry entry (atomically): adapter or full weights, tokenizer, training
-    curve and any stage pictures (`pictures`: callables given the entry folder), and the manifest with its
-    lineage. Every stage registers through here, so every manifest has the same shape."""
+    curve, the stage's pictures and other files (`extra_files`: callables given the entry folder), and the
+    manifest with its lineage. Every stage registers through here, so every manifest has the same shape."""
     cfg = ctx.config
     with ctx.registry.create(ctx.entry_name, kind) as draft:
         if peft_cfg is not None:
@@ -362,8 +382,8 @@ def register_entry(ctx: StageContext, kind: str, model, tokenizer, peft_cfg, *, 
         artifact.update(artifact_extra or {})
         tokenizer.save_pretrained(draft.path / "tokenizer")
         training_curve_png(history, draft.path / "training_curve.png", ctx.entry_name)
-        for draw in pictures:
-            draw(draft.path)
+        for write in extra_files:
+            write(draft.path)
         draft.manifest.update({
             "stage": {"name": ctx.name, "kind": cfg.kind},
             "recipe": {"name": ctx.recipe.name, "source": ctx.recipe.source},

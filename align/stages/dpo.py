@@ -289,10 +289,10 @@ def run(ctx: StageContext):
 def register(ctx: StageContext, model, tokenizer, peft_cfg, report, config_dump: dict, history: list[dict],
              timings: dict, metrics: dict, margins: list[float]):
     title = (f"{ctx.entry_name}: held-out reward margins (accuracy {metrics.get('preference_accuracy', 0):.3f})")
-    pictures = [lambda folder: margin_histogram_png(margins, folder / "margin_histogram.png", title)]
+    extra_files = [lambda folder: margin_histogram_png(margins, folder / "margin_histogram.png", title)]
     return register_entry(
         ctx, "policy", model, tokenizer, peft_cfg, report=report, config_dump=config_dump, history=history,
         timings=timings, metrics=metrics, adapter_extra={"targets": lora_targets(peft_cfg)},
         manifest_extra={"preference": {"loss": ctx.config.loss, "beta": ctx.config.beta,
                                        "reference": reference_mode(ctx.config)}},
-        pictures=pictures)
+        extra_files=extra_files)

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -37,11 +36,11 @@ from align.losses import kl_per_token, masked_mean
 from align.models import count_parameters
 from align.plots import reward_histogram_png, rl_curves_png
 from align.registry import write_json_atomic
-from align.rewards.checkers import CHECKERS
+from align.rewards.checkers import fields_needed
 from align.rewards.mix import RewardMix, checker_term, reward_model_term, term_names
 from align.rl.ppo import PPOTrainer
 from align.rl.rollout import sample_rollouts
-from align.stages.base import (StageContext, build_policy, lora_targets, mixed_precision_args,
+from align.stages.base import (StageContext, StopRequest, build_policy, lora_targets, mixed_precision_args,
                                peak_rss_mb, register_entry, start_run)
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,8 @@ STATE_FILE = "state.pt"
 
 
 def checker_needs(cfg) -> dict[str, tuple[str, ...]]:
-    return {s.checker: CHECKERS[s.checker].needs for s in cfg.rewards if s.checker is not None and s.checker in CHECKERS}
+    """The prompt-row fields the stage's checkers read."""
+    return fields_needed(s.checker for s in cfg.rewards if s.checker is not None)
 
 
 def prepare_prompts(ctx: StageContext, tokenizer) -> tuple[list[dict], list[dict], DataReport]:
@@ -140,27 +140,28 @@ def build_rewards(ctx: StageContext) -> tuple[RewardMix, list[dict]]:
 
 
 @torch.no_grad()
-def heldout_figures(trainer: PPOTrainer, rows: list[dict], policy_is_reference: bool = False) -> tuple[dict, list[float]]:
-    """Greedy responses to the held-out prompts scored by the reward mix (raw: no normalization), and the
-    per-token KL to the reference of sampled responses. Returns (figures, per-prompt rewards)."""
+def heldout_figures(trainer: PPOTrainer, rows: list[dict], reference=None) -> tuple[dict, list[float]]:
+    """Greedy responses to the held-out prompts, scored by the reward mix (raw: no normalization), and the
+    per-token KL to the reference of sampled responses. From the policy, or from `reference` when given
+    (the parent, before training: KL 0 by definition). Returns (figures, per-prompt rewards)."""
     if not rows:
         return {}, []
     cfg = trainer.cfg
+    model = trainer.model if reference is None else reference
     greedy = cfg.generation.model_copy(update={"temperature": 0.0})
     ids = [r["prompt_ids"] for r in rows]
-    rollouts = sample_rollouts(trainer.model, trainer.tokenizer, rows, ids, greedy, cfg.rollout_batch)
+    rollouts = sample_rollouts(model, trainer.tokenizer, rows, ids, greedy, cfg.rollout_batch)
     total, per_source = trainer.rewards.raw(rows, rollouts.texts)
     figures = {"reward": float(total.mean()), **{f"reward/{k}": float(v.mean()) for k, v in per_source.items()},
                "eos_rate": float(rollouts.ended.float().mean()),
-               "response_length": float(rollouts.mask.sum(dim=1).float().mean()), "prompts": len(rows)}
-    if not policy_is_reference:
-        sampled = sample_rollouts(trainer.model, trainer.tokenizer, rows, ids, cfg.generation, cfg.rollout_batch)
-        policy = trainer.scoring_pass(trainer.model, sampled)["logps"]
+               "response_length": float(rollouts.mask.sum(dim=1).float().mean()), "prompts": len(rows),
+               "kl_per_token": 0.0}
+    if reference is None:
+        sampled = sample_rollouts(model, trainer.tokenizer, rows, ids, cfg.generation, cfg.rollout_batch)
+        policy = trainer.scoring_pass(model, sampled)["logps"]
         with trainer.reference_model() as reference:
             ref = trainer.scoring_pass(reference, sampled)["logps"]
         figures["kl_per_token"] = float(masked_mean(kl_per_token(policy, ref, "k1"), sampled.mask.float()))
-    else:
-        figures["kl_per_token"] = 0.0
     return figures, total.tolist()
 
 
@@ -173,12 +174,8 @@ def parent_heldout(ctx: StageContext, trainer: PPOTrainer, rows: list[dict]) -> 
         return saved["figures"], saved["rewards"], saved["baseline"]
     log.info("measuring the parent on the held-out prompts and the evaluation hook")
     with trainer.reference_model() as reference:
-        policy, trainer.model = trainer.model, reference
-        try:
-            figures, rewards = heldout_figures(trainer, rows, policy_is_reference=True)
-            baseline = evaluate_model(ctx.recipe, reference, trainer.tokenizer)
-        finally:
-            trainer.model = policy
+        figures, rewards = heldout_figures(trainer, rows, reference)
+        baseline = evaluate_model(ctx.recipe, reference, trainer.tokenizer)
     write_json_atomic(path, {"figures": figures, "rewards": rewards, "baseline": baseline})
     return figures, rewards, baseline
 
@@ -209,27 +206,6 @@ def load_checkpoint(trainer: PPOTrainer, folder: Path) -> tuple[int, list[dict]]
     meta = json.loads((folder / "trainer_state.json").read_text())
     log.info("resuming from %s (step %d)", folder, meta["global_step"])
     return meta["global_step"], meta["history"]
-
-
-class StopRequest:
-    """SIGTERM/SIGINT during training: finish the step, save a checkpoint, stop."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        log.warning("signal %s received: saving a checkpoint after this step", signum)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -327,10 +303,8 @@ def run(ctx: StageContext):
              after.get("reward", float("nan")), after.get("kl_per_token", float("nan")))
     model.eval()
     metrics.update(evaluate_model(ctx.recipe, model, tokenizer))
-    if reference is not None:
-        del reference
     title = f"{ctx.entry_name}: held-out rewards"
-    pictures = [lambda folder: rl_curves_png(history, folder / "rl_curves.png", ctx.entry_name),
+    extra_files = [lambda folder: rl_curves_png(history, folder / "rl_curves.png", ctx.entry_name),
                 lambda folder: reward_histogram_png(before_rewards, after_rewards, folder / "reward_histogram.png",
                                                     title)]
     manifest_extra = {"baseline": {"of": ctx.parent.lineage(), "metrics": baseline}, "rl": {"estimator": cfg.estimator, "rewards": recorded_sources,
@@ -338,15 +312,15 @@ def run(ctx: StageContext):
                              "value": cfg.value if cfg.estimator == "gae" else None}}
     if value_head is not None:
         manifest_extra["rl"]["value_head"] = "value_head.pt"
-        pictures.append(lambda folder: torch.save(value_head.state_dict(), folder / "value_head.pt"))
+        extra_files.append(lambda folder: torch.save(value_head.state_dict(), folder / "value_head.pt"))
     if critic:  # the entry is the policy: PEFT saved the critic's adapter inside it; keep it beside instead
-        pictures.append(lambda folder: shutil.move(str(folder / "adapter" / critic), str(folder / critic)))
+        extra_files.append(lambda folder: shutil.move(str(folder / "adapter" / critic), str(folder / critic)))
         manifest_extra["rl"]["critic_adapter"] = critic
 
     return register_entry(ctx, "policy", model, tokenizer, peft_cfg, report=report, config_dump=config_dump,
                           history=history, timings=timings, metrics=metrics,
                           adapter_extra={"targets": lora_targets(peft_cfg)}, manifest_extra=manifest_extra,
-                          pictures=pictures)
+                          extra_files=extra_files)
 
 
 def _time_split(history: list[dict]) -> dict:

@@ -160,4 +160,4 @@ def register(ctx: StageContext, model, tokenizer, peft_cfg, report, config_dump:
         ctx, "reward", model, tokenizer, peft_cfg, report=report, config_dump=config_dump, history=history,
         timings=timings, metrics=metrics, artifact_extra={"head": "score", "pooling": ctx.config.pooling},
         adapter_extra={"modules_to_save": ["score"]}, manifest_extra={"gate": gate},
-        pictures=[lambda folder: score_histogram_png(*scores, folder / "score_histogram.png", title)])
+        extra_files=[lambda folder: score_histogram_png(*scores, folder / "score_histogram.png", title)])

@@ -53,3 +53,11 @@ def test_pad_right_pads_ids_and_labels():
     assert ids.tolist() == [[4, 5, 6], [7, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     labels, _ = pad_right([[-100, 5], [-100, -100, 9]], -100)
     assert labels.tolist() == [[-100, 5, -100], [-100, -100, 9]]
+
+
+def test_pad_left_puts_every_row_against_the_right_edge():
+    from align.data.sampling import pad_left
+
+    ids, mask = pad_left([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
