@@ -10,6 +10,7 @@ import importlib
 import logging
 from pathlib import Path
 
+from align.evaluate import evaluation_registry
 from align.models import ModelSource
 from align.plan import make_plan
 from align.registry import Entry, Registry
@@ -34,5 +35,6 @@ def run_recipe(recipe, registry: Registry | None = None, only: list[str] | None 
         ctx = StageContext(recipe=recipe, name=stage.name, config=recipe.stages[stage.name], registry=plan.registry,
                            parent=parent, runs_root=runs_root, force=force)
         runner = importlib.import_module(RUNNERS[stage.kind])
-        produced[stage.name] = runner.run(ctx)
+        with evaluation_registry(plan.registry):  # the hook resolves eval.reward_model / eval.against here
+            produced[stage.name] = runner.run(ctx)
     return produced

@@ -89,6 +89,7 @@ def make_plan(recipe, registry: Registry | None = None, only: list[str] | None =
                 stage.notes += _check_data(recipe, spec, f"{where}.{key}", cfg, problems)
         plans.append(stage)
     _check_eval(recipe, problems)
+    _check_eval_models(recipe, registry, problems, check_hub)
     if problems:
         raise ConfigError(problems, recipe.source)
     return Plan(recipe=recipe, registry=registry, base=base, stages=plans)
@@ -249,6 +250,41 @@ def _check_eval(recipe, problems: list[Problem]) -> None:
         return
     _prompt_problems(rows[: settings.limit], str(spec.path), fields_needed(settings.checkers), "eval.prompts",
                      problems)
+
+
+GENERATING_METRICS = ("reward", "win_rate", "length", "repetition", "speed")  # besides checkers and samples
+
+
+def _check_eval_models(recipe, registry, problems: list[Problem], check_hub: bool) -> None:
+    """The judge (`eval.reward_model`) and opponent (`eval.against`) the hook's reward and win-rate metrics use:
+    a stage of the recipe (registered when it runs; until then those metrics are skipped) or a model ref."""
+    from align.rewards.scoring import reward_problem
+
+    settings = recipe.eval
+    generating = [m for m in settings.metrics if m in GENERATING_METRICS]
+    if generating and settings.prompts is None:
+        problems.append(Problem("eval.prompts", f"metrics {', '.join(generating)} generate responses: set "
+                                                "`eval.prompts`"))
+    judged = [m for m in settings.metrics if m in ("reward", "win_rate")]
+    if judged and settings.reward_model is None:
+        problems.append(Problem("eval.reward_model", f"metrics {', '.join(judged)} need a judge: set "
+                                                     "`eval.reward_model` to a reward entry or reward stage"))
+    for key, ref in (("reward_model", settings.reward_model), ("against", settings.against)):
+        if ref is None or ref in ("base", "@base"):
+            continue
+        stage = ref[1:] if ref.startswith("@") else ref
+        if stage in recipe.stages:
+            kind = recipe.stages[stage].kind
+            if key == "reward_model" and kind != "reward":
+                problems.append(Problem(f"eval.{key}", f"stage {stage!r} is a {kind} stage, not a reward model"))
+            if key == "against" and kind == "reward":
+                problems.append(Problem(f"eval.{key}", f"stage {stage!r} is a reward model, not a policy"))
+            continue
+        source = _resolve(ref, f"eval.{key}", registry, problems, check_hub)
+        if source is not None and key == "reward_model":
+            why = reward_problem(source)
+            if why:
+                problems.append(Problem(f"eval.{key}", why))
 
 
 def _prompt_problems(rows: list[dict], source: str, needs: dict, where: str, problems: list[Problem]) -> None:

@@ -109,3 +109,50 @@ def reward_histogram_png(before: list[float], after: list[float], path: Path, ti
         ax.hist(before, bins=bins, alpha=0.6, label=f"before (mean {sum(before) / len(before):.3f})")
     ax.hist(after, bins=bins, alpha=0.6, label=f"after (mean {sum(after) / len(after):.3f})")
     return _save(plt, fig, ax, "reward", "held-out prompts", title, path)
+
+
+def history_curves_png(histories: dict[str, list[dict]], path: Path, title: str) -> Path | None:
+    """Several entries' logged training histories side by side: training loss (and eval loss, dashed) for
+    the entries that log a loss, RL reward for those that log one, each against step."""
+    panels = [("loss", [(label, h) for label, h in histories.items() if any("loss" in r for r in h)]),
+              ("reward (RL)", [(label, h) for label, h in histories.items() if any("reward" in r for r in h)])]
+    panels = [(name, series) for name, series in panels if series]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels):
+        key = "loss" if name == "loss" else "reward"
+        for label, history in series:
+            points = [(r["step"], r[key]) for r in history if key in r and "step" in r and r[key] is not None]
+            if points:
+                line, = ax.plot(*zip(*points), label=label)
+                if key == "loss":
+                    evals = [(r["step"], r["eval_loss"]) for r in history
+                             if r.get("eval_loss") is not None and "step" in r]
+                    if evals:
+                        ax.plot(*zip(*evals), linestyle="--", marker="o", color=line.get_color(),
+                                label=f"{label} (eval)")
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def score_distributions_png(scores: dict[str, list[float]], path: Path, title: str) -> Path | None:
+    """Overlaid histograms of each entry's per-prompt scores (e.g. the judge's reward of its responses)."""
+    scores = {label: values for label, values in scores.items() if values}
+    if not scores:
+        return None
+    plt = _pyplot()
+    values = [v for vs in scores.values() for v in vs]
+    low, high = min(values), max(values)
+    bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for label, vs in scores.items():
+        ax.hist(vs, bins=bins, histtype="step", linewidth=1.5, label=f"{label} (mean {sum(vs) / len(vs):.3f})")
+    return _save(plt, fig, ax, "score", "prompts", title, path)

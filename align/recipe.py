@@ -62,11 +62,31 @@ class DataSpec(Strict):
 
 
 class GenerationSettings(Strict):
+    """How responses are decoded (`align.generation`). `temperature` 0 is greedy (top_k/top_p unused); above 0
+    it samples, with optional `top_k`/`top_p`. `num_beams` > 1 is beam search (beam sampling when temperature
+    > 0). `repetition_penalty` is transformers' (CTRL: a seen token's logit is divided by it when positive,
+    multiplied when negative; 1 = off). `presence_penalty`/`frequency_penalty` follow OpenAI: each generated
+    token's logit drops by presence * [count > 0] + frequency * count, counted over the response only. A
+    response ends at EOS, at a `stop` string (kept in the text) or at `max_new_tokens`; EOS is held back
+    until `min_new_tokens`. The defaults are plain greedy decoding."""
+
     max_new_tokens: int = Field(64, gt=0)
+    min_new_tokens: int = Field(0, ge=0)
     temperature: float = Field(0.0, ge=0)
     top_k: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
+    num_beams: int = Field(1, gt=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stop: list[str] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GenerationSettings":
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) is larger than max_new_tokens "
+                             f"({self.max_new_tokens})")
+        return self
 
 
 class Gate(Strict):
@@ -217,7 +237,9 @@ class PPOStage(StageBase):
     gae (a critic and GAE with `gamma`, `lam`; `value`: head = a value head on the policy trunk, adapter =
     a value head on a second LoRA adapter of the same base), grpo (group-normalized advantages over
     the k samples of a prompt) or rloo (leave-one-out baseline). `missing_eos_penalty` is subtracted from the
-    reward of a response cut at `generation.max_new_tokens`. `eval_split` of the prompts (at most
+    reward of a response cut at `generation.max_new_tokens`. `skip_uniform_groups` (grpo/rloo with the KL in
+    the loss): a prompt whose k responses all got the same reward has zero advantage, so its rows skip the
+    scoring and training passes (DAPO's dynamic sampling, without resampling). `eval_split` of the prompts (at most
     `eval_limit`) are held out; the stage reports their reward before and after training."""
 
     kind: Literal["ppo"] = "ppo"
@@ -241,6 +263,7 @@ class PPOStage(StageBase):
     lam: float = Field(0.95, ge=0, le=1)
     whiten_advantages: bool = True
     group_scale: bool = True
+    skip_uniform_groups: bool = True
     reward_normalize: bool = False
     reward_clip: float | None = Field(None, gt=0)
     missing_eos_penalty: float | None = Field(None, ge=0)
@@ -259,6 +282,10 @@ class PPOStage(StageBase):
                              "qlora (use value: head with full fine-tuning)")
         if self.minibatch > self.rollout_batch:
             raise ValueError(f"minibatch ({self.minibatch}) is larger than rollout_batch ({self.rollout_batch})")
+        if self.generation.num_beams > 1:
+            raise ValueError(f"generation.num_beams is {self.generation.num_beams}, but PPO needs responses sampled "
+                             "from the policy (beam search picks high-likelihood sequences, not samples): use "
+                             "num_beams: 1 with temperature > 0")
         return self
 
 
@@ -293,7 +320,12 @@ class EvalSettings(Strict):
     """The evaluation hook's settings, shared by every stage so their results compare side by side.
 
     `prompts` rows hold a `prompt` (text or messages) and, for checkers, an `answer`; `data` holds
-    demonstrations for loss and perplexity (default: the SFT stage's held-out split)."""
+    demonstrations for loss and perplexity (default: the SFT stage's held-out split). Metrics (registered in
+    `align.evaluate`): loss, perplexity, checkers, samples, reward (scores of the responses by `reward_model`:
+    a reward entry ref or a reward stage of this recipe), win_rate (against the responses of `against`: a ref,
+    a stage of this recipe or `base`, the default; judged by `reward_model`, ties count half), length,
+    repetition (distinct-1/2) and speed (time to first token, time per output token, tokens/s, one prompt at
+    a time over `speed_prompts` prompts)."""
 
     prompts: DataSpec | None = None
     data: DataSpec | None = None
@@ -303,6 +335,9 @@ class EvalSettings(Strict):
     limit: int = Field(100, gt=0)
     samples: int = Field(3, ge=0)
     batch_size: int = Field(16, gt=0)
+    reward_model: str | None = None
+    against: str | None = None
+    speed_prompts: int = Field(3, gt=0)
 
 
 class Recipe(Strict):

@@ -102,3 +102,32 @@ def tiny_raw_recipe(tiny_base):
         return recipe_dict(folder, tiny_base, stage, **kwargs)
 
     return make
+
+
+def register_tiny_reward(registry: Registry, base: Path, name: str = "tiny/reward", seed: int = 0):
+    """A reward entry (a one-output sequence classifier on the tiny base, random score head) registered as a
+    stage would: kind `reward`, full weights, the base's tokenizer. For tests that need a judge."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 1.0)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    with registry.create(name, "reward") as draft:
+        model.save_pretrained(draft.path / "model", safe_serialization=True)
+        tokenizer.save_pretrained(draft.path / "tokenizer")
+        draft.manifest.update({"artifact": {"type": "full", "path": "model", "pooling": "last"},
+                               "tokenizer": {"path": "tokenizer"}, "metrics": {}})
+    return draft.entry
+
+
+@pytest.fixture
+def tiny_reward(tiny_base):
+    """Factory: `tiny_reward(registry, name=..., seed=...)` -> a registered tiny reward entry."""
+
+    def make(registry: Registry, name: str = "tiny/reward", seed: int = 0):
+        return register_tiny_reward(registry, tiny_base, name, seed)
+
+    return make

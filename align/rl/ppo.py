@@ -48,6 +48,19 @@ class Experience:
     advantages: torch.Tensor    # [B, T]
     returns: torch.Tensor | None
     prefixes: list[torch.Tensor] | None = None  # per row [L_i, H]: output of the frozen blocks, when shared
+    # Everything sampled this step, for the figures; `rollouts` and `scores` above are the rows trained on
+    # (fewer when uniform groups are skipped).
+    sampled: Rollouts | None = None
+    sampled_scores: torch.Tensor | None = None
+
+
+def informative_rows(scores: torch.Tensor, k: int) -> list[int]:
+    """Rows of the prompts whose k rewards are not all equal. Under grpo/rloo a uniform group's advantages
+    are all zero: with the KL in the loss such rows teach the policy nothing but the KL term, so skipping
+    them saves their scoring and training passes (DAPO's dynamic sampling, without the resampling)."""
+    groups = scores.view(-1, k)
+    varied = (groups.max(dim=1).values - groups.min(dim=1).values) > 1e-6
+    return [g * k + j for g in varied.nonzero().flatten().tolist() for j in range(k)]
 
 
 def last_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -83,6 +96,7 @@ class PPOTrainer:
         # of the update's own forward pass, so no separate pass is needed (ratio 1, as in GRPO).
         self.on_policy = (cfg.ppo_epochs == 1 and cfg.minibatch >= cfg.rollout_batch and cfg.estimator != "gae"
                           and cfg.kl.penalty == "loss")
+        self.skip_uniform = cfg.skip_uniform_groups and cfg.estimator != "gae" and cfg.kl.penalty == "loss"
 
     # -------------------------------------------------------------------------------------- passes
 
@@ -194,6 +208,16 @@ class PPOTrainer:
         scores, per_source = self.rewards(rows, rollouts.texts)
         if cfg.missing_eos_penalty:
             scores = scores - abs(cfg.missing_eos_penalty) * (~rollouts.ended).float()
+        sampled, sampled_scores = rollouts, scores
+        if self.skip_uniform:
+            keep = informative_rows(scores, cfg.samples_per_prompt)
+            rollouts, scores = rollouts.select(keep), scores[keep]
+            if not keep:  # every prompt's responses scored alike: nothing to learn from this batch
+                empty = torch.zeros(0, rollouts.input_ids.size(1) - 1)
+                experience = Experience(rollouts=rollouts, mask=empty, old_logps=None, ref_logps=empty, entropy=None,
+                                        values=None, scores=scores, per_source=per_source, advantages=empty,
+                                        returns=None, sampled=sampled, sampled_scores=sampled_scores)
+                return experience, {"generate": generated - started, "score": time.perf_counter() - generated}
         prefixes = self._prefixes(rollouts)
         policy = {} if self.on_policy else self.scoring_pass(self.model, rollouts, self.value_head, prefixes)
         with self.reference_model() as reference:
@@ -204,7 +228,8 @@ class PPOTrainer:
         scored = time.perf_counter()
         experience = Experience(rollouts=rollouts, mask=mask, old_logps=old_logps, ref_logps=ref_logps,
                                 entropy=policy.get("entropy"), values=values, scores=scores,
-                                per_source=per_source, advantages=advantages, returns=returns, prefixes=prefixes)
+                                per_source=per_source, advantages=advantages, returns=returns, prefixes=prefixes,
+                                sampled=sampled, sampled_scores=sampled_scores)
         return experience, {"generate": generated - started, "score": scored - generated}
 
     def advantages(self, scores, old_logps, ref_logps, values, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -302,21 +327,23 @@ class PPOTrainer:
         if exp.old_logps is not None:
             stats["kl_per_token"] = float(masked_mean(kl_per_token(exp.old_logps, exp.ref_logps, "k1"), exp.mask))
             stats["entropy"] = float(masked_mean(exp.entropy, exp.mask))
-        observed_kl = stats["kl_per_token"]
+        observed_kl = stats.get("kl_per_token")  # None when no row was trained on (all groups uniform)
         coef = self.kl.coef
-        self.kl.update(observed_kl, len(exp.rollouts))
+        if observed_kl is not None:
+            self.kl.update(observed_kl, len(exp.rollouts))
         return self.figures(exp, stats, timings, observed_kl, coef)
 
-    def figures(self, exp: Experience, stats: dict, timings: dict, observed_kl: float, coef: float) -> dict:
-        lengths = exp.mask.sum(dim=1)
-        out = {"reward": float(exp.scores.mean()), "reward_std": float(exp.scores.std()) if len(exp.scores) > 1 else 0.0}
+    def figures(self, exp: Experience, stats: dict, timings: dict, observed_kl: float | None, coef: float) -> dict:
+        sampled = exp.sampled if exp.sampled is not None else exp.rollouts
+        scores = exp.sampled_scores if exp.sampled_scores is not None else exp.scores
+        lengths = sampled.response_lengths.float()
+        out = {"reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0}
         out.update({f"reward/{name}": float(values.mean()) for name, values in exp.per_source.items()})
-        out.update({
-            "kl_per_token": observed_kl, "kl_per_sequence": observed_kl * float(lengths.mean()), "kl_coef": coef,
-            "response_length": float(lengths.mean()), "eos_rate": float(exp.rollouts.ended.float().mean()),
-            "lr": self.scheduler.get_last_lr()[0],
-            **stats,
-        })
+        out.update({"kl_coef": coef, "response_length": float(lengths.mean()),
+                    "eos_rate": float(sampled.ended.float().mean()), "lr": self.scheduler.get_last_lr()[0],
+                    "trained_share": len(exp.rollouts) / max(len(sampled), 1), **stats})
+        if observed_kl is not None:  # measured on the trained rows
+            out["kl_per_sequence"] = observed_kl * float(exp.mask.sum(dim=1).mean())
         if exp.values is not None:
             out["explained_variance"] = explained_variance(exp.values, exp.returns, exp.mask)
             out["value_mean"] = float(masked_mean(exp.values, exp.mask))

@@ -14,7 +14,7 @@ import torch
 
 from align.data.sampling import pad_right
 from align.data.tokenize import IGNORE
-from align.generation import generate
+from align.generation import generate, library_only_settings
 
 
 @dataclass
@@ -38,6 +38,12 @@ class Rollouts:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def select(self, index: list[int]) -> "Rollouts":
+        """The rows `index`, in that order."""
+        return Rollouts(rows=[self.rows[i] for i in index], texts=[self.texts[i] for i in index],
+                        input_ids=self.input_ids[index], attention_mask=self.attention_mask[index],
+                        labels=self.labels[index], ended=self.ended[index])
+
 
 def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
     """Right-padded (input_ids, attention_mask, labels) for prompt + response rows."""
@@ -51,18 +57,22 @@ def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int
 def sample_rollouts(model, tokenizer, rows: list[dict], prompt_ids: list[list[int]], settings,
                     batch_size: int) -> Rollouts:
     """One response per entry of `prompt_ids` (repeat a prompt to sample it several times), from our
-    sampling loop (finished rows leave the batch) in batches of `batch_size`, else from `generate`."""
+    sampling loop (finished rows leave the batch) in batches of `batch_size`, else from `generate` (when the
+    settings ask for something only `generate` implements: penalties, min_new_tokens)."""
     from align.models import inference_autocast
     from align.rl.sampler import sample
 
     generated: list = []
-    for start in range(0, len(prompt_ids), batch_size):
-        with inference_autocast(model):
-            part = sample(model, tokenizer, prompt_ids[start:start + batch_size], settings)
-        if part is None:
-            generated = generate(model, tokenizer, prompt_ids, settings, batch_size, autocast=True)
-            break
-        generated += part
+    if library_only_settings(settings):
+        generated = generate(model, tokenizer, prompt_ids, settings, batch_size, autocast=True)
+    else:
+        for start in range(0, len(prompt_ids), batch_size):
+            with inference_autocast(model):
+                part = sample(model, tokenizer, prompt_ids[start:start + batch_size], settings)
+            if part is None:
+                generated = generate(model, tokenizer, prompt_ids, settings, batch_size, autocast=True)
+                break
+            generated += part
     # An empty response (EOS straight away) still has its EOS token to score; keep at least one token.
     responses = [g.token_ids if g.token_ids else [tokenizer.eos_token_id] for g in generated]
     input_ids, attention_mask, labels = pack(prompt_ids, responses, tokenizer.pad_token_id)

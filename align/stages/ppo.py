@@ -267,7 +267,7 @@ def run(ctx: StageContext):
             figures["step"] = step + 1
             history.append(figures)
             bar.update(1)
-            bar.set_postfix(reward=f"{figures['reward']:.3f}", kl=f"{figures['kl_per_token']:.3f}",
+            bar.set_postfix(reward=f"{figures['reward']:.3f}", kl=f"{figures.get('kl_per_token', float('nan')):.3f}",
                             len=f"{figures['response_length']:.0f}")
             if (step + 1) % cfg.logging_steps == 0 or step == start:
                 log.info("step %d: %s", step + 1, _log_line(figures))
@@ -298,7 +298,9 @@ def run(ctx: StageContext):
     if history:
         tail = history[-min(len(history), 5):]
         for key in ("reward", "kl_per_token", "entropy", "response_length", "eos_rate"):
-            metrics[f"train_{key}_last"] = sum(h[key] for h in tail) / len(tail)
+            seen = [h[key] for h in tail if h.get(key) is not None]  # KL and entropy: steps that trained
+            if seen:
+                metrics[f"train_{key}_last"] = sum(seen) / len(seen)
     log.info("held-out reward %.4f -> %.4f, per-token KL %.4f", before.get("reward", float("nan")),
              after.get("reward", float("nan")), after.get("kl_per_token", float("nan")))
     model.eval()

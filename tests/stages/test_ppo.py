@@ -101,6 +101,22 @@ def test_critic_free_estimators_learn_the_reward(estimator, tmp_path, tiny_base)
     assert history[0]["kl_per_token"] == 0.0 and history[-1]["kl_per_token"] > 0.0
 
 
+def test_prompts_whose_samples_all_score_alike_are_not_trained_on(tmp_path, tiny_base):
+    """A reward every response gets (the pattern `^` matches anything) gives every group zero advantage:
+    no row is scored or trained, so the adapter stays at its initial zero update."""
+    from safetensors.torch import load_file
+
+    stage = {"estimator": "rloo", "samples_per_prompt": 4, "rewards": [{"checker": "regex", "args": {"pattern": "^"}}],
+             "kl": {"coef": 0.01, "penalty": "loss"}, "ppo_epochs": 1, "minibatch": 16, "max_steps": 3}
+    _, _, entry = _train(tmp_path, tiny_base, stage)
+    history = entry.manifest["history"]
+    assert [h["trained_share"] for h in history] == [0.0, 0.0, 0.0]
+    assert all(h["reward"] == 1.0 and "kl_per_token" not in h for h in history)
+    weights = load_file(str(entry.path / "adapter" / "adapter_model.safetensors"))
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert lora_b and all(float(w.abs().max()) == 0.0 for w in lora_b)
+
+
 def test_reference_log_probs_stay_fixed_while_the_policys_move(tmp_path, tiny_base):
     """Drive the trainer directly: the same rollouts scored by the reference before and after training
     give the same log-probs; the policy's change."""
