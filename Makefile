@@ -7,7 +7,7 @@ RECIPE ?= recipes/smollm2/quickstart.yaml
 ARGS   ?=
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test quickstart plan sft rm ppo dpo models clean
+.PHONY: setup test quickstart plan sft rm ppo dpo models eval report chat clean
 
 $(BIN)/align: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,27 @@ dpo: setup  ## run the DPO stage of RECIPE
 
 models: setup  ## list registry entries
 	$(BIN)/align models list
+
+eval: setup  ## evaluate REF (eval settings of the recipe in its manifest; ARGS="--against REF2 --limit 20")
+	@test -n "$(REF)" || (echo "usage: make eval REF=quickstart/sft [ARGS=...]" && exit 2)
+	$(BIN)/align eval $(REF) $(ARGS)
+
+report: setup  ## cross-stage report of RECIPE: base, SFT, PPO, DPO side by side (<registry>/reports/<recipe>/)
+	$(BIN)/align report $(RECIPE) $(ARGS)
+
+chat: setup  ## chat with REF in the terminal (default: the packaged model; ARGS="--compare quickstart/dpo")
+	$(BIN)/align chat $(or $(REF),smollm2-135m-instruct) $(ARGS)
+
+.PHONY: merge export
+FORMAT ?= hf
+
+merge: setup  ## merge REF's LoRA adapter into full weights, checked, as a new entry (ARGS="--dtype bf16")
+	@test -n "$(REF)" || (echo "usage: make merge REF=quickstart/sft [ARGS=...]" && exit 2)
+	$(BIN)/align merge $(REF) $(ARGS)
+
+export: setup  ## export REF as FORMAT=hf|gguf into exports/, verified (ARGS="--dtype q8_0 --out DIR")
+	@test -n "$(REF)" || (echo "usage: make export REF=quickstart/sft FORMAT=hf|gguf [ARGS=...]" && exit 2)
+	$(BIN)/align export $(REF) --format $(FORMAT) $(ARGS)
 
 clean:  ## remove run folders (checkpoints); the registry is kept
 	rm -rf runs

@@ -1,4 +1,4 @@
-"""The `align` command: thin wrappers over the library (plan, run, models)."""
+"""The `align` command: thin wrappers over the library (plan, run, eval, report, chat, models)."""
 
 from __future__ import annotations
 
@@ -99,6 +99,127 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from align.merge import merge
+    from align.parity import describe
+
+    entry = merge(args.ref, _registry(args), args.dtype, args.name)
+    print(f"{entry.ref}  ({entry.path})")
+    print(f"    merged from {entry.manifest['merge']['from']} in {args.dtype}: "
+          f"{describe(entry.manifest['merge']['parity_vs_adapter'])} vs the unmerged adapter")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from align.export import export_model
+    from align.export.command import human_size
+    from align.parity import describe
+
+    report = export_model(args.ref, _registry(args), args.format, args.dtype, args.out, force=args.force)
+    print(f"{report['path']}  ({report['format']} {report['dtype']}, {human_size(report['total_bytes'])})")
+    for file, size in report["files"].items():
+        print(f"    {file}: {human_size(size)}")
+    if report["merge"]:
+        print(f"    merge vs unmerged adapter: {describe(report['merge']['parity_vs_adapter'])}")
+    checks = report["verification"]
+    print(f"    reloaded vs {report['reference']}: {describe(checks['parity'])}")
+    print(f"    tokenizer: same ids on {checks['tokenizer']['samples']} samples, same chat template")
+    if "generation" in checks:
+        gen = checks["generation"]
+        print(f"    generation ({'stopped at EOS' if gen['stopped_at_eos'] else 'hit max_new_tokens'}): "
+              f"{gen['prompt']!r} -> {gen['text']!r}")
+    return 0
+
+
+def generation_flags(p, max_new_tokens_default: str = "the recipe's") -> None:
+    g = p.add_argument_group("generation (override the settings in use)")
+    g.add_argument("--max-new-tokens", type=int, help=f"default: {max_new_tokens_default}")
+    g.add_argument("--min-new-tokens", type=int, help="hold EOS back until this many tokens")
+    g.add_argument("--temperature", type=float, help="0 = greedy; > 0 samples")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--num-beams", type=int, help="> 1: beam search")
+    g.add_argument("--repetition-penalty", type=float, help="transformers' (1 = off)")
+    g.add_argument("--presence-penalty", type=float, help="OpenAI semantics, -2..2")
+    g.add_argument("--frequency-penalty", type=float, help="OpenAI semantics, -2..2")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "num_beams",
+                   "repetition_penalty", "presence_penalty", "frequency_penalty", "stop")
+
+
+def _generation(args) -> dict:
+    """The generation flags given on the command line (applied over the settings in use, and validated, later)."""
+    return {k: getattr(args, k) for k in GENERATION_KEYS if getattr(args, k) is not None}
+
+
+def _metric_list(text: str | None) -> list[str] | None:
+    return [m.strip() for m in text.split(",") if m.strip()] if text else None
+
+
+def cmd_eval(args) -> int:
+    from align.models import materialize, resolve_model_ref
+
+    registry = _registry(args)
+    if args.lm_eval:
+        from align import lm_eval_bridge
+
+        lm_eval_bridge.require()  # before any weights load
+        source = materialize(resolve_model_ref(args.ref, registry), registry)
+        results = lm_eval_bridge.run_lm_eval(source, registry, _metric_list(args.lm_eval), limit=args.limit,
+                                             num_fewshot=args.num_fewshot)
+        print(json.dumps({"ref": args.ref, "lm_eval": results}, indent=2, default=str))
+        return 0
+    from align.report import format_eval, rows_json, run_eval
+
+    rows, settings = run_eval(args.ref, registry, against=args.against or [], recipe_path=args.recipe,
+                              overrides=args.set or [], prompts=args.prompts, metrics=_metric_list(args.metrics),
+                              limit=args.limit, generation=_generation(args), reward_model=args.reward_model)
+    print(format_eval(rows, settings))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(rows_json(rows, settings))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from align.report import build_report, markdown_table
+
+    recipe = _recipe(args)
+    registry = _registry(args, recipe)
+    report = build_report(recipe, registry, metrics=_metric_list(args.metrics), limit=args.limit,
+                          generation=_generation(args), reward_model=args.reward_model, out=args.out)
+    print(markdown_table(report.rows, list(report.settings.checkers)))
+    print()
+    for path in report.files:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from align.chat import ChatModel, chat_loop
+    from align.generation import settings_with
+    from align.models import load_causal_lm, load_tokenizer, materialize, resolve_model_ref
+    from align.recipe import GenerationSettings
+    from align.report import refuse_reward_entry
+
+    registry = _registry(args)
+    settings = settings_with(GenerationSettings(max_new_tokens=256), _generation(args))
+    refs = [args.ref] + ([args.compare] if args.compare else [])
+    sources = [materialize(resolve_model_ref(ref, registry), registry) for ref in refs]  # all refs checked first
+    for ref, source in zip(refs, sources):
+        refuse_reward_entry(ref, source)
+    chats = []
+    for ref, source in zip(refs, sources):
+        model = load_causal_lm(source, registry, dtype=args.dtype)
+        model.eval()
+        chats.append(ChatModel(label=source.entry.ref if source.entry else ref, model=model,
+                               tokenizer=load_tokenizer(source, registry), system=args.system))
+    return chat_loop(chats, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="Post-training alignment: SFT, reward models, PPO, DPO.")
     parser.add_argument("--registry", help="registry folder (default: $ALIGN_REGISTRY or ./registry)")
@@ -125,6 +246,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=1024, help="longer conversations keep their last tokens")
     p.set_defaults(fn=cmd_score)
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter entry into full weights and register the result")
+    p.add_argument("ref", help="adapter entry (policy or reward), e.g. quickstart/sft@2")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16; quantized types are refused")
+    p.add_argument("--name", help="entry name for the result (default: REF's name + '-merged')")
+    p.set_defaults(fn=cmd_merge)
+
+    p = sub.add_parser("export", help="export an entry as a Hugging Face directory or a GGUF file, verified")
+    p.add_argument("ref", help="registry ref (adapters are merged first), local folder, GGUF file or hub id")
+    p.add_argument("--format", required=True, choices=["hf", "gguf"])
+    p.add_argument("--dtype", help="hf: fp32 (default), bf16, fp16; gguf: f16 (default), f32, bf16, q8_0")
+    p.add_argument("--out", help="output folder (default: exports/<ref>-<format>-<dtype>)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("eval", help="evaluate a model (and compare it with others) on a recipe's eval settings")
+    p.add_argument("ref", help="registry ref, local folder or hub id")
+    p.add_argument("--against", action="append", metavar="REF", help="also evaluate REF and report the win rate "
+                   "against it (repeatable; needs a judge)")
+    p.add_argument("--recipe", help="eval settings from this recipe (default: the recipe in REF's manifest)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. eval.limit=20")
+    p.add_argument("--prompts", help="eval prompts file (JSONL with `prompt`), instead of the recipe's")
+    p.add_argument("--metrics", help="comma-separated metrics (default: the recipe's plus reward, win_rate, length, "
+                   "repetition, speed)")
+    p.add_argument("--limit", type=int, help="at most this many prompts (lm-eval: examples per task)")
+    p.add_argument("--reward-model", metavar="REF", help="the judge for reward and win rate (default: "
+                   "eval.reward_model, else the recipe's reward stage entry)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--lm-eval", metavar="TASKS", help="instead: run lm-evaluation-harness tasks (comma-separated)")
+    p.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples")
+    generation_flags(p)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("report", help="cross-stage report: base and every stage entry of a recipe, side by side")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--metrics", help="comma-separated metrics (default: the recipe's plus reward, win_rate, length, "
+                   "repetition, speed)")
+    p.add_argument("--limit", type=int, help="at most this many eval prompts (default: the recipe's eval.limit)")
+    p.add_argument("--reward-model", metavar="REF", help="the judge (default: eval.reward_model, else the recipe's "
+                   "reward stage entry)")
+    p.add_argument("--out", help="folder for report.md/json and PNGs (default: <registry>/reports/<recipe>)")
+    generation_flags(p)
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streams; /reset, /exit)")
+    p.add_argument("ref", nargs="?", default="smollm2-135m-instruct", help="registry ref, local folder or hub id "
+                   "(default: smollm2-135m-instruct)")
+    p.add_argument("--compare", metavar="REF", help="a second model answers every message too")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    generation_flags(p, "256")
+    p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("models", help="list, show or pull registry entries")
     msub = p.add_subparsers(dest="models_cmd", required=True)

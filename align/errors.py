@@ -48,3 +48,8 @@ class RegistryError(AlignError):
 
 class TrainingError(AlignError):
     """Training cannot go on (non-finite loss, refused resume); says at which step and why."""
+
+
+class ExportError(AlignError):
+    """A merge or export was refused (quantized weights, unsupported model) or failed its verification;
+    the message says what to do instead. Nothing half-written is left behind."""
