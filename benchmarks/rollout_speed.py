@@ -1,5 +1,7 @@
 """Rollout sampling speed on the default model: transformers' `generate` against our sampling loop (finished
-responses leave the batch), with fp32 weights under bf16 autocast and with bf16 weights.
+responses leave the batch), with fp32 weights under bf16 autocast and with bf16 weights; then a LoRA policy
+as PPO holds it (r=16 on the top 16 blocks), decoded through PEFT's wrappers against the sampling copy
+with the adapter folded in (`align.rl.sampling_copy`).
 
     python benchmarks/rollout_speed.py [--rows 32] [--max-new-tokens 64] [--repeats 2]
 
@@ -57,7 +59,33 @@ def main() -> None:
             mean = sum(seconds) / len(seconds)
             print(f"{dtype:>5} weights  {name:>8}: {mean:6.2f} s per batch, {tokens / sum(seconds):6.1f} tokens/s, "
                   f"mean response {tokens / args.repeats / len(prompts):.1f} tokens")
+        if dtype == "bf16":
+            lora_policy(model, tokenizer, prompts, settings, args.repeats)
         del model
+
+
+def lora_policy(model, tokenizer, prompts, settings, repeats: int) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from align.models import block_linear_names
+    from align.rl.sampling_copy import build
+
+    layers = list(range(14, model.config.num_hidden_layers))
+    policy = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, layers_to_transform=layers,
+                                              target_modules=block_linear_names(model))).eval()
+    copy = build(policy)
+    for name, decoder in (("through PEFT", lambda: policy), ("sampling copy", copy.sync)):
+        seconds, tokens = [], 0
+        for repeat in range(repeats):
+            torch.manual_seed(repeat)
+            started = time.perf_counter()
+            target = decoder()  # the copy's sync (folding the adapter in) is part of its cost
+            with inference_autocast(target):
+                out = sample(target, tokenizer, prompts, settings)
+            seconds.append(time.perf_counter() - started)
+            tokens += sum(len(g.token_ids) for g in out)
+        print(f" LoRA policy {name:>13}: {sum(seconds) / len(seconds):6.2f} s per batch, "
+              f"{tokens / sum(seconds):6.1f} tokens/s")
 
 
 if __name__ == "__main__":

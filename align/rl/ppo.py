@@ -96,6 +96,13 @@ class PPOTrainer:
         # of the update's own forward pass, so no separate pass is needed (ratio 1, as in GRPO).
         self.on_policy = (cfg.ppo_epochs == 1 and cfg.minibatch >= cfg.rollout_batch and cfg.estimator != "gae"
                           and cfg.kl.penalty == "loss")
+        # Rollouts decode from a plain copy with the adapter folded in (`align.rl.sampling_copy`): exact, and
+        # without PEFT's per-token LoRA overhead. None for full fine-tuning and QLoRA.
+        self.sampling = None
+        if reference is None and getattr(cfg, "method", "lora") == "lora":
+            from align.rl.sampling_copy import build
+
+            self.sampling = build(model)
         self.skip_uniform = cfg.skip_uniform_groups and cfg.estimator != "gae" and cfg.kl.penalty == "loss"
 
     # -------------------------------------------------------------------------------------- passes
@@ -202,8 +209,8 @@ class PPOTrainer:
         cfg = self.cfg
         self.model.eval()  # no dropout anywhere: the ratio must be 1 before the first update
         started = time.perf_counter()
-        rollouts = sample_rollouts(self.model, self.tokenizer, rows, prompt_ids, cfg.generation,
-                                   cfg.rollout_batch)
+        sampler = self.sampling.sync() if self.sampling is not None else self.model
+        rollouts = sample_rollouts(sampler, self.tokenizer, rows, prompt_ids, cfg.generation, cfg.rollout_batch)
         generated = time.perf_counter()
         scores, per_source = self.rewards(rows, rollouts.texts)
         if cfg.missing_eos_penalty:
