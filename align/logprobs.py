@@ -124,17 +124,74 @@ def trunk_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
         return trunk(inputs_embeds=prefix, attention_mask=attention_mask).last_hidden_state
 
 
+# ------------------------------------------------------------------------------------------ shared prompts
+#
+# RL samples k responses per prompt. Teacher-forcing each row recomputes the prompt k times; with SmolLM2's
+# 40-token chat prompt and 30-50 token answers that is over half the tokens of the scoring and training
+# passes. Here each group's prompt runs once, its KV cache is repeated k times (a differentiable copy: the
+# gradient of the k responses flows back into the one prompt pass) and the responses run on top of it.
+
+
+def grouped_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                   k: int) -> torch.Tensor:
+    """The final hidden states, as `trunk_hidden(...)[:, :-1]` gives them at the positions that predict a
+    labelled token (zero elsewhere), for right-padded prompt + response rows that come in groups of `k`
+    consecutive rows sharing one prompt (the unlabelled start of each row)."""
+    from transformers import DynamicCache
+
+    from align.data.sampling import pad_left, pad_right
+
+    trunk, _ = causal_parts(model)
+    device = input_ids.device
+    rows, width = input_ids.shape
+    labelled = labels != IGNORE
+    starts = labelled.int().argmax(dim=1).tolist()  # prompt length of each row
+    lengths = labelled.sum(dim=1).tolist()
+    if rows % k or any(min(lengths[g:g + k]) == 0 for g in range(0, rows, k)):
+        raise ValueError(f"{rows} rows do not form groups of {k} with a response each")
+    prompts, responses = [], []
+    for g in range(0, rows, k):
+        prompt = input_ids[g, : starts[g]]
+        for b in range(g, g + k):
+            if starts[b] != starts[g] or not torch.equal(input_ids[b, : starts[b]], prompt):
+                raise ValueError(f"row {b} does not share the prompt of row {g}")
+            responses.append(input_ids[b, starts[b]: starts[b] + lengths[b]].tolist())
+        prompts.append(prompt.tolist())
+    prompt_ids, prompt_mask = (t.to(device) for t in pad_left(prompts, 0))
+    response_ids, response_mask = (t.to(device) for t in pad_right(responses, 0))
+    cache = DynamicCache()
+    prompt_out = trunk(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache, use_cache=True,
+                       position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0))
+    cache.batch_repeat_interleave(k)
+    first = torch.tensor(starts, device=device)[:, None]
+    response_out = trunk(input_ids=response_ids, past_key_values=cache, use_cache=True,
+                         attention_mask=torch.cat([prompt_mask.repeat_interleave(k, dim=0), response_mask], dim=1),
+                         position_ids=first + torch.arange(response_ids.size(1), device=device)[None, :])
+    # The state predicting response token j: the prompt's last state for j = 0, else response state j - 1.
+    last = prompt_out.last_hidden_state[:, -1:].repeat_interleave(k, dim=0)
+    predicting = torch.cat([last, response_out.last_hidden_state[:, :-1]], dim=1)
+    hidden = predicting.new_zeros(rows, width - 1, predicting.size(-1))
+    row_index = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(lengths)]).to(device)
+    step_index = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    position = torch.tensor(starts, device=device)[row_index] - 1 + step_index
+    return hidden.index_put((row_index, position), predicting[row_index, step_index])
+
+
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 temperature: float = 1.0, value_head=None, prefix: torch.Tensor | None = None,
-                start: int = 0, values_only: bool = False) -> dict[str, torch.Tensor]:
+                start: int = 0, values_only: bool = False, group: int = 1) -> dict[str, torch.Tensor]:
     """Per-position figures for right-padded rows, aligned with `labels[:, 1:]` (shape [B, L - 1], zero where a
     label is -100): `logps` of each labelled token under softmax(logits / temperature) (the distribution a
     sampler at that temperature draws from), its `entropy`, and with a `value_head` the `values` read from the
     hidden state that predicts the token (the state before it is generated). The head is projected at labelled
     positions only, in fp32 chunks (see `head_logps`). `prefix`/`start`: begin at block `start` from the
-    frozen prefix's output (`prefix_hidden`). `values_only`: skip the LM head (a critic's pass)."""
+    frozen prefix's output (`prefix_hidden`). `values_only`: skip the LM head (a critic's pass). `group` > 1:
+    rows come in groups of that many sharing a prompt, which runs once per group (`grouped_hidden`)."""
     _, head = causal_parts(model)
-    hidden = trunk_hidden(model, input_ids, attention_mask, prefix, start)[:, :-1]
+    if group > 1:
+        hidden = grouped_hidden(model, input_ids, attention_mask, labels, group)
+    else:
+        hidden = trunk_hidden(model, input_ids, attention_mask, prefix, start)[:, :-1]
     targets = labels[:, 1:].to(hidden.device)
     scored = targets != IGNORE
     picked = hidden[scored]

@@ -92,6 +92,15 @@ class PPOTrainer:
         # rollout. Checked against the plain path on the first batch.
         self.split = cfg.freeze_layers if (reference is None and cfg.freeze_layers and can_split(model)) else 0
         self._split_checked = False
+        # Critic-free estimators sample k responses per prompt: the scoring and training passes run each
+        # prompt once and share its KV cache among the k rows (`align.logprobs.grouped_hidden`). That saves
+        # more than the shared frozen prefix does (which it replaces), and is checked on the first batch too.
+        k = cfg.samples_per_prompt
+        self.group = k if (cfg.estimator != "gae" and k > 1 and cfg.batch_size % k == 0
+                           and cfg.minibatch % k == 0) else 1
+        if self.group > 1:
+            self.split = 0
+        self._group_checked = False
         # One update per rollout with the KL in the loss: the policy's log-probs at sampling time equal those
         # of the update's own forward pass, so no separate pass is needed (ratio 1, as in GRPO).
         self.on_policy = (cfg.ppo_epochs == 1 and cfg.minibatch >= cfg.rollout_batch and cfg.estimator != "gae"
@@ -140,8 +149,10 @@ class PPOTrainer:
             return self._forward(self.model, rollouts, index, self.value_head, prefixes, values_only=True)
 
     def _forward(self, model, rollouts: Rollouts, index, value_head=None,
-                 prefixes: list[torch.Tensor] | None = None, values_only: bool = False) -> tuple[dict, int]:
+                 prefixes: list[torch.Tensor] | None = None, values_only: bool = False,
+                 group: int | None = None) -> tuple[dict, int]:
         ids, mask, labels, width = trimmed(rollouts, index)
+        group = self.group if group is None else group
         prefix = None
         if prefixes is not None:
             prefix = torch.zeros(len(index), width, prefixes[0].size(-1), dtype=prefixes[0].dtype)
@@ -150,7 +161,8 @@ class PPOTrainer:
             prefix = prefix.to(self.device)
         with self._autocast():
             out = token_logps(model, ids.to(self.device), mask.to(self.device), labels.to(self.device),
-                              self.temperature, value_head, prefix=prefix, start=self.split, values_only=values_only)
+                              self.temperature, value_head, prefix=prefix, start=self.split, values_only=values_only,
+                              group=group if prefix is None else 1)
         return out, width - 1
 
     @torch.no_grad()
@@ -186,19 +198,38 @@ class PPOTrainer:
                                                 "nats; using the plain pass", gap)
             self.split = 0
 
+    def _check_grouping(self, rollouts: Rollouts) -> None:
+        """The shared-prompt pass must give the per-row pass's log-probs (a model whose cache does something
+        else falls back to the per-row pass, with a warning)."""
+        import logging
+
+        self._group_checked = True
+        index = list(range(min(2 * self.group, len(rollouts))))
+        mask = rollouts.mask[index]
+        with torch.no_grad(), self.reference_model() as reference:
+            grouped, t = self._forward(reference, rollouts, index)
+            plain, _ = self._forward(reference, rollouts, index, group=1)
+        gap = float(((grouped["logps"] - plain["logps"]).abs() * mask[:, :t].to(self.device)).max())
+        if gap > 0.05:
+            logging.getLogger(__name__).warning("shared-prompt pass differs from the per-row pass by %.3g nats; "
+                                                "using the per-row pass", gap)
+            self.group = 1
+
     @torch.no_grad()
     def scoring_pass(self, model, rollouts: Rollouts, value_head=None,
-                      prefixes: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Log-probs (and entropy, values) for every rollout row in chunks of `batch_size`, as [B, T]."""
+                      prefixes: list[torch.Tensor] | None = None, grouped: bool = True) -> dict[str, torch.Tensor]:
+        """Log-probs (and entropy, values) for every rollout row in chunks of `batch_size`, as [B, T].
+        `grouped`: the rows are the step's rollouts (k per prompt); False for other rows (held-out prompts)."""
         rows, width = len(rollouts), rollouts.input_ids.size(1) - 1
+        group = None if grouped else 1
         out: dict[str, torch.Tensor] = {}
         for start in range(0, rows, self.cfg.batch_size):
             index = list(range(start, min(start + self.cfg.batch_size, rows)))
             if value_head is not None and self.critic_adapter:
-                part, w = self._forward(model, rollouts, index, None, prefixes)
+                part, w = self._forward(model, rollouts, index, None, prefixes, group=group)
                 part["values"] = self._values(rollouts, index, prefixes)[0]["values"]
             else:
-                part, w = self._forward(model, rollouts, index, value_head, prefixes)
+                part, w = self._forward(model, rollouts, index, value_head, prefixes, group=group)
             for key, value in part.items():
                 out.setdefault(key, torch.zeros(rows, width))[index, :w] = value.float().cpu()
         return out
@@ -210,7 +241,8 @@ class PPOTrainer:
         self.model.eval()  # no dropout anywhere: the ratio must be 1 before the first update
         started = time.perf_counter()
         sampler = self.sampling.sync() if self.sampling is not None else self.model
-        rollouts = sample_rollouts(sampler, self.tokenizer, rows, prompt_ids, cfg.generation, cfg.rollout_batch)
+        rollouts = sample_rollouts(sampler, self.tokenizer, rows, prompt_ids, cfg.generation, cfg.rollout_batch,
+                                   cfg.samples_per_prompt)
         generated = time.perf_counter()
         scores, per_source = self.rewards(rows, rollouts.texts)
         if cfg.missing_eos_penalty:
@@ -225,6 +257,8 @@ class PPOTrainer:
                                         values=None, scores=scores, per_source=per_source, advantages=empty,
                                         returns=None, sampled=sampled, sampled_scores=sampled_scores)
                 return experience, {"generate": generated - started, "score": time.perf_counter() - generated}
+        if self.group > 1 and not self._group_checked and len(rollouts):
+            self._check_grouping(rollouts)
         prefixes = self._prefixes(rollouts)
         policy = {} if self.on_policy else self.scoring_pass(self.model, rollouts, self.value_head, prefixes)
         with self.reference_model() as reference:
@@ -276,7 +310,11 @@ class PPOTrainer:
         self.model.eval()
         trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(rows, generator=generator).tolist()
+            if self.group > 1:  # minibatches and micro-batches hold whole groups (their prompt runs once)
+                groups = torch.randperm(rows // self.group, generator=generator).tolist()
+                order = [g * self.group + j for g in groups for j in range(self.group)]
+            else:
+                order = torch.randperm(rows, generator=generator).tolist()
             for start in range(0, rows, cfg.minibatch):
                 minibatch = order[start:start + cfg.minibatch]
                 minibatch_tokens = float(exp.mask[minibatch].sum().clamp(min=1.0))

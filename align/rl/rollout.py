@@ -55,7 +55,7 @@ def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int
 
 
 def sample_rollouts(model, tokenizer, rows: list[dict], prompt_ids: list[list[int]], settings,
-                    batch_size: int) -> Rollouts:
+                    batch_size: int, group: int = 1) -> Rollouts:
     """One response per entry of `prompt_ids` (repeat a prompt to sample it several times), from our
     sampling loop (finished rows leave the batch) in batches of `batch_size`, else from `generate` (when the
     settings ask for something only `generate` implements: penalties, min_new_tokens)."""
@@ -68,7 +68,7 @@ def sample_rollouts(model, tokenizer, rows: list[dict], prompt_ids: list[list[in
     else:
         for start in range(0, len(prompt_ids), batch_size):
             with inference_autocast(model):
-                part = sample(model, tokenizer, prompt_ids[start:start + batch_size], settings)
+                part = sample(model, tokenizer, prompt_ids[start:start + batch_size], settings, group)
             if part is None:
                 generated = generate(model, tokenizer, prompt_ids, settings, batch_size, autocast=True)
                 break

@@ -7,6 +7,9 @@ batch_select_indices`) and later steps compute only for the rows still going. Th
 projected at its last position only. Sampling is temperature, top-k and top-p, the same as `generate`'s,
 with stop strings checked on each row's decoded tail.
 
+RL samples k responses per prompt: with `group=k` each prompt is prefilled once and its KV cache repeated for
+its k rows (SmolLM2's chat prompt is about 40 tokens, longer than a typical arithmetic answer).
+
 `sample` returns None when the model's cache cannot drop rows; callers then use `generate`.
 """
 
@@ -40,15 +43,19 @@ def _next_tokens(logits: torch.Tensor, settings) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompt_ids: list[list[int]], settings) -> list[Generated] | None:
-    """One response per prompt (one batch, left-padded), in input order; None if the cache cannot drop rows."""
+def sample(model, tokenizer, prompt_ids: list[list[int]], settings, group: int = 1) -> list[Generated] | None:
+    """One response per prompt (one batch, left-padded), in input order; None if the cache cannot drop rows.
+    `group`: consecutive runs of that many rows share their prompt, which is prefilled once."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     rows = len(prompt_ids)
-    input_ids, attention = pad_left(prompt_ids, pad)
+    shared = group > 1 and rows % group == 0 and all(
+        prompt_ids[i] == prompt_ids[i - i % group] for i in range(rows))
+    unique = prompt_ids[::group] if shared else prompt_ids
+    input_ids, attention = pad_left(unique, pad)
     input_ids, attention = input_ids.to(device), attention.to(device)
     positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
@@ -59,6 +66,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings) -> list[Gene
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1]
+    if shared:
+        cache.batch_repeat_interleave(group)
+        logits, attention, positions = (t.repeat_interleave(group, dim=0) for t in (logits, attention, positions))
     active = torch.arange(rows)
     next_position = positions[:, -1] + 1
     generated: list[list[int]] = [[] for _ in range(rows)]

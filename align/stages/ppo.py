@@ -158,9 +158,9 @@ def heldout_figures(trainer: PPOTrainer, rows: list[dict], reference=None) -> tu
                "kl_per_token": 0.0}
     if reference is None:
         sampled = sample_rollouts(model, trainer.tokenizer, rows, ids, cfg.generation, cfg.rollout_batch)
-        policy = trainer.scoring_pass(model, sampled)["logps"]
+        policy = trainer.scoring_pass(model, sampled, grouped=False)["logps"]
         with trainer.reference_model() as reference:
-            ref = trainer.scoring_pass(reference, sampled)["logps"]
+            ref = trainer.scoring_pass(reference, sampled, grouped=False)["logps"]
         figures["kl_per_token"] = float(masked_mean(kl_per_token(policy, ref, "k1"), sampled.mask.float()))
     return figures, total.tolist()
 

@@ -85,3 +85,18 @@ def test_stop_strings_end_a_response(tiny):
     stopped = sample(model, tokenizer, prompts[:1], settings.model_copy(update={"stop": [stop]}))[0]
     assert stop in stopped.text and len(stopped.token_ids) <= position + 1 and stopped.ended_with_eos
     assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]
+
+
+def test_a_prompt_prefilled_once_for_its_group_samples_as_if_repeated(tiny):
+    """k rows per prompt: one prefill, the cache repeated k times; the same tokens (greedy, and sampled from
+    the same seed) as prefilling every row."""
+    model, tokenizer, prompts = tiny
+    rows = [p for p in prompts for _ in range(3)]
+    for settings in (GenerationSettings(max_new_tokens=10, temperature=0.0),
+                     GenerationSettings(max_new_tokens=10, temperature=1.0)):
+        torch.manual_seed(5)
+        each = sample(model, tokenizer, rows, settings)
+        torch.manual_seed(5)
+        shared = sample(model, tokenizer, rows, settings, group=3)
+        assert [g.token_ids for g in shared] == [g.token_ids for g in each]
+    assert len({tuple(g.token_ids) for g in shared}) > 3  # sampled rows of one prompt differ

@@ -98,7 +98,10 @@ def test_critic_free_estimators_learn_the_reward(estimator, tmp_path, tiny_base)
     history = entry.manifest["history"]
     assert "value_loss" not in history[0] and not (entry.path / "value_head.pt").exists()
     assert _mean(history, "reward", slice(-6, None)) > _mean(history, "reward", slice(0, 4)) + 0.2
-    assert history[0]["kl_per_token"] == 0.0 and history[-1]["kl_per_token"] > 0.0
+    # Steps where some prompt's samples differed (others train nothing); the prompts run once per group, in
+    # batches padded differently from the reference's, hence float noise rather than an exact zero.
+    trained = [h for h in history if "kl_per_token" in h]
+    assert trained[0]["kl_per_token"] == pytest.approx(0.0, abs=1e-5) and trained[-1]["kl_per_token"] > 1e-3
 
 
 def test_prompts_whose_samples_all_score_alike_are_not_trained_on(tmp_path, tiny_base):
