@@ -67,6 +67,15 @@ def margin_histogram_png(margins: list[float], path: Path, title: str) -> Path |
     return _save(plt, fig, ax, "implicit reward margin (chosen - rejected)", "pairs", title, path)
 
 
+def _finish(plt, fig, title: str, path: Path) -> Path:
+    """Title a multi-panel figure, write it as a PNG and free it."""
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def rl_curves_png(history: list[dict], path: Path, title: str) -> Path | None:
     """RL training at a glance: reward (total and per source), per-token KL, entropy, response length and
     EOS share, clip fraction and value loss, each against step."""
@@ -89,11 +98,7 @@ def rl_curves_png(history: list[dict], path: Path, title: str) -> Path | None:
         ax.set_xlabel("step", fontsize=8)
         if len(keys) > 1:
             ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, title, path)
 
 
 def reward_histogram_png(before: list[float], after: list[float], path: Path, title: str) -> Path | None:
@@ -136,11 +141,7 @@ def history_curves_png(histories: dict[str, list[dict]], path: Path, title: str)
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, title, path)
 
 
 def score_distributions_png(scores: dict[str, list[float]], path: Path, title: str) -> Path | None:
