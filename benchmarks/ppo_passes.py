@@ -11,19 +11,18 @@ of a LoRA policy (r=16 on the top 16 of 30 blocks, bf16 base, bf16 autocast), as
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from align.data.tokenize import encode_prompt
 from align.logprobs import token_logps
-from align.models import block_linear_names, inference_autocast, load_causal_lm, load_tokenizer, resolve_model_ref
+from align.models import inference_autocast, load_causal_lm, load_tokenizer, resolve_model_ref
 from align.recipe import GenerationSettings
 from align.registry import Registry
 from align.rl.rollout import pack
 from align.rl.sampler import sample
+from rollout_speed import ppo_lora_policy, rl_prompts  # benchmarks/ is the script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,8 +37,6 @@ def timed(fn, repeats: int = 2) -> float:
 
 
 def main() -> None:
-    from peft import LoraConfig, get_peft_model
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--samples", type=int, default=8)
@@ -50,12 +47,9 @@ def main() -> None:
     source = resolve_model_ref("smollm2-135m-instruct", registry)
     tokenizer = load_tokenizer(source, registry)
     model = load_causal_lm(source, registry, dtype="bf16")
-    layers = list(range(14, model.config.num_hidden_layers))
-    policy = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, layers_to_transform=layers,
-                                              target_modules=block_linear_names(model))).eval()
-    rows = [json.loads(line) for line in (ROOT / "data/quickstart/rl_prompts.jsonl").open()][: args.prompts]
+    policy = ppo_lora_policy(model)
     k = args.samples
-    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in rows for _ in range(k)]
+    prompts = rl_prompts(tokenizer, args.prompts, k)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.7)
     print(f"{len(prompts)} rollouts ({args.prompts} prompts x {k}), max_new_tokens {args.max_new_tokens}, "
           f"{torch.get_num_threads()} threads")

@@ -27,6 +27,23 @@ from align.rl.sampler import sample
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def rl_prompts(tokenizer, prompts: int, samples: int) -> list[list[int]]:
+    """The first `prompts` quickstart RL prompts as chat prompt ids, each repeated `samples` times in a row."""
+    rows = [json.loads(line) for line in (ROOT / "data/quickstart/rl_prompts.jsonl").open()][:prompts]
+    return [encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in rows for _ in range(samples)]
+
+
+def ppo_lora_policy(model):
+    """A fresh LoRA adapter as the math RL recipe puts it: r=16 on every block linear of the top 16 blocks."""
+    from peft import LoraConfig, get_peft_model
+
+    from align.models import block_linear_names
+
+    layers = list(range(14, model.config.num_hidden_layers))
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, layers_to_transform=layers,
+                                            target_modules=block_linear_names(model))).eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=32)
@@ -37,8 +54,7 @@ def main() -> None:
     registry = Registry(args.registry)
     source = resolve_model_ref("smollm2-135m-instruct", registry)
     tokenizer = load_tokenizer(source, registry)
-    rows = [json.loads(line) for line in (ROOT / "data/quickstart/rl_prompts.jsonl").open()][: args.rows // 4]
-    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in rows for _ in range(4)]
+    prompts = rl_prompts(tokenizer, args.rows // 4, 4)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.7)
     print(f"{len(prompts)} rollouts, max_new_tokens {args.max_new_tokens}, temperature 0.7, "
           f"{torch.get_num_threads()} threads")
@@ -65,14 +81,9 @@ def main() -> None:
 
 
 def lora_policy(model, tokenizer, prompts, settings, repeats: int) -> None:
-    from peft import LoraConfig, get_peft_model
-
-    from align.models import block_linear_names
     from align.rl.sampling_copy import build
 
-    layers = list(range(14, model.config.num_hidden_layers))
-    policy = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, layers_to_transform=layers,
-                                              target_modules=block_linear_names(model))).eval()
+    policy = ppo_lora_policy(model)
     copy = build(policy)
     for name, decoder in (("through PEFT", lambda: policy), ("sampling copy", copy.sync)):
         seconds, tokens = [], 0

@@ -21,6 +21,7 @@ loss, explained variance, response length, EOS share and the time split.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
@@ -33,6 +34,8 @@ from align.logprobs import can_split, prefix_hidden, token_logps
 from align.losses import (AdaptiveKL, explained_variance, gae, group_advantages, kl_per_token,
                           leave_one_out_advantages, masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
 from align.rl.rollout import Rollouts, sample_rollouts, trimmed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,11 +50,11 @@ class Experience:
     per_source: dict[str, torch.Tensor]
     advantages: torch.Tensor    # [B, T]
     returns: torch.Tensor | None
-    prefixes: list[torch.Tensor] | None = None  # per row [L_i, H]: output of the frozen blocks, when shared
     # Everything sampled this step, for the figures; `rollouts` and `scores` above are the rows trained on
     # (fewer when uniform groups are skipped).
-    sampled: Rollouts | None = None
-    sampled_scores: torch.Tensor | None = None
+    sampled: Rollouts
+    sampled_scores: torch.Tensor
+    prefixes: list[torch.Tensor] | None = None  # per row [L_i, H]: output of the frozen blocks, when shared
 
 
 def informative_rows(scores: torch.Tensor, k: int) -> list[int]:
@@ -181,38 +184,31 @@ class PPOTrainer:
             self._check_split(rollouts, out)
         return out if self.split else None
 
+    def _gap_to_plain(self, rollouts: Rollouts, index: list[int], **variant) -> float:
+        """Largest log-prob difference (nats, over the response tokens of rows `index`) between the reference's
+        pass with `variant` (a shared frozen prefix, or shared prompts) and its plain per-row pass."""
+        mask = rollouts.mask[index]
+        with torch.no_grad(), self.reference_model() as reference:
+            fast, t = self._forward(reference, rollouts, index, **variant)
+            plain, _ = self._forward(reference, rollouts, index, group=1)
+        return float(((fast["logps"] - plain["logps"]).abs() * mask[:, :t].to(self.device)).max())
+
     def _check_split(self, rollouts: Rollouts, prefixes: list[torch.Tensor]) -> None:
         """The shared-prefix path must give the plain path's log-probs; if a model's forward does anything
         else with its input (scaling, extra embeddings), fall back to the plain path."""
-        import logging
-
         self._split_checked = True
-        index = list(range(min(4, len(rollouts))))
-        mask = rollouts.mask[index]
-        with self.reference_model() as reference:
-            split, t = self._forward(reference, rollouts, index, prefixes=prefixes)
-            plain, _ = self._forward(reference, rollouts, index)
-        gap = float(((split["logps"] - plain["logps"]).abs() * mask[:, :t].to(self.device)).max())
+        gap = self._gap_to_plain(rollouts, list(range(min(4, len(rollouts)))), prefixes=prefixes)
         if gap > 0.05:
-            logging.getLogger(__name__).warning("shared frozen-block pass differs from the plain pass by %.3g "
-                                                "nats; using the plain pass", gap)
+            log.warning("shared frozen-block pass differs from the plain pass by %.3g nats; using the plain pass", gap)
             self.split = 0
 
     def _check_grouping(self, rollouts: Rollouts) -> None:
         """The shared-prompt pass must give the per-row pass's log-probs (a model whose cache does something
         else falls back to the per-row pass, with a warning)."""
-        import logging
-
         self._group_checked = True
-        index = list(range(min(2 * self.group, len(rollouts))))
-        mask = rollouts.mask[index]
-        with torch.no_grad(), self.reference_model() as reference:
-            grouped, t = self._forward(reference, rollouts, index)
-            plain, _ = self._forward(reference, rollouts, index, group=1)
-        gap = float(((grouped["logps"] - plain["logps"]).abs() * mask[:, :t].to(self.device)).max())
+        gap = self._gap_to_plain(rollouts, list(range(min(2 * self.group, len(rollouts)))))
         if gap > 0.05:
-            logging.getLogger(__name__).warning("shared-prompt pass differs from the per-row pass by %.3g nats; "
-                                                "using the per-row pass", gap)
+            log.warning("shared-prompt pass differs from the per-row pass by %.3g nats; using the per-row pass", gap)
             self.group = 1
 
     @torch.no_grad()
@@ -379,8 +375,7 @@ class PPOTrainer:
         return self.figures(exp, stats, timings, observed_kl, coef)
 
     def figures(self, exp: Experience, stats: dict, timings: dict, observed_kl: float | None, coef: float) -> dict:
-        sampled = exp.sampled if exp.sampled is not None else exp.rollouts
-        scores = exp.sampled_scores if exp.sampled_scores is not None else exp.scores
+        sampled, scores = exp.sampled, exp.sampled_scores
         lengths = sampled.response_lengths.float()
         out = {"reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0}
         out.update({f"reward/{name}": float(values.mean()) for name, values in exp.per_source.items()})
