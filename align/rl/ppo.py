@@ -111,7 +111,7 @@ class PPOTrainer:
         # Rollouts decode from a plain copy with the adapter folded in (`align.rl.sampling_copy`): exact, and
         # without PEFT's per-token LoRA overhead. None for full fine-tuning and QLoRA.
         self.sampling = None
-        if reference is None and getattr(cfg, "method", "lora") == "lora":
+        if reference is None and cfg.method == "lora":
             from align.rl.sampling_copy import build
 
             self.sampling = build(model)
