@@ -59,6 +59,33 @@ def main() -> None:
             row = problem(pref_rng, ops[i % 3], seen)
             f.write(json.dumps(preference(pref_rng, row, wrong_number=i % 2 == 0)) + "\n")
     write_rl_prompts(held_out)
+    write_heldout_arithmetic(held_out)
+
+
+def operand_key(row: dict) -> tuple:
+    return tuple(sorted(map(int, re.findall(r"\d+", row["prompt"])))) + (str(row["answer"]),)
+
+
+def write_heldout_arithmetic(held_out: list[dict], count: int = 300) -> None:
+    """A larger held-out set for RL: the 60 evaluation problems plus new sums and differences that share
+    no operands with any training, preference or RL problem. (Almost every small product already occurs
+    among the RL prompts, so the new problems are sums and differences; products come from the 60.)"""
+    seen = {operand_key(r) for r in held_out}
+    for name in ("sft.jsonl", "prefs.jsonl", "rl_prompts.jsonl"):
+        for line in (HERE / name).open():
+            row = json.loads(line)
+            answer = row.get("answer") or re.search(r"#### (-?\d+)", row.get("completion") or row["chosen"]).group(1)
+            seen.add(operand_key({"prompt": row["prompt"], "answer": answer}))
+    rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in held_out]
+    rng, ops = random.Random(4242), ["+", "-"]
+    while len(rows) < count:
+        row = problem(rng, ops[len(rows) % 2], set())
+        if operand_key(row) not in seen:
+            seen.add(operand_key(row))
+            rows.append({"prompt": row["prompt"], "answer": row["answer"]})
+    with open(HERE / "heldout_arithmetic.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 def write_rl_prompts(held_out: list[dict], count: int = 1200) -> None:
