@@ -172,3 +172,41 @@ def test_every_checker_declares_its_required_args_as_params():
 def test_an_unknown_checker_is_a_key_error_naming_it():
     with pytest.raises(KeyError, match="no_such_checker"):
         get_checker("no_such_checker")
+
+
+def test_python_tests_contains_a_fork_bomb():
+    import psutil
+
+    bombs = ["import os\nwhile True:\n    os.fork()",
+             "import subprocess, sys\nwhile True:\n    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])",
+             "import multiprocessing\nwhile True:\n    multiprocessing.Process(target=print).start()",
+             "import _posixsubprocess\n_posixsubprocess.fork_exec()",
+             "import os\nos.system('sleep 60 &')"]
+    for bomb in bombs:
+        start = time.monotonic()
+        assert score("python_tests", bomb, {"tests": "assert True"}, timeout=2) == 0.0, bomb
+        assert time.monotonic() - start < 2 + 3, bomb
+    assert psutil.Process().children(recursive=True) == []  # nothing the bombs started outlived the check
+
+
+def test_python_tests_cannot_write_outside_its_folder(tmp_path):
+    target = tmp_path / "escaped.txt"
+    attempts = [f"open({str(target)!r}, 'w').write('x')",
+                f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')",
+                f"import os\nos.close(os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT))",
+                f"import os\nos.symlink('/etc/hostname', {str(target)!r})",
+                f"import shutil\nshutil.copy(__file__, {str(target)!r})",
+                f"import os\nos.chdir({str(tmp_path)!r})\nopen('escaped.txt', 'a').write('x')",
+                "import ctypes\nctypes.CDLL(None).system(b'true')"]
+    for attempt in attempts:
+        assert score("python_tests", attempt, {"tests": "assert True"}) == 0.0, attempt
+        assert not target.exists(), attempt
+    (tmp_path / "kept.txt").write_text("original")
+    remove = f"import os\nos.remove({str(tmp_path / 'kept.txt')!r})"
+    assert score("python_tests", remove, {"tests": "assert True"}) == 0.0
+    assert (tmp_path / "kept.txt").read_text() == "original"
+    # Its own folder stays writable, and reading is allowed, so ordinary programs still pass.
+    inside = ("import os, json\nopen('scratch.txt', 'w').write('x')\nos.makedirs('d/e')\n"
+              "os.rename('scratch.txt', 'd/e/s.txt')\nassert open('d/e/s.txt').read() == 'x'\n"
+              "import collections, decimal, fractions, itertools, re")
+    assert score("python_tests", inside, {"tests": "assert True"}) == 1.0
