@@ -389,11 +389,77 @@ def validate_recipe(raw: Any, overrides: list[str], source: str | None = None) -
     try:
         recipe = Recipe.model_validate({**raw, "source": source})
     except ValidationError as err:
-        problems += [_problem_from_pydantic(e, raw) for e in err.errors()]
+        errors = err.errors()
+        problems += [_problem_from_pydantic(e, raw) for e in errors]
+        problems += _cross_field_problems(raw, errors, problems)
         raise ConfigError(problems, source) from None
     if problems:
         raise ConfigError(problems, source)
     return recipe
+
+
+def _cross_field_problems(raw: dict, errors: list[dict], found: list[Problem]) -> list[Problem]:
+    """The checks between fields (`model_validator`s) of stages that also have key or type errors.
+
+    Pydantic runs a model's cross-field checks only once all its fields validated, so they would surface
+    only after the other errors were fixed. Here, for each such stage (and each nested block with errors),
+    the fields that did validate are collected, the rest take their defaults, and the block's cross-field
+    checks run on that. A check that reads a field with an error judges its default, so it may mention a
+    value the recipe did not set; the fields it names are still in conflict as written."""
+    stages = raw.get("stages") if isinstance(raw.get("stages"), dict) else {}
+    bad: dict[str, list[tuple]] = {}
+    for error in errors:
+        loc = _clean_loc(error["loc"])
+        if len(loc) >= 3 and loc[0] == "stages" and isinstance(stages.get(loc[1]), dict):
+            bad.setdefault(loc[1], []).append(loc[2:])
+    seen = {str(p) for p in found}
+    extra: list[Problem] = []
+    for name, locs in bad.items():
+        body = stages[name]
+        model = STAGE_KINDS.get(body.get("kind"))
+        if model is not None:
+            for problem in _after_checks(model, body, ("stages", name), locs):
+                if str(problem) not in seen:
+                    seen.add(str(problem))
+                    extra.append(problem)
+    return extra
+
+
+def _after_checks(model: type[BaseModel], body: dict, where: tuple, bad_locs: list[tuple]) -> list[Problem]:
+    """Run `model`'s after-validators on the fields of `body` that validate alone (defaults for the rest),
+    recursing into nested mappings that have errors of their own."""
+    from pydantic import TypeAdapter
+
+    problems: list[Problem] = []
+    bad_keys = {loc[0] for loc in bad_locs if loc}
+    values = {}
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        if key not in body:
+            continue
+        nested = _model_in(field.annotation)
+        if key in bad_keys:
+            if nested is not None and isinstance(body[key], dict):
+                problems += _after_checks(nested, body[key], (*where, key),
+                                          [loc[1:] for loc in bad_locs if loc and loc[0] == key])
+            continue
+        try:
+            kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+            values[name] = TypeAdapter(kind).validate_python(body[key])
+        except ValidationError:
+            continue
+    instance = model.model_construct(**values)
+    for decorator in model.__pydantic_decorators__.model_validators.values():
+        if decorator.info.mode != "after":
+            continue
+        try:
+            decorator.func(instance)
+        except (ValueError, AssertionError) as err:
+            message = str(err)
+            problems.append(Problem(_format_loc(where), message[:1].lower() + message[1:]))
+        except Exception:  # a check that needs a field this block lacks: nothing to say about it
+            continue
+    return problems
 
 
 def apply_overrides(raw: dict, overrides: list[str], problems: list[Problem]) -> dict:

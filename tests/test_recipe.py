@@ -83,6 +83,30 @@ def test_all_problems_reported_at_once():
     assert "3 problems found" in str(err)
 
 
+def test_cross_field_problems_come_with_key_and_type_errors_in_one_report():
+    """A stage's checks between fields are reported in the same pass as its unknown keys and wrong types,
+    in nested blocks too, instead of only after those are fixed."""
+    raw = {"name": "q", "base": "m", "stages": {
+        "ppo": {"prompts": "p.jsonl", "rewards": [{"checker": "math_answer"}], "rollout_batch": 16,
+                "samples_per_prompt": 3, "lrr": 1,
+                "generation": {"max_new_tokens": 4, "min_new_tokens": 8, "temprature": 1}},
+        "dpo": {"data": "d.jsonl", "loss": "cdpo", "beta": "high"}}}
+    problems = {str(p) for p in problems_of(raw)}
+    assert problems == {
+        'stages.ppo.lrr: unknown key (did you mean "lr"?)',
+        'stages.ppo.generation.temprature: unknown key (did you mean "temperature"?)',
+        'stages.dpo.beta: expected a number, got "high"',
+        "stages.ppo: rollout_batch (16) must be a multiple of samples_per_prompt (3)",
+        "stages.ppo.generation: min_new_tokens (8) is larger than max_new_tokens (4)",
+        "stages.dpo: loss cdpo needs label_smoothing > 0 (the assumed share of flipped labels)",
+    }
+
+
+def test_a_stage_with_only_key_errors_gets_no_invented_cross_field_problem():
+    problems = problems_of(minimal(lrr=1, epochs="many"))
+    assert sorted(p.where for p in problems) == ["stages.sft.epochs", "stages.sft.lrr"]
+
+
 def test_error_from_file_names_the_file(tmp_path):
     path = write(tmp_path, MINIMAL + "    lr: fast\n")
     with pytest.raises(ConfigError) as info:
