@@ -8,6 +8,7 @@ which is fine) or model refs (which must resolve now).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from align.data.formats import load_conversations
 from align.data.io import check_source, is_hub_dataset, read_rows
@@ -62,6 +63,7 @@ def make_plan(recipe, registry: Registry | None = None, only: list[str] | None =
             problems.append(Problem(f"--stage {name}", f"no such stage; the recipe has {', '.join(names)}"))
     selected = [n for n in names if not only or n in only]
     plans = []
+    templates: dict[str, str | None] = {}  # each stage's chat template, for the stages that follow it
     for index, name in enumerate(names):
         cfg = recipe.stages[name]
         where = f"stages.{name}"
@@ -87,12 +89,127 @@ def make_plan(recipe, registry: Registry | None = None, only: list[str] | None =
             spec = getattr(cfg, key, None)
             if spec is not None:
                 stage.notes += _check_data(recipe, spec, f"{where}.{key}", cfg, problems)
+        _check_template(recipe, name, cfg, parent_source, templates, registry, problems)
+        stage.notes += _memory_note(recipe, cfg, parent_source or base, registry)
         plans.append(stage)
     _check_eval(recipe, problems)
     _check_eval_models(recipe, registry, problems, check_hub)
     if problems:
         raise ConfigError(problems, recipe.source)
     return Plan(recipe=recipe, registry=registry, base=base, stages=plans)
+
+
+# ------------------------------------------------------------------------------------------ tokenizers, memory
+
+
+def _local_folder(source: ModelSource | None, registry: Registry) -> tuple[Path | None, Path | None]:
+    """(folder with config.json, folder with the tokenizer) of a source that is on disk, without pulling or
+    downloading anything; adapter entries lead to the full weights they apply to."""
+    from align.models import adapter_parent
+
+    if source is None:
+        return None, None
+    if source.entry is not None:
+        entry, tokenizer = source.entry, None
+        if entry.manifest.get("tokenizer", {}).get("path"):
+            tokenizer = entry.file(entry.manifest["tokenizer"]["path"])
+        for _ in range(8):  # adapter on adapter ... on full weights
+            if entry.artifact.get("type") != "adapter":
+                return entry.file(entry.artifact["path"]), tokenizer
+            try:
+                parent = adapter_parent(entry, registry)
+            except AlignError:
+                return None, tokenizer
+            if parent.entry is None:
+                return (Path(parent.path) if parent.kind == "local" else None), tokenizer
+            entry = parent.entry
+        return None, tokenizer
+    if source.kind == "local":
+        return Path(source.path), Path(source.path)
+    return None, None
+
+
+def _load_tokenizer(folder: Path | None):
+    if folder is None or not folder.is_dir():
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception:  # an unreadable tokenizer is the stage's to report when it loads it
+        return None
+
+
+def _check_template(recipe, name, cfg, parent_source, templates, registry, problems) -> None:
+    """A stage after SFT must use its parent's chat template (as `align.stages.base.stage_tokenizer` checks when
+    it runs): refused here already when the parent is on disk or an earlier stage of this recipe."""
+    from align.fingerprint import short_hash
+    from align.stages.base import read_chat_template
+
+    own = None
+    if cfg.chat_template is not None:
+        try:
+            own = read_chat_template(cfg.chat_template, recipe)
+        except AlignError:
+            return  # named by the chat_template file check
+    parent_template, parent_name = None, None
+    if parent_source is None:  # an earlier stage of this recipe: its template, or what it inherited
+        earlier = cfg.from_ if cfg.from_ not in (None, "base") else None
+        if earlier is None:
+            sft = [n for n in templates if recipe.stages[n].kind == "sft"]
+            earlier = sft[-1] if sft else None
+        earlier = earlier[1:] if earlier and earlier.startswith("@") else earlier
+        if earlier not in templates:
+            templates[name] = own
+            return
+        parent_template, parent_name = templates[earlier], f"stage {earlier}"
+    else:
+        tokenizer = _load_tokenizer(_local_folder(parent_source, registry)[1])
+        parent_template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+        parent_name = parent_source.describe()
+    templates[name] = own if own is not None else parent_template
+    if cfg.kind == "sft" or own is None or parent_template is None or own == parent_template:
+        return
+    message = (f"the chat template this stage sets ({short_hash(own.encode())}) differs from its parent's "
+               f"({short_hash(parent_template.encode())}, {parent_name})")
+    if not cfg.allow_template_mismatch:
+        problems.append(Problem(f"stages.{name}.chat_template", message + "; use the parent's template, or set "
+                                "allow_template_mismatch: true"))
+
+
+def _memory_note(recipe, cfg, source: ModelSource | None, registry: Registry) -> list[str]:
+    """The stage's estimated peak memory (`align.memory`) from the model's config.json, with the longest row
+    of an SFT stage's data when the tokenizer is on disk."""
+    from align.memory import Shape, bf16_autocast, estimate_stage
+
+    config_dir, tokenizer_dir = _local_folder(source, registry)
+    if config_dir is None or not (config_dir / "config.json").is_file():
+        return ["memory: no estimate (the model's config.json is not on disk yet)"]
+    try:
+        shape = Shape.from_file(config_dir / "config.json")
+    except (KeyError, ValueError, OSError) as err:
+        return [f"memory: no estimate (config.json: {err})"]
+    seq_len = _longest_sft_row(recipe, cfg, _load_tokenizer(tokenizer_dir)) if cfg.kind == "sft" else None
+    return ["memory: " + estimate_stage(shape, cfg, seq_len=seq_len,
+                                        autocast=bf16_autocast(cfg.mixed_precision)).describe()]
+
+
+def _longest_sft_row(recipe, cfg, tokenizer, limit: int = 5000) -> int | None:
+    """Tokens in the longest of the first `limit` training conversations (capped at max_length)."""
+    from align.data.tokenize import encode_conversation
+
+    if tokenizer is None or is_hub_dataset(cfg.data.path):
+        return None
+    try:
+        rows = read_rows(recipe.resolve_path(cfg.data.path), split=cfg.data.split, limit=cfg.data.limit or limit)
+        conversations = load_conversations(rows[:limit], cfg.data.format, str(cfg.data.path))
+        if cfg.chat_template is not None:
+            from align.stages.base import read_chat_template
+
+            tokenizer.chat_template = read_chat_template(cfg.chat_template, recipe)
+        return max(len(encode_conversation(tokenizer, c, cfg.max_length).input_ids) for c in conversations.rows)
+    except Exception:  # bad data is reported by the data checks; the estimate then uses max_length
+        return None
 
 
 def _resolve(ref: str, where: str, registry: Registry, problems: list[Problem], check_hub: bool):

@@ -119,6 +119,7 @@ def start_run(ctx: StageContext, prepare):
     prepared = prepare(tokenizer)
     config_dump = cfg.model_dump(by_alias=True)
     fingerprint = {"config": hash_json(config_dump), "data": prepared[2].fingerprint, "seed": cfg.seed,
+                   "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                    "parent": ctx.parent.lineage(), "tokenizer": tokenizer_facts(tokenizer)["hash"]}
     return tokenizer, prepared, config_dump, fingerprint, prepare_run_dir(ctx.run_dir, fingerprint, ctx.force)
 
@@ -156,7 +157,8 @@ def prepare_run_dir(run_dir: Path, fingerprint: dict, force: bool) -> Path | Non
     meta = run_dir / "run.json"
     if meta.is_file():
         previous = json.loads(meta.read_text())
-        changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+        # A part the folder did not record (it predates that part) is not compared: the config hash covers it.
+        changed = sorted(k for k in previous if previous.get(k) != fingerprint.get(k))
         if changed and not force:
             raise TrainingError(
                 f"{run_dir} holds a run with different {', '.join(changed)}; resuming it would mix two runs. "
@@ -170,14 +172,27 @@ def prepare_run_dir(run_dir: Path, fingerprint: dict, force: bool) -> Path | Non
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (one whose trainer state was written last)."""
+    """The newest complete checkpoint. Complete means its `trainer_state.json` parses and names its own step:
+    transformers' `Trainer._save_checkpoint` writes that file after the weights, optimizer, scheduler and RNG
+    states (PPO writes its checkpoints whole under a hidden name and renames them), so a save that crashed
+    midway leaves either no such file or a truncated one, and that folder is passed over."""
     best = None
     for child in run_dir.glob("checkpoint-*"):
         match = re.fullmatch(r"checkpoint-(\d+)", child.name)
-        if match and (child / "trainer_state.json").is_file():
-            if best is None or int(match.group(1)) > best[0]:
-                best = (int(match.group(1)), child)
+        if match and (best is None or int(match.group(1)) > best[0]) and _complete(child, int(match.group(1))):
+            best = (int(match.group(1)), child)
     return best[1] if best else None
+
+
+def _complete(checkpoint: Path, step: int) -> bool:
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        state = None
+    complete = isinstance(state, dict) and state.get("global_step") == step
+    if not complete:
+        log.warning("%s is incomplete (a save was interrupted); passing over it", checkpoint)
+    return complete
 
 
 def peak_rss_mb() -> float:
@@ -255,6 +270,9 @@ def safety_callbacks(time_limit_minutes: float | None = None):
                 control.should_training_stop = True
 
         def on_train_end(self, args, state, control, **kwargs):
+            self.release()
+
+        def release(self):
             self._stop.__exit__(None, None, None)
 
     return [GracefulStop(), TimeLimit(time_limit_minutes)]
@@ -306,7 +324,10 @@ def train_and_time(ctx: StageContext, trainer, resume_from: Path | None, callbac
 
     stopper, time_limit = callbacks
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        stopper.release()  # the previous signal handlers come back even when training raised
     seconds = time.perf_counter() - started
     if stopper.requested:
         raise TrainingError(f"interrupted at step {trainer.state.global_step}; a checkpoint is in {ctx.run_dir}. "

