@@ -130,14 +130,26 @@ def _local_folder(source: ModelSource | None, registry: Registry) -> tuple[Path 
 
 
 def _load_tokenizer(folder: Path | None):
+    """The tokenizer in `folder` (a few hundred ms, no weights), or None where there is none to read."""
     if folder is None or not folder.is_dir():
         return None
-    try:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
+    try:
         return AutoTokenizer.from_pretrained(str(folder))
-    except Exception:  # an unreadable tokenizer is the stage's to report when it loads it
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable: the stage reports it when it loads it
         return None
+
+
+_TEMPLATES: dict[str, str | None] = {}
+
+
+def _parent_template(folder: Path | None) -> str | None:
+    key = str(folder)
+    if key not in _TEMPLATES:
+        tokenizer = _load_tokenizer(folder)
+        _TEMPLATES[key] = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    return _TEMPLATES[key]
 
 
 def _check_template(recipe, name, cfg, parent_source, templates, registry, problems) -> None:
@@ -164,8 +176,7 @@ def _check_template(recipe, name, cfg, parent_source, templates, registry, probl
             return
         parent_template, parent_name = templates[earlier], f"stage {earlier}"
     else:
-        tokenizer = _load_tokenizer(_local_folder(parent_source, registry)[1])
-        parent_template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+        parent_template = _parent_template(_local_folder(parent_source, registry)[1])
         parent_name = parent_source.describe()
     templates[name] = own if own is not None else parent_template
     if cfg.kind == "sft" or own is None or parent_template is None or own == parent_template:
@@ -208,8 +219,8 @@ def _longest_sft_row(recipe, cfg, tokenizer, limit: int = 5000) -> int | None:
 
             tokenizer.chat_template = read_chat_template(cfg.chat_template, recipe)
         return max(len(encode_conversation(tokenizer, c, cfg.max_length).input_ids) for c in conversations.rows)
-    except Exception:  # bad data is reported by the data checks; the estimate then uses max_length
-        return None
+    except (AlignError, OSError, ValueError, KeyError, TypeError):  # bad data is named by the data checks;
+        return None  # the estimate then takes max_length
 
 
 def _resolve(ref: str, where: str, registry: Registry, problems: list[Problem], check_hub: bool):

@@ -15,18 +15,23 @@ from align.registry import Registry
 from conftest import write_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted((REPO_ROOT / "recipes").glob("**/*.yaml"))
+# Every recipe file under recipes/, found by globbing, so a new one is covered without editing this test;
+# accelerate launch configs (recipes/accelerate/) are not recipes.
+RECIPES = sorted(p for p in (REPO_ROOT / "recipes").glob("**/*.yaml")
+                 if p.relative_to(REPO_ROOT / "recipes").parts[0] != "accelerate")
 
 
 @pytest.fixture
 def no_weights(monkeypatch):
-    """Any attempt to load a model, a tokenizer or the packaged GGUF fails the test."""
+    """Any attempt to load a model or the packaged GGUF fails the test. Tokenizers may load (no weights): the
+    plan compares chat templates and measures the longest row for the memory estimate with them."""
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"plan loaded weights: {args[:1]}")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", refuse)
     monkeypatch.setattr(align.packaged, "fetch_gguf", refuse)
     monkeypatch.setattr(align.packaged, "load_from_gguf", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -137,6 +142,47 @@ def test_dpo_stage_plans_and_a_missing_chat_template_file_is_named(tiny_raw_reci
     problems = plan_problems(raw, tmp_path)
     assert list(problems) == ["stages.dpo.chat_template"], problems
     assert "templates/missing.jinja" in problems["stages.dpo.chat_template"]
+
+
+OTHER_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.mark.parametrize("kind", ["reward", "dpo", "ppo"])
+@pytest.mark.parametrize("parent", ["base", "sft"])
+def test_a_stage_whose_template_differs_from_its_parents_is_refused_at_plan_time(kind, parent, tiny_raw_recipe,
+                                                                                 tmp_path, no_weights):
+    """From the base (a local folder: its tokenizer is read) or from an earlier SFT stage of the recipe, a
+    stage after SFT that sets another chat template is named with the other problems, before anything runs."""
+    raw = tiny_raw_recipe(tmp_path)
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"}])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 1 + 1?", "answer": "2"}])
+    body = {"reward": {"data": str(prefs)}, "dpo": {"data": str(prefs)},
+            "ppo": {"prompts": str(prompts), "rewards": [{"checker": "math_answer"}]}}[kind]
+    raw["stages"][kind] = {**body, "from": parent, "chat_template": OTHER_TEMPLATE}
+    data = raw["stages"]["sft"]["data"]
+    raw["stages"]["sft"]["data"] = str(tmp_path / "missing.jsonl")  # another problem, named in the same pass
+    problems = plan_problems(raw, tmp_path)
+    assert set(problems) == {f"stages.{kind}.chat_template", "stages.sft.data"}, problems
+    assert "differs from its parent" in problems[f"stages.{kind}.chat_template"]
+    assert "allow_template_mismatch" in problems[f"stages.{kind}.chat_template"]
+    raw["stages"]["sft"]["data"] = data
+    raw["stages"][kind]["allow_template_mismatch"] = True
+    make_plan(validate(raw, tmp_path), Registry(tmp_path / "registry"))
+    del raw["stages"][kind]["chat_template"]  # the parent's template: nothing to refuse
+    raw["stages"][kind]["allow_template_mismatch"] = False
+    make_plan(validate(raw, tmp_path), Registry(tmp_path / "registry"))
+
+
+def test_a_template_set_by_sft_is_the_one_later_stages_must_use(tiny_raw_recipe, tmp_path, no_weights):
+    raw = tiny_raw_recipe(tmp_path)
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"}])
+    raw["stages"]["sft"]["chat_template"] = OTHER_TEMPLATE
+    raw["stages"]["dpo"] = {"data": str(prefs), "from": "sft"}
+    make_plan(validate(raw, tmp_path), Registry(tmp_path / "registry"))  # inherits the SFT stage's template
+    from align.tiny import CHATML
+
+    raw["stages"]["dpo"]["chat_template"] = CHATML  # the base's template, not its parent's
+    assert list(plan_problems(raw, tmp_path)) == ["stages.dpo.chat_template"]
 
 
 def test_stage_option_naming_a_missing_stage(tiny_raw_recipe, tmp_path, no_weights):

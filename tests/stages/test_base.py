@@ -266,3 +266,58 @@ def test_sigterm_checkpoints_and_exits_and_the_next_run_resumes(tmp_path, tiny_b
     entry = Registry(tmp_path / "registry").resolve("tiny/sft")
     assert entry.manifest["timings"]["resumed_from"] == str(Path("runs") / "tiny" / "sft" / checkpoint.name)
     assert entry.manifest["timings"]["steps"] == 12
+
+
+# ------------------------------------------------------------------------------------------ tokenizer lineage
+
+OTHER_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+
+
+def _context(folder: Path, base, kind: str, stage: dict, parent=None):
+    from align.models import ModelSource
+    from align.stages.base import StageContext
+
+    raw = _raw(folder, base, kind, stage) if kind != "ppo" else {
+        "name": "tiny", "base": str(base), "eval": {"metrics": ["loss"]},
+        "stages": {"ppo": {"prompts": str(write_jsonl(folder / "prompts.jsonl", [{"prompt": "1 + 1?"}] * 8)),
+                           "rewards": [{"checker": "regex", "args": {"pattern": "[0-9]"}}], **stage}}}
+    recipe = validate_recipe(raw, [], source=str(folder / "r.yaml"))
+    parent = parent or ModelSource(ref=str(base), kind="local", path=str(base))
+    return StageContext(recipe=recipe, name=kind, config=recipe.stages[kind], registry=Registry(folder / "registry"),
+                        parent=parent, runs_root=folder / "runs")
+
+
+@pytest.mark.parametrize("kind", ["reward", "dpo", "ppo"])
+def test_a_stage_refuses_to_run_on_a_parent_with_another_template_unless_allowed(kind, tmp_path, tiny_base):
+    """The stage's own check when it runs (the plan refuses the same earlier; this holds for parents the plan
+    cannot read, and for `align.pipeline` callers that skip it)."""
+    from align.stages.base import stage_tokenizer
+
+    module = importlib.import_module(f"align.stages.{kind}")
+    with pytest.raises(TrainingError) as info:
+        module.run(_context(tmp_path, tiny_base, kind, {"chat_template": OTHER_TEMPLATE}))
+    message = str(info.value)
+    assert f"stages.{kind}:" in message and "chat-template hash" in message and "allow_template_mismatch" in message
+    assert not (tmp_path / "runs").exists()  # refused before the run folder, data or weights
+    allowed = _context(tmp_path, tiny_base, kind, {"chat_template": OTHER_TEMPLATE, "allow_template_mismatch": True})
+    assert stage_tokenizer(allowed).chat_template == OTHER_TEMPLATE
+
+
+@pytest.mark.parametrize("kind", ["reward", "dpo", "ppo"])
+def test_a_stage_refuses_a_parent_entry_whose_tokenizer_changed(kind, tmp_path, tiny_base):
+    """A parent entry whose tokenizer no longer hashes to what its manifest recorded (another vocabulary or
+    template put in its folder) is refused, naming both hashes."""
+    from align.models import ModelSource
+    from align.stages.base import stage_tokenizer
+    from tiny_entries import register_adapter
+
+    registry = Registry(tmp_path / "registry")
+    entry = register_adapter(registry, tiny_base)
+    manifest_path = entry.path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    recorded = manifest["tokenizer"]["hash"]
+    manifest["tokenizer"]["hash"] = "0" * len(recorded)  # as if trained with another tokenizer
+    manifest_path.write_text(json.dumps(manifest))
+    parent = ModelSource(ref=entry.ref, kind="registry", entry=registry.resolve(entry.ref))
+    with pytest.raises(TrainingError, match=rf"tokenizer hash {'0' * len(recorded)} \(parent\) vs {recorded}"):
+        stage_tokenizer(_context(tmp_path, tiny_base, kind, {}, parent=parent))

@@ -122,11 +122,14 @@ def test_adapter_disabled_reference_is_the_parent(tmp_path, tiny_base):
 
 
 def test_template_mismatch_is_refused(tmp_path, tiny_base):
+    """Refused by the plan that `align run` makes first (the stage's own check at run time is tested for
+    every kind in tests/stages/test_base.py)."""
     other = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    with pytest.raises(TrainingError) as err:
+    with pytest.raises(ConfigError) as err:
         _train(tmp_path, tiny_base, {"chat_template": other})
     message = str(err.value)
-    assert "stages.dpo" in message and "chat-template hash" in message and "allow_template_mismatch" in message
+    assert "stages.dpo.chat_template" in message and "differs from its parent" in message
+    assert "allow_template_mismatch" in message
     assert not (tmp_path / "registry" / "tiny").exists()  # refused before anything was trained or written
 
 
