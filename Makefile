@@ -6,6 +6,11 @@ BIN    := $(VENV)/bin
 RECIPE ?= recipes/smollm2/quickstart.yaml
 ARGS   ?=
 TORCH  ?= torch==2.13.0
+# Several processes (accelerate): make sft NPROC=8 ENGINE=fsdp (ddp | fsdp | zero2 | zero3; zero* need
+# `pip install -e ".[deepspeed]"`). NPROC counts processes on all machines together.
+NPROC  ?= 1
+ENGINE ?=
+SCALE  := $(if $(filter-out 1,$(NPROC)),--nproc $(NPROC)) $(if $(ENGINE),--engine $(ENGINE))
 
 .PHONY: setup test quickstart plan sft rm ppo dpo models eval report chat clean
 
@@ -29,16 +34,16 @@ plan: setup  ## dry run: validate RECIPE, resolve refs and data, load no weights
 	$(BIN)/align plan $(RECIPE) $(ARGS)
 
 sft: setup  ## run the SFT stage of RECIPE
-	$(BIN)/align run $(RECIPE) --stage sft $(ARGS)
+	$(BIN)/align run $(RECIPE) --stage sft $(SCALE) $(ARGS)
 
 rm: setup  ## run the reward-model stage of RECIPE
-	$(BIN)/align run $(RECIPE) --stage reward $(ARGS)
+	$(BIN)/align run $(RECIPE) --stage reward $(SCALE) $(ARGS)
 
 ppo: setup  ## run the PPO stage of RECIPE
-	$(BIN)/align run $(RECIPE) --stage ppo $(ARGS)
+	$(BIN)/align run $(RECIPE) --stage ppo $(SCALE) $(ARGS)
 
 dpo: setup  ## run the DPO stage of RECIPE
-	$(BIN)/align run $(RECIPE) --stage dpo $(ARGS)
+	$(BIN)/align run $(RECIPE) --stage dpo $(SCALE) $(ARGS)
 
 models: setup  ## list registry entries
 	$(BIN)/align models list

@@ -37,10 +37,20 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from align import distributed, launch
     from align.pipeline import run_recipe
 
     recipe = _recipe(args)
+    if (args.nproc > 1 or args.engine) and not distributed.is_distributed():
+        from align.plan import make_plan
+
+        make_plan(recipe, _registry(args, recipe), args.stage)  # every recipe problem now, not in N processes
+        machines = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in launch.MACHINE_FLAGS}
+        return launch.relaunch(args.argv, args.nproc, args.engine or "ddp", machines)
+    launch.check_running_engine()
     produced = run_recipe(recipe, _registry(args, recipe), args.stage, force=args.force)
+    if not distributed.is_main():
+        return 0
     for name, entry in produced.items():
         metrics = {k: v for k, v in entry.manifest.get("metrics", {}).items() if isinstance(v, (int, float))}
         baseline = (entry.manifest.get("baseline") or {}).get("metrics") or {}
@@ -220,6 +230,13 @@ def cmd_chat(args) -> int:
     return chat_loop(chats, settings)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="Post-training alignment: SFT, reward models, PPO, DPO.")
     parser.add_argument("--registry", help="registry folder (default: $ALIGN_REGISTRY or ./registry)")
@@ -237,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a recipe's stages")
     recipe_args(p)
     p.add_argument("--force", action="store_true", help="discard an incompatible unfinished run instead of refusing")
+    scale = p.add_argument_group("several processes (re-runs this command under `accelerate launch`)")
+    scale.add_argument("--nproc", type=_positive, default=1, help="processes in all (all machines together)")
+    scale.add_argument("--engine", help="ddp (default with --nproc), fsdp, zero2, zero3 (DeepSpeed), or an accelerate "
+                       "config file")
+    scale.add_argument("--num-machines", type=_positive, help="machines taking part (default 1)")
+    scale.add_argument("--machine-rank", type=int, help="this machine's rank, 0 on the main machine")
+    scale.add_argument("--main-process-ip", help="address of the machine with rank 0")
+    scale.add_argument("--main-process-port", type=int, help="a free port on the main machine")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("score", help="score responses or preference pairs with a reward model")
@@ -313,8 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from align.distributed import is_main
+
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    args.argv = argv
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level if is_main() else logging.WARNING,  # one process speaks for a run
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from align.data.tokenize import IGNORE, Encoded, encode_prompt
+from align.distributed import main_only
 from align.fingerprint import hash_json
 from align.generation import Generated, generate
 from align.rewards.checkers import get_checker
@@ -434,6 +435,7 @@ def run_metrics(model, tokenizer, settings, prompt_rows: list[dict], loss_data: 
     return metrics, ctx
 
 
+@main_only  # under several processes: main measures, the others wait and get its figures
 def evaluate_model(recipe, model, tokenizer, fallback_loss: list[Encoded] | None = None, *, registry=None) -> dict:
     """The hook every stage calls: the recipe's eval metrics on `model`, with the fingerprint of how."""
     from align.data.prepare import load_demonstrations, tokenize_all
@@ -478,6 +480,7 @@ def _hook_judge_and_opponent(recipe, registry, prompt_rows, prompts_fp):
     return judge, opponent
 
 
+@main_only
 def evaluate_reward_model(model, pairs, pad_id: int, batch_size: int = 16) -> tuple[dict, tuple[list, list]]:
     """The hook for reward entries: held-out pairwise accuracy, ties, score mean and spread, and the gap.
     Returns the metrics and the (chosen, rejected) scores for the histogram."""

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
+from align import distributed
 from align.errors import TrainingError
 from align.logprobs import can_split, prefix_hidden, token_logps
-from align.losses import (AdaptiveKL, explained_variance, gae, group_advantages, kl_per_token,
-                          leave_one_out_advantages, masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
+from align.losses import (AdaptiveKL, gae, group_advantages, kl_per_token, leave_one_out_advantages, masked_mean,
+                          ppo_policy_loss, ppo_value_loss)
 from align.rl.rollout import Rollouts, sample_rollouts, trimmed
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ class PPOTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if value_head is not None:
             params += list(value_head.parameters())
+        # Several processes (each with its own prompts) keep one set of weights: the same start, then gradients
+        # summed over processes before every optimizer step (`update`).
+        distributed.broadcast_parameters(params)
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = get_scheduler(cfg.scheduler, self.optimizer,
                                        num_warmup_steps=int(cfg.warmup_ratio * total_updates),
@@ -284,8 +288,8 @@ class PPOTrainer:
             per_sequence = (group_advantages(sequence_reward, k, scale=cfg.group_scale) if cfg.estimator == "grpo"
                             else leave_one_out_advantages(sequence_reward, k))
             advantages, returns = per_sequence[:, None] * mask, None
-        if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask)
+        if cfg.whiten_advantages:  # mean and variance over every process's rows
+            advantages = distributed.whiten(advantages, mask)
         return advantages, returns
 
     # -------------------------------------------------------------------------------------- update
@@ -305,15 +309,19 @@ class PPOTrainer:
 
         self.model.eval()
         trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # Under several processes `cfg.minibatch` is this process's share of a minibatch; every process takes
+        # as many optimizer steps (a process short of rows adds zero gradients), and a minibatch's loss is the
+        # token mean over all processes' rows (gradients summed, each scaled by the global token count).
+        minibatches = distributed.all_max(math.ceil(rows / cfg.minibatch))
         for _ in range(cfg.ppo_epochs):
             if self.group > 1:  # minibatches and micro-batches hold whole groups (their prompt runs once)
                 groups = torch.randperm(rows // self.group, generator=generator).tolist()
                 order = [g * self.group + j for g in groups for j in range(self.group)]
             else:
                 order = torch.randperm(rows, generator=generator).tolist()
-            for start in range(0, rows, cfg.minibatch):
+            for start in range(0, minibatches * cfg.minibatch, cfg.minibatch):
                 minibatch = order[start:start + cfg.minibatch]
-                minibatch_tokens = float(exp.mask[minibatch].sum().clamp(min=1.0))
+                minibatch_tokens = float(distributed.all_sum(exp.mask[minibatch].sum()).clamp(min=1.0))
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(minibatch), cfg.batch_size):
                     micro = minibatch[micro_start:micro_start + cfg.batch_size]
@@ -349,44 +357,67 @@ class PPOTrainer:
                     if not math.isfinite(float(loss.detach())):
                         raise TrainingError(f"PPO loss became {float(loss)} at step {step}; stopping before the "
                                             "optimizer step. Lower the learning rate or check the rewards.")
+                distributed.sum_gradients(trainable)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 add("grad_norm", grad_norm, 1.0)
                 self.optimizer.step()
                 self.scheduler.step()
+        if distributed.is_distributed():
+            return distributed.combine_weighted(sums, weights)
         return {name: sums[name] / max(weights[name], 1e-12) for name in sums}
 
     # -------------------------------------------------------------------------------------- one step
 
     def step(self, rows: list[dict], prompt_ids: list[list[int]], step: int) -> dict:
         """Sample, score and update once; returns the step's figures (flat, JSON-ready)."""
-        torch.manual_seed(self.cfg.seed * 1_000_003 + step)  # the same samples when a step is redone on resume
-        random.seed(self.cfg.seed * 1_000_003 + step)
+        # The same samples when a step is redone on resume; each process its own stream.
+        seed = self.cfg.seed * 1_000_003 + step + 7_919 * distributed.rank()
+        torch.manual_seed(seed)
+        random.seed(seed)
         exp, timings = self.make_experience(rows, prompt_ids)
         started = time.perf_counter()
         stats = self.update(exp, step)
         timings["train"] = time.perf_counter() - started
-        if exp.old_logps is not None:
-            stats["kl_per_token"] = float(masked_mean(kl_per_token(exp.old_logps, exp.ref_logps, "k1"), exp.mask))
-            stats["entropy"] = float(masked_mean(exp.entropy, exp.mask))
+        if not self.on_policy:  # else the update's own pass measured them
+            stats.update(self.sampling_figures(exp))
         observed_kl = stats.get("kl_per_token")  # None when no row was trained on (all groups uniform)
         coef = self.kl.coef
-        if observed_kl is not None:
-            self.kl.update(observed_kl, len(exp.rollouts))
+        if observed_kl is not None:  # the global KL and row count: the coefficient stays the same everywhere
+            self.kl.update(observed_kl, int(distributed.all_sum(torch.tensor(len(exp.rollouts)))))
         return self.figures(exp, stats, timings, observed_kl, coef)
 
+    def sampling_figures(self, exp: Experience) -> dict:
+        """Per-token KL to the reference and entropy at sampling time, over every process's trained rows
+        ({} when there were none)."""
+        if exp.old_logps is None:  # nothing trained here (all groups uniform); other processes may have rows
+            kl = entropy = mask = torch.zeros(0, 1)
+        else:
+            kl, entropy, mask = kl_per_token(exp.old_logps, exp.ref_logps, "k1"), exp.entropy, exp.mask
+        if not distributed.is_distributed():
+            if exp.old_logps is None:
+                return {}
+            return {"kl_per_token": float(masked_mean(kl, mask)), "entropy": float(masked_mean(entropy, mask))}
+        totals = distributed.all_sum(torch.stack([(kl * mask).sum(), (entropy * mask).sum(), mask.sum()]).double())
+        if float(totals[2]) == 0.0:
+            return {}
+        return {"kl_per_token": float(totals[0] / totals[2]), "entropy": float(totals[1] / totals[2])}
+
     def figures(self, exp: Experience, stats: dict, timings: dict, observed_kl: float | None, coef: float) -> dict:
-        sampled, scores = exp.sampled, exp.sampled_scores
-        lengths = sampled.response_lengths.float()
+        """The step's figures over every process's rollouts (`distributed.gather_cat` is the identity alone)."""
+        gather = distributed.gather_cat
+        sampled, scores = exp.sampled, gather(exp.sampled_scores)
+        lengths = gather(sampled.response_lengths.float())
         out = {"reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0}
-        out.update({f"reward/{name}": float(values.mean()) for name, values in exp.per_source.items()})
+        out.update({f"reward/{name}": float(gather(values).mean()) for name, values in exp.per_source.items()})
+        trained_lengths = gather(exp.mask.sum(dim=1))
         out.update({"kl_coef": coef, "response_length": float(lengths.mean()),
-                    "eos_rate": float(sampled.ended.float().mean()), "lr": self.scheduler.get_last_lr()[0],
-                    "trained_share": len(exp.rollouts) / max(len(sampled), 1), **stats})
+                    "eos_rate": float(gather(sampled.ended.float()).mean()), "lr": self.scheduler.get_last_lr()[0],
+                    "trained_share": len(trained_lengths) / max(len(lengths), 1), **stats})
         if observed_kl is not None:  # measured on the trained rows
-            out["kl_per_sequence"] = observed_kl * float(exp.mask.sum(dim=1).mean())
+            out["kl_per_sequence"] = observed_kl * float(trained_lengths.mean())
         if exp.values is not None:
-            out["explained_variance"] = explained_variance(exp.values, exp.returns, exp.mask)
-            out["value_mean"] = float(masked_mean(exp.values, exp.mask))
+            out["explained_variance"] = distributed.explained_variance(exp.values, exp.returns, exp.mask)
+            out["value_mean"] = distributed.masked_global_mean(exp.values, exp.mask)
         tokens = float(lengths.sum())
         out.update({f"time_{k}": round(v, 3) for k, v in timings.items()})
         out["step_seconds"] = round(sum(timings.values()), 3)

@@ -19,6 +19,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from align.distributed import main_only
 from align.errors import TrainingError
 from align.fingerprint import hash_json, library_versions, tokenizer_facts
 from align.models import ModelSource, cpu_has_bf16, load_tokenizer
@@ -153,10 +154,25 @@ def build_policy(ctx: StageContext, tokenizer):
 
 
 def prepare_run_dir(run_dir: Path, fingerprint: dict, force: bool) -> Path | None:
-    """Create or reuse the run folder; returns the checkpoint to resume from, or None for a fresh start."""
+    """Create or reuse the run folder; returns the checkpoint to resume from, or None for a fresh start.
+    The fingerprint records the number of processes (`world_size`): checkpoints hold per-process state and
+    batch shards, so a run resumes only under as many processes as it started with. Only the main process
+    reads and writes the folder; the others wait and get its answer."""
+    from align import distributed
+
+    fingerprint = {**fingerprint, "world_size": distributed.world_size()}
+    return distributed.on_main(lambda: _prepare_run_dir(run_dir, fingerprint, force))
+
+
+def _prepare_run_dir(run_dir: Path, fingerprint: dict, force: bool) -> Path | None:
     meta = run_dir / "run.json"
     if meta.is_file():
-        previous = json.loads(meta.read_text())
+        previous = {"world_size": 1, **json.loads(meta.read_text())}  # folders from before it was recorded
+        if previous["world_size"] != fingerprint["world_size"] and not force:
+            raise TrainingError(
+                f"{run_dir} holds a run started with {previous['world_size']} process(es); its checkpoints resume "
+                f"only under the same number, and this run has {fingerprint['world_size']}. Run with --nproc "
+                f"{previous['world_size']}, or pass --force to discard it and start afresh.")
         # A part the folder did not record (it predates that part) is not compared: the config hash covers it.
         changed = sorted(k for k in previous if previous.get(k) != fingerprint.get(k))
         if changed and not force:
@@ -168,7 +184,7 @@ def prepare_run_dir(run_dir: Path, fingerprint: dict, force: bool) -> Path | Non
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(meta, fingerprint)
-    return latest_checkpoint(run_dir)
+    return _check_world_size(latest_checkpoint(run_dir), fingerprint["world_size"])
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -275,7 +291,33 @@ def safety_callbacks(time_limit_minutes: float | None = None):
         def release(self):
             self._stop.__exit__(None, None, None)
 
-    return [GracefulStop(), TimeLimit(time_limit_minutes)]
+    class RecordWorldSize(TrainerCallback):
+        """Each checkpoint says how many processes wrote it (see `record_world_size`)."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                record_world_size(Path(args.output_dir) / f"checkpoint-{state.global_step}", args.world_size)
+
+    return [GracefulStop(), TimeLimit(time_limit_minutes), RecordWorldSize()]
+
+
+WORLD_FILE = "world.json"
+
+
+def record_world_size(checkpoint: Path, world_size: int) -> None:
+    """Write the number of processes into a checkpoint folder: its optimizer, RNG and data-order state are
+    per process, so `prepare_run_dir` refuses to resume it under another number."""
+    if checkpoint.is_dir():
+        write_json_atomic(checkpoint / WORLD_FILE, {"world_size": world_size})
+
+
+def _check_world_size(checkpoint: Path | None, world_size: int) -> Path | None:
+    if checkpoint is not None and (checkpoint / WORLD_FILE).is_file():
+        saved = json.loads((checkpoint / WORLD_FILE).read_text())["world_size"]
+        if saved != world_size:
+            raise TrainingError(f"{checkpoint} was written by {saved} process(es) and cannot resume under "
+                                f"{world_size}: run with --nproc {saved}, or pass --force to start afresh.")
+    return checkpoint
 
 
 def mixed_precision_args(setting: str, model) -> dict:
@@ -322,7 +364,7 @@ def train_and_time(ctx: StageContext, trainer, resume_from: Path | None, callbac
 
     import torch
 
-    stopper, time_limit = callbacks
+    stopper, time_limit = callbacks[:2]
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -360,7 +402,11 @@ class PairBatchesMixin:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length:
             return super()._get_train_sampler(train_dataset)
-        return LengthGroupedEpochSampler(dataset["length"], self.args.train_batch_size, self.args.seed)
+        # Grouped by the global batch (every process's share of one step), so the order of examples, and
+        # which step each one lands in, is the same under any number of processes; accelerate then hands
+        # each process its own slice of every global batch.
+        return LengthGroupedEpochSampler(dataset["length"], self.args.train_batch_size * self.args.world_size,
+                                         self.args.seed)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         import torch
@@ -384,6 +430,7 @@ def lora_targets(peft_cfg) -> str | list[str] | None:
     return targets if isinstance(targets, str) else sorted(targets)
 
 
+@main_only  # the other processes wait, then get the same Entry
 def register_entry(ctx: StageContext, kind: str, model, tokenizer, peft_cfg, *, report, config_dump: dict,
                    history: list[dict], timings: dict, metrics: dict, artifact_extra: dict | None = None,
                    adapter_extra: dict | None = None, manifest_extra: dict | None = None, extra_files=()):

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from align import distributed
 from align.data.prepare import prepare_pairs
 from align.data.sampling import length_sorted_chunks, pad_right
 from align.data.tokenize import IGNORE, EncodedPair
@@ -109,6 +110,20 @@ def pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 1
     return out.view(2, len(pairs)).t().contiguous()
 
 
+def sharded_pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int) -> torch.Tensor:
+    """`pair_logps` with the pairs dealt out among the processes (every n-th pair each), gathered back in
+    order on every process: the reference pass costs 1/n of its single-process time."""
+    n, rank = distributed.world_size(), distributed.rank()
+    if n == 1:
+        return pair_logps(model, pairs, pad_id, batch_size)
+    mine = pairs[rank::n]
+    part = pair_logps(model, mine, pad_id, batch_size) if mine else torch.zeros(0, 2, dtype=torch.float64)
+    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    for index, shard in enumerate(distributed.gather_objects(part)):
+        out[index::n] = shard
+    return out
+
+
 def reference_logps(ctx: StageContext, model, train, heldout, pad_id: int, fingerprint: dict) -> dict:
     """Reference log-probs for train and held-out pairs, computed once and kept in the run folder (written
     atomically, checked against the run's fingerprint), so a resumed run reuses them."""
@@ -122,11 +137,13 @@ def reference_logps(ctx: StageContext, model, train, heldout, pad_id: int, finge
     started = time.perf_counter()
     disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with disabled:
-        saved = {"fingerprint": key, "train": pair_logps(model, train, pad_id, ctx.config.batch_size * 2),
-                 "heldout": pair_logps(model, heldout, pad_id, ctx.config.batch_size * 2)}
-    partial = path.with_name(path.name + f".partial-{os.getpid()}")
-    torch.save(saved, partial)
-    os.replace(partial, path)
+        saved = {"fingerprint": key, "train": sharded_pair_logps(model, train, pad_id, ctx.config.batch_size * 2),
+                 "heldout": sharded_pair_logps(model, heldout, pad_id, ctx.config.batch_size * 2)}
+    if distributed.is_main():
+        partial = path.with_name(path.name + f".partial-{os.getpid()}")
+        torch.save(saved, partial)
+        os.replace(partial, path)
+    distributed.barrier()  # no process reads the file (next run) before it is whole
     log.info("reference log-probs for %d pairs in %.1fs", len(train) + len(heldout), time.perf_counter() - started)
     return saved
 
@@ -169,16 +186,19 @@ def make_trainer(cfg, mode: str | None, ref_model=None, **kwargs):
         def batch_logps(self, model, inputs):
             # sequence_logps calls the trunk and head directly, past the autocast accelerate wraps around
             # model.forward, so mixed precision is entered here.
+            # Through the wrapper's forward under several processes (`distributed.call_through`).
             with self.accelerator.autocast():
-                return sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+                return distributed.call_through(model, sequence_logps, inputs["input_ids"],
+                                                inputs["attention_mask"], inputs["labels"])
 
         def reference(self, model, inputs):
             if mode in (None, "precomputed"):
                 return inputs["reference"]
             with torch.no_grad():
-                if mode == "adapter_disabled":
-                    with model.disable_adapter():
-                        return self.batch_logps(model, inputs)[0]
+                if mode == "adapter_disabled":  # no gradients: the unwrapped model, outside DDP
+                    inner = self.accelerator.unwrap_model(model)
+                    with inner.disable_adapter():
+                        return self.batch_logps(inner, inputs)[0]
                 return self.batch_logps(ref_model, inputs)[0]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -248,7 +268,7 @@ def run(ctx: StageContext):
 
     model, peft_cfg = build_policy(ctx, tokenizer)
     if torch.cuda.is_available() and cfg.method != "qlora":  # the reference pass runs before the Trainer moves it
-        model.to("cuda")
+        model.to(distributed.device())
     mode = reference_mode(cfg)
     ref_model, reference = None, {"train": None, "heldout": None}
     if mode == "precomputed":
@@ -257,7 +277,8 @@ def run(ctx: StageContext):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     if mode in ("adapter_disabled", "copy"):  # for held-out metrics, measured once up front
         with (model.disable_adapter() if mode == "adapter_disabled" else contextlib.nullcontext()):
-            reference["heldout"] = pair_logps(ref_model or model, heldout, tokenizer.pad_token_id, cfg.batch_size * 2)
+            reference["heldout"] = sharded_pair_logps(ref_model or model, heldout, tokenizer.pad_token_id,
+                                                      cfg.batch_size * 2)
     trainable, total = count_parameters(model)
     log.info("%s: %d train / %d held-out pairs; %s trainable of %s parameters; loss %s, reference %s",
              ctx.entry_name, len(train), len(heldout), f"{trainable:,}", f"{total:,}", cfg.loss, mode or "none")
@@ -274,8 +295,8 @@ def run(ctx: StageContext):
 
     model = trainer.model
     model.eval()
-    metrics, margins = preference_metrics(cfg, model, heldout, reference["heldout"], tokenizer.pad_token_id,
-                                          cfg.batch_size * 2)
+    metrics, margins = distributed.on_main(lambda: preference_metrics(
+        cfg, model, heldout, reference["heldout"], tokenizer.pad_token_id, cfg.batch_size * 2))
     if metrics:
         log.info("held-out: preference accuracy %.3f, reward margin %.3f (chosen %.3f, rejected %.3f)",
                  metrics["preference_accuracy"], metrics["reward_margin"], metrics["rewards_chosen"],

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from align import distributed
 from align.data.prepare import DataReport, heldout_split
 from align.data.prompts import load_prompts
 from align.data.tokenize import encode_prompt
@@ -41,7 +42,7 @@ from align.rewards.mix import RewardMix, checker_term, reward_model_term, term_n
 from align.rl.ppo import PPOTrainer
 from align.rl.rollout import sample_rollouts
 from align.stages.base import (StageContext, StopRequest, build_policy, lora_targets, mixed_precision_args,
-                               peak_rss_mb, register_entry, start_run)
+                               peak_rss_mb, record_world_size, register_entry, start_run)
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
@@ -130,7 +131,7 @@ def build_rewards(ctx: StageContext) -> tuple[RewardMix, list[dict]]:
         model_source = reward_entry(ctx, source.model)
         model, tokenizer = load_reward_model(model_source, ctx.registry)
         if torch.cuda.is_available():
-            model.to("cuda")
+            model.to(distributed.device())
         terms.append(reward_model_term(name, source.weight, model, tokenizer, cfg.batch_size * 2, cfg.max_length))
         recorded.append({"name": name, "model": model_source.lineage(), "weight": source.weight})
     return RewardMix(terms, normalize=cfg.reward_normalize, clip=cfg.reward_clip), recorded
@@ -165,6 +166,7 @@ def heldout_figures(trainer: PPOTrainer, rows: list[dict], reference=None) -> tu
     return figures, total.tolist()
 
 
+@distributed.main_only
 def parent_heldout(ctx: StageContext, trainer: PPOTrainer, rows: list[dict]) -> tuple[dict, list[float], dict]:
     """The parent's held-out figures and its evaluation-hook metrics (the same hook the stage's entry gets),
     measured once per run: cached in the run folder, so a resumed run compares against the same numbers."""
@@ -183,6 +185,7 @@ def parent_heldout(ctx: StageContext, trainer: PPOTrainer, rows: list[dict]) -> 
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
+@distributed.main_only  # every process holds the same weights and state
 def save_checkpoint(ctx: StageContext, trainer: PPOTrainer, step: int, history: list[dict]) -> Path:
     """Write `checkpoint-<step>` whole under a temporary name, then rename it into place; keep the last two."""
     final = ctx.run_dir / f"checkpoint-{step}"
@@ -190,6 +193,7 @@ def save_checkpoint(ctx: StageContext, trainer: PPOTrainer, step: int, history: 
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     torch.save(trainer.state_dict(), partial / STATE_FILE)
+    record_world_size(partial, distributed.world_size())  # before trainer_state.json, which marks it complete
     (partial / "trainer_state.json").write_text(json.dumps({"global_step": step, "history": history}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
@@ -219,6 +223,26 @@ def build_value_head(model):
     return head.to(next(model.parameters()).device)
 
 
+def per_process_config(cfg, stage: str):
+    """The config each process trains with: `rollout_batch` and `minibatch` are global (what one process
+    does alone), so under n processes each takes 1/n of the step's prompts and of every minibatch. Refused,
+    before any weights load, when they do not split evenly."""
+    n = distributed.world_size()
+    if n == 1:
+        return cfg
+    prompts = cfg.rollout_batch // cfg.samples_per_prompt
+    problems = []
+    if prompts % n:
+        problems.append(f"rollout_batch / samples_per_prompt = {prompts} prompts per step")
+    if cfg.minibatch % (n * cfg.samples_per_prompt if cfg.estimator != "gae" else n):
+        problems.append(f"minibatch {cfg.minibatch}")
+    if problems:
+        raise TrainingError(f"stages.{stage}: {' and '.join(problems)} must divide evenly among {n} processes"
+                            + (f" (whole groups of samples_per_prompt {cfg.samples_per_prompt})"
+                               if cfg.estimator != "gae" else ""))
+    return cfg.model_copy(update={"rollout_batch": cfg.rollout_batch // n, "minibatch": cfg.minibatch // n})
+
+
 def total_steps(cfg, train_prompts: int) -> int:
     prompts_per_step = cfg.rollout_batch // cfg.samples_per_prompt
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * train_prompts / prompts_per_step))
@@ -231,12 +255,13 @@ def run(ctx: StageContext):
     from tqdm.auto import tqdm
 
     cfg = ctx.config
+    process_cfg = per_process_config(cfg, ctx.name)
     tokenizer, (train, heldout, report), config_dump, fingerprint, resume_from = start_run(
         ctx, lambda tokenizer: prepare_prompts(ctx, tokenizer))
     rewards, recorded_sources = build_rewards(ctx)
     model, peft_cfg = build_policy(ctx, tokenizer)
     if torch.cuda.is_available() and cfg.method != "qlora":
-        model.to("cuda")
+        model.to(distributed.device())
     reference = copy.deepcopy(model).eval().requires_grad_(False) if peft_cfg is None else None
     value_head = build_value_head(model) if cfg.estimator == "gae" else None
     critic = "critic" if value_head is not None and cfg.value == "adapter" else None
@@ -248,7 +273,7 @@ def run(ctx: StageContext):
     steps = total_steps(cfg, len(train))
     updates = steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch / cfg.minibatch)
     bf16 = mixed_precision_args(cfg.mixed_precision, model)["bf16"]
-    trainer = PPOTrainer(cfg, model, tokenizer, rewards, value_head, reference, updates, bf16, critic)
+    trainer = PPOTrainer(process_cfg, model, tokenizer, rewards, value_head, reference, updates, bf16, critic)
     trainable, total = count_parameters(model)
     log.info("%s: %d train / %d held-out prompts, %d steps of %d responses; %s trainable of %s parameters; "
              "estimator %s", ctx.entry_name, len(train), len(heldout), steps, cfg.rollout_batch,
@@ -262,7 +287,8 @@ def run(ctx: StageContext):
     with StopRequest() as stop, tqdm(total=steps, initial=start, desc=f"ppo {ctx.entry_name}",
                                      disable=None) as bar:
         for step in range(start, steps):
-            rows = step_rows(train, step, prompts_per_step, cfg.samples_per_prompt, cfg.seed)
+            rows = distributed.shard(step_rows(train, step, prompts_per_step, cfg.samples_per_prompt, cfg.seed),
+                                     cfg.samples_per_prompt)  # each process its own prompts
             figures = trainer.step(rows, [r["prompt_ids"] for r in rows], step)
             figures["step"] = step + 1
             history.append(figures)
@@ -272,8 +298,10 @@ def run(ctx: StageContext):
             if (step + 1) % cfg.logging_steps == 0 or step == start:
                 log.info("step %d: %s", step + 1, _log_line(figures))
             elapsed = time.perf_counter() - started
-            at_limit = bool(cfg.time_limit_minutes) and elapsed > cfg.time_limit_minutes * 60
-            interrupted = stop.requested
+            # Decided together: a process that stopped alone would leave the others waiting for it.
+            at_limit = bool(distributed.all_max(int(bool(cfg.time_limit_minutes)
+                                                    and elapsed > cfg.time_limit_minutes * 60)))
+            interrupted = bool(distributed.all_max(int(stop.requested)))
             if (step + 1) % cfg.save_steps == 0 or step + 1 == steps or at_limit or interrupted:
                 save_checkpoint(ctx, trainer, step + 1, history)
             if interrupted:
@@ -292,7 +320,7 @@ def run(ctx: StageContext):
                "resumed_from": str(resume_from) if resume_from else None, "mixed_precision": "bf16" if bf16 else "no",
                **_time_split(history[start:])}
 
-    after, after_rewards = heldout_figures(trainer, heldout)
+    after, after_rewards = distributed.on_main(lambda: heldout_figures(trainer, heldout))
     metrics = {f"heldout_{k}_before": v for k, v in before.items() if k != "prompts"}
     metrics.update({f"heldout_{k}": v for k, v in after.items()})
     if history:

@@ -24,6 +24,7 @@ import torch
 from align.data.prepare import prepare_pairs
 from align.data.sampling import pad_right
 from align.data.tokenize import EncodedPair
+from align.distributed import call_through
 from align.evaluate import evaluate_reward_model
 from align.losses import pairwise_accuracy, reward_ranking_loss
 from align.models import bnb_config, count_parameters, freeze_bottom, load_sequence_classifier, lora_config
@@ -89,7 +90,8 @@ def make_trainer(loss_kind: str, center_coef: float, grouped: bool = True, **kwa
             # score_batch calls the trunk and head directly, past the autocast that accelerate wraps around
             # model.forward, so mixed precision is entered here.
             with self.accelerator.autocast():
-                scores = score_batch(model, inputs["input_ids"], inputs["attention_mask"], inputs["starts"])
+                scores = call_through(model, score_batch, inputs["input_ids"], inputs["attention_mask"],
+                                      inputs["starts"])  # through DDP/FSDP's forward (several processes)
             chosen, rejected = scores.chunk(2)
             loss = reward_ranking_loss(chosen, rejected, inputs["margin"], loss_kind, center_coef)
             if model.training:

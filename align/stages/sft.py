@@ -19,6 +19,7 @@ import torch
 
 from align.data.prepare import (DataReport, apply_row_policy, check_dropped_share, heldout_split,
                                 load_demonstrations, tokenize_all)
+from align.distributed import is_main
 from align.errors import TrainingError
 from align.evaluate import evaluate_model
 from align.fingerprint import hash_json, tokenizer_facts
@@ -91,7 +92,8 @@ def run(ctx: StageContext):
         # measured by the same hook, so the manifest shows the change the stage made.
         log.info("evaluating the parent before training")
         baseline = evaluate_model(ctx.recipe, model, tokenizer, heldout)
-        write_json_atomic(ctx.run_dir / "baseline.json", baseline)
+        if is_main():
+            write_json_atomic(ctx.run_dir / "baseline.json", baseline)
     elif (ctx.run_dir / "baseline.json").is_file():
         baseline = json.loads((ctx.run_dir / "baseline.json").read_text())
     if baseline is not None:
