@@ -355,8 +355,10 @@ class PPOTrainer:
                         loss = loss + self.kl.coef * kl_loss
                     (loss * share).backward()
                     if not math.isfinite(float(loss.detach())):
-                        raise TrainingError(f"PPO loss became {float(loss)} at step {step}; stopping before the "
-                                            "optimizer step. Lower the learning rate or check the rewards.")
+                        # `step` counts from 0 here; the history and checkpoints count from 1.
+                        raise TrainingError(f"PPO loss became {float(loss.detach())} at step {step + 1}; stopping "
+                                            "before the optimizer step, no checkpoint written after it. Lower the "
+                                            "learning rate or check the rewards.")
                 distributed.sum_gradients(trainable)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 add("grad_norm", grad_norm, 1.0)

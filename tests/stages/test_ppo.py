@@ -202,9 +202,12 @@ def test_prompts_without_answers_are_refused_before_training(tmp_path, tiny_base
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_base, monkeypatch):
+    """Stopped by a signal at step 2 (between the checkpoints at 0 and 3), with micro-batches of 4 accumulated
+    into minibatches of 8, the resumed run samples the same responses (the sampling RNG is part of the resumed
+    state) and ends with every logged figure and every trained weight, value head included, within 1e-6."""
     import align.stages.ppo as ppo_stage
 
-    stage = {"max_steps": 6, "save_steps": 3}
+    stage = {"max_steps": 6, "save_steps": 3, "batch_size": 4}
     _, _, straight = _train(tmp_path / "straight", tiny_base, stage)
 
     class StopAfterTwo(ppo_stage.StopRequest):
@@ -229,12 +232,23 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_base, monkey
     assert (tmp_path / "resumed" / "runs" / "tiny" / "ppo" / "checkpoint-2").is_dir()
     _, _, resumed = _train(tmp_path / "resumed", tiny_base, stage)
     assert resumed.manifest["timings"]["resumed_from"].endswith("checkpoint-2")
-    assert [h["reward"] for h in resumed.manifest["history"]] == [h["reward"] for h in straight.manifest["history"]]
+
+    def figures(entry):
+        return [{k: v for k, v in h.items() if not k.startswith("time_") and k != "step_seconds"}
+                for h in entry.manifest["history"]]
+
+    a, b = figures(straight), figures(resumed)
+    assert len(a) == len(b) == 6 and [h.keys() for h in a] == [h.keys() for h in b]
+    assert [h["generated_tokens"] for h in a] == [h["generated_tokens"] for h in b]  # the same samples
+    for x, y in zip(a, b):
+        for key in x:
+            assert y[key] == pytest.approx(x[key], abs=1e-6, rel=0), (x["step"], key)
     from safetensors.torch import load_file
 
-    a = load_file(straight.path / "adapter" / "adapter_model.safetensors")
-    b = load_file(resumed.path / "adapter" / "adapter_model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    for name, load in (("adapter/adapter_model.safetensors", load_file), ("value_head.pt", torch.load)):
+        x, y = load(straight.path / name), load(resumed.path / name)
+        assert x.keys() == y.keys() and x
+        assert all(torch.allclose(x[k], y[k], atol=1e-6, rtol=0) for k in x), name
 
 
 def test_plan_time_settings_errors_are_named(tmp_path, tiny_base):
@@ -260,3 +274,43 @@ def test_critic_on_its_own_adapter_trains_and_stays_out_of_the_policy(tmp_path, 
     policy = PeftModel.from_pretrained(load_causal_lm(source, Registry(tmp_path / "r2"), dtype="fp32"),
                                        str(entry.path / "adapter"))
     assert list(policy.peft_config) == ["default"]
+
+
+# ------------------------------------------------------------------------------------------ non-finite loss
+
+
+@pytest.mark.parametrize("how", ["injected", "exploding"])
+def test_a_non_finite_loss_stops_with_the_step_and_no_checkpoint_after_it(how, tmp_path, tiny_base, monkeypatch):
+    """`injected`: the policy loss turns nan at step 3 (checkpoints every 2 steps); `exploding`: full fine-tuning
+    at lr 1e38 overflows on its own. Either way the run stops naming the step, registers nothing, and the newest
+    checkpoint is from before that step."""
+    import align.rl.ppo as ppo_loop
+
+    if how == "injected":
+        real = ppo_loop.ppo_policy_loss
+
+        def poisoned(*args, **kwargs):
+            loss, *rest = real(*args, **kwargs)
+            return (loss * float("nan"), *rest) if poisoned.step >= 3 else (loss, *rest)
+
+        real_step = ppo_loop.PPOTrainer.step
+
+        def step(self, rows, ids, index):
+            poisoned.step = index + 1
+            return real_step(self, rows, ids, index)
+
+        monkeypatch.setattr(ppo_loop, "ppo_policy_loss", poisoned)
+        monkeypatch.setattr(ppo_loop.PPOTrainer, "step", step)
+        stage, match = {"max_steps": 6, "save_steps": 2}, r"loss became nan at step 3\b"
+    else:
+        stage, match = {"max_steps": 6, "save_steps": 1, "method": "full", "lr": 1e30}, r"loss became (nan|inf|-inf) at step \d+"
+    with pytest.raises(TrainingError, match=match) as info:
+        _train(tmp_path, tiny_base, stage)
+    assert Registry(tmp_path / "registry").find("tiny/ppo") is None
+    from align.stages.base import latest_checkpoint
+
+    newest = latest_checkpoint(tmp_path / "runs" / "tiny" / "ppo")
+    failed_at = int(str(info.value).split(" at step ")[1].split(";")[0].split()[0])
+    assert newest is None or int(newest.name.split("-")[1]) < failed_at
+    if how == "injected":
+        assert newest.name == "checkpoint-2"
