@@ -314,3 +314,30 @@ def test_a_non_finite_loss_stops_with_the_step_and_no_checkpoint_after_it(how, t
     assert newest is None or int(newest.name.split("-")[1]) < failed_at
     if how == "injected":
         assert newest.name == "checkpoint-2"
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_in_use(tmp_path, tiny_base, monkeypatch):
+    """The save of checkpoint-4 dies after part of its state file was written: the half-written folder keeps its
+    temporary name, checkpoint-2 stays the one resumed from, and the rerun ends at the last step."""
+    import align.stages.ppo as ppo_stage
+    from align.stages.base import latest_checkpoint
+
+    real_save = torch.save
+
+    def torn_save(obj, path, *args, **kwargs):
+        if ".checkpoint-4.partial" in str(path):
+            Path(path).write_bytes(b"\0" * 64)
+            raise OSError("disk full while writing the checkpoint")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ppo_stage.torch, "save", torn_save)
+    stage = {"max_steps": 6, "save_steps": 2}
+    with pytest.raises(OSError, match="disk full"):
+        _train(tmp_path, tiny_base, stage)
+    monkeypatch.undo()
+    run_dir = tmp_path / "runs" / "tiny" / "ppo"
+    assert (run_dir / ".checkpoint-4.partial").is_dir() and not (run_dir / "checkpoint-4").exists()
+    assert latest_checkpoint(run_dir) == run_dir / "checkpoint-2"
+    _, _, entry = _train(tmp_path, tiny_base, stage)
+    assert entry.manifest["timings"]["resumed_from"] == str(run_dir / "checkpoint-2")
+    assert entry.manifest["timings"]["steps"] == 6
