@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from align.cli import main
@@ -85,3 +86,49 @@ def test_models_show_of_an_unknown_ref_returns_2(tmp_path, capsys):
     assert "Traceback" not in out + err
     assert "quickstart/sftt: no such entry" in err
     assert "did you mean quickstart/sft" in err
+
+
+def _bad_data_file(tmp_path, raw):
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"prompt": "What is 1 + 1?", "completion": "2"}\n{"prompt": "What is 2 + 2?", "compl')
+    raw["stages"]["sft"]["data"] = str(path)
+    return "sft.jsonl: line 2"
+
+
+def _binary_data_file(tmp_path, raw):
+    path = tmp_path / "sft.parquet"
+    path.write_bytes(b"\x00\xff" * 64)
+    raw["stages"]["sft"]["data"] = str(path)
+    return "sft.parquet"
+
+
+def _model_folder_without_config(tmp_path, raw):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\x00" * 16)
+    raw["base"] = str(folder)
+    return "config.json"
+
+
+def _recipe_that_is_a_list(tmp_path, raw):
+    raw.clear()
+    raw["__list__"] = True
+    return "a recipe must be a YAML mapping, got a list"
+
+
+@pytest.mark.parametrize("spoil", [_bad_data_file, _binary_data_file, _model_folder_without_config,
+                                   _recipe_that_is_a_list])
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_a_corrupt_file_is_one_clear_error_with_status_2(spoil, command, tiny_raw_recipe, tmp_path, capsys,
+                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `run` would make runs/ here
+    raw = tiny_raw_recipe(tmp_path)
+    named = spoil(tmp_path, raw)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(["name", "stages"]) if raw.get("__list__") else yaml.safe_dump(raw))
+    code = main(["--registry", str(tmp_path / "registry"), command, str(path)])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in out + err
+    problems = [line for line in err.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1 and named in problems[0], err
+    assert not (tmp_path / "registry").exists() and not (tmp_path / "runs").exists()
