@@ -4,9 +4,9 @@
   gradients, reward normalization moments, the KL figure that drives the adaptive controller) give, on two
   processes holding different rows, what the single-process functions give on the rows concatenated.
 - The length-grouped sampler, sharded by accelerate, hands each process its own slice of every global batch.
-- `align run --nproc 2` (accelerate launch underneath) runs SFT, DPO and PPO; SFT and DPO log, step by step,
-  the losses one process logs with the same global batch (batch_size 2x); each stage registers exactly one
-  entry; the run folder and the checkpoint record 2 processes, and one process refuses to resume them.
+- `align run --nproc 2` (accelerate launch underneath) runs SFT, reward, DPO and PPO; SFT, reward and DPO log,
+  step by step, the losses one process logs with the same global batch (batch_size 2x); each stage registers
+  exactly one entry; the run folder and the checkpoint record 2 processes, and one process refuses to resume them.
 
 Tolerance: per-step losses agree within 1e-4 relative (measured: ~2e-7 for SFT, ~1e-5 for DPO, whose
 reference log-probs are computed in differently padded batches); the statistics within 1e-5.
@@ -204,6 +204,8 @@ def _write_recipe(folder: Path, base: Path) -> Path:
         "name": "tiny", "base": str(base),
         "stages": {
             "sft": {"data": "sft.jsonl", "batch_size": 2, "lr": 1e-2, "eval_split": 0.2, **common},
+            "reward": {"from": "base", "data": "prefs.jsonl", "batch_size": 4, "lr": 5e-3, "eval_split": 0.25,
+                       **common},
             "dpo": {"from": "base", "data": "prefs.jsonl", "batch_size": 4, "lr": 5e-3, "eval_split": 0.25,
                     "beta": 0.5, **common},
             "ppo": {"from": "base", "prompts": "prompts.jsonl", "rewards": [{"checker": "regex",
@@ -235,17 +237,18 @@ def two_process_run(tmp_path_factory, tiny_base):
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, tiny_base):
-    """SFT and DPO in this process with each per-process batch doubled: the same global batch."""
+    """SFT, reward and DPO in this process with each per-process batch doubled: the same global batch."""
     from align.pipeline import run_recipe
     from align.recipe import load_recipe
     from align.registry import Registry
 
     folder = tmp_path_factory.mktemp("one")
-    recipe = load_recipe(_write_recipe(folder, tiny_base), ["stages.sft.batch_size=4", "stages.dpo.batch_size=8"])
-    return run_recipe(recipe, Registry(folder / "registry"), ["sft", "dpo"], runs_root=folder / "runs")
+    recipe = load_recipe(_write_recipe(folder, tiny_base), ["stages.sft.batch_size=4", "stages.reward.batch_size=8",
+                                                            "stages.dpo.batch_size=8"])
+    return run_recipe(recipe, Registry(folder / "registry"), ["sft", "reward", "dpo"], runs_root=folder / "runs")
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
 def test_two_processes_log_the_losses_of_one_with_the_same_global_batch(stage, two_process_run, one_process_run):
     from align.registry import Registry
 
@@ -261,7 +264,7 @@ def test_each_stage_registers_one_entry_and_ppo_completes_its_steps(two_process_
 
     folder, done = two_process_run
     entries = Registry(folder / "registry").list()
-    assert sorted(e.ref for e in entries) == ["tiny/dpo@1", "tiny/ppo@1", "tiny/sft@1"]
+    assert sorted(e.ref for e in entries) == ["tiny/dpo@1", "tiny/ppo@1", "tiny/reward@1", "tiny/sft@1"]
     assert not (folder / "registry" / ".staging").exists() or not any((folder / "registry" / ".staging").iterdir())
     ppo = Registry(folder / "registry").resolve("tiny/ppo")
     steps = [h for h in ppo.manifest["history"] if "reward" in h]
