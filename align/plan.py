@@ -64,6 +64,7 @@ def make_plan(recipe, registry: Registry | None = None, only: list[str] | None =
     selected = [n for n in names if not only or n in only]
     plans = []
     templates: dict[str, str | None] = {}  # each stage's chat template, for the stages that follow it
+    read: dict[str, str | None] = {}  # chat templates of tokenizer folders, read once
     for index, name in enumerate(names):
         cfg = recipe.stages[name]
         where = f"stages.{name}"
@@ -89,7 +90,7 @@ def make_plan(recipe, registry: Registry | None = None, only: list[str] | None =
             spec = getattr(cfg, key, None)
             if spec is not None:
                 stage.notes += _check_data(recipe, spec, f"{where}.{key}", cfg, problems)
-        _check_template(recipe, name, cfg, parent_source, templates, registry, problems)
+        _check_template(recipe, name, cfg, parent_source, templates, read, registry, problems)
         stage.notes += _memory_note(recipe, cfg, parent_source or base, registry)
         plans.append(stage)
     _check_eval(recipe, problems)
@@ -141,18 +142,16 @@ def _load_tokenizer(folder: Path | None):
         return None
 
 
-_TEMPLATES: dict[str, str | None] = {}
-
-
-def _parent_template(folder: Path | None) -> str | None:
+def _parent_template(folder: Path | None, read: dict) -> str | None:
+    """The chat template of the tokenizer in `folder`, read once per plan (`read` caches it)."""
     key = str(folder)
-    if key not in _TEMPLATES:
+    if key not in read:
         tokenizer = _load_tokenizer(folder)
-        _TEMPLATES[key] = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
-    return _TEMPLATES[key]
+        read[key] = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    return read[key]
 
 
-def _check_template(recipe, name, cfg, parent_source, templates, registry, problems) -> None:
+def _check_template(recipe, name, cfg, parent_source, templates, read, registry, problems) -> None:
     """A stage after SFT must use its parent's chat template (as `align.stages.base.stage_tokenizer` checks when
     it runs): refused here already when the parent is on disk or an earlier stage of this recipe."""
     from align.fingerprint import short_hash
@@ -176,7 +175,7 @@ def _check_template(recipe, name, cfg, parent_source, templates, registry, probl
             return
         parent_template, parent_name = templates[earlier], f"stage {earlier}"
     else:
-        parent_template = _parent_template(_local_folder(parent_source, registry)[1])
+        parent_template = _parent_template(_local_folder(parent_source, registry)[1], read)
         parent_name = parent_source.describe()
     templates[name] = own if own is not None else parent_template
     if cfg.kind == "sft" or own is None or parent_template is None or own == parent_template:
