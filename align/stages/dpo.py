@@ -42,6 +42,7 @@ from align.models import count_parameters, inference_autocast
 from align.plots import margin_histogram_png
 from align.stages.base import (PairBatchesMixin, StageContext, build_policy, check_finite, register_entry, safety_callbacks,
                                lora_targets, start_run, train_and_time, training_arguments)
+from align.stages.sharded import trained_model
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +294,9 @@ def run(ctx: StageContext):
     result, timings = train_and_time(ctx, trainer, resume_from, callbacks)
     timings["reference"] = mode
 
-    model = trainer.model
-    model.eval()
+    model = trained_model(trainer, lambda: build_policy(ctx, tokenizer)[0])  # None on other processes
+    if model is not None:
+        model.eval()
     metrics, margins = distributed.on_main(lambda: preference_metrics(
         cfg, model, heldout, reference["heldout"], tokenizer.pad_token_id, cfg.batch_size * 2))
     if metrics:

@@ -32,6 +32,7 @@ from align.plots import score_histogram_png
 from align.rewards.scoring import score_batch
 from align.stages.base import (PairBatchesMixin, StageContext, check_finite, register_entry, safety_callbacks, start_run,
                                train_and_time, training_arguments)
+from align.stages.sharded import trained_model
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,10 @@ def run(ctx: StageContext):
                            data_collator=PairCollator(tokenizer.pad_token_id, cfg.margin), callbacks=callbacks)
     result, timings = train_and_time(ctx, trainer, resume_from, callbacks)
 
-    model = trainer.model
-    model.reward_pooling = cfg.pooling
-    model.eval()
+    model = trained_model(trainer, lambda: build_model(ctx, tokenizer)[0])  # None on other processes
+    if model is not None:
+        model.reward_pooling = cfg.pooling
+        model.eval()
     metrics, scores = evaluate_reward_model(model, heldout, tokenizer.pad_token_id, cfg.batch_size * 2)
     metrics["train_loss"] = result.training_loss
     gate = {"min_accuracy": cfg.gate.min_accuracy, "accuracy": metrics.get("pairwise_accuracy"),

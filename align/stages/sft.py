@@ -27,6 +27,7 @@ from align.models import count_parameters, materialize
 from align.registry import write_json_atomic
 from align.stages.base import (StageContext, build_policy, check_finite, prepare_run_dir, register_entry,
                                lora_targets, safety_callbacks, stage_tokenizer, train_and_time, training_arguments)
+from align.stages.sharded import trained_model
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,9 @@ def run(ctx: StageContext):
     result, timings = train_and_time(ctx, trainer, resume_from, callbacks)
     history += [h for h in trainer.state.log_history if h.get("step", 0) > 0 or "loss" in h]
 
-    model = trainer.model
-    model.eval()
+    model = trained_model(trainer, lambda: build_policy(ctx, tokenizer)[0])  # None on other processes
+    if model is not None:
+        model.eval()
     metrics = evaluate_model(ctx.recipe, model, tokenizer, heldout)
     metrics["train_loss"] = result.training_loss
     return register(ctx, model, tokenizer, peft_cfg, report, config_dump, history, timings, metrics, baseline)
