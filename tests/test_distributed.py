@@ -53,7 +53,54 @@ def _rank_data(rank: int) -> dict:
             "totals": torch.randn(4, generator=generator) * (1 + rank)}
 
 
-def _stats_worker(out: Path) -> None:
+PPO_STAGE = {"estimator": "rloo", "samples_per_prompt": 2, "rollout_batch": 8, "minibatch": 8, "batch_size": 3,
+             "ppo_epochs": 1, "lr": 1e-2, "scheduler": "constant", "max_grad_norm": 100.0,
+             "kl": {"coef": 0.05, "penalty": "reward", "adaptive": False}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+             "rewards": [{"checker": "regex", "args": {"pattern": "[0-9]"}}], "mixed_precision": "no"}
+
+
+def _ppo_update(base: Path, folder: Path, rows: slice) -> tuple[dict, dict]:
+    """One PPO update (one minibatch, one optimizer step) on `rows` of 8 fixed rollouts; returns the trained
+    weights after it and the update's figures. Under 2 processes each passes its half of the rows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.recipe import validate_recipe
+    from align.rewards.mix import RewardMix
+    from align.rl.ppo import Experience, PPOTrainer
+    from align.rl.rollout import Rollouts, pack
+    from align.stages.ppo import per_process_config
+
+    prompts = folder / "ppo_prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is 1 + 1?"}) + "\n")
+    recipe = validate_recipe({"name": "t", "base": str(base), "stages": {"ppo": {"prompts": str(prompts),
+                                                                             **PPO_STAGE}}}, [])
+    cfg = per_process_config(recipe.stages["ppo"], "ppo")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    trainer = PPOTrainer(cfg, model, tokenizer, RewardMix([]), total_updates=4)
+    generator = torch.Generator().manual_seed(7)
+    prompt_ids = [torch.randint(10, 300, (3 + i % 3,), generator=generator).tolist() for i in range(8)]
+    responses = [torch.randint(10, 300, (2 + (5 * i) % 4,), generator=generator).tolist() for i in range(8)]
+    advantages = torch.randn(8, 12, generator=generator)
+    ids, attention, labels = pack(prompt_ids[rows], responses[rows], tokenizer.pad_token_id)
+    rollouts = Rollouts(rows=[{}] * len(ids), texts=[""] * len(ids), input_ids=ids, attention_mask=attention,
+                        labels=labels, ended=torch.ones(len(ids), dtype=torch.bool))
+    mask = rollouts.mask.float()
+    old = trainer.scoring_pass(model, rollouts)["logps"]
+    with trainer.reference_model() as reference:
+        ref = trainer.scoring_pass(reference, rollouts)["logps"]
+    exp = Experience(rollouts=rollouts, mask=mask, old_logps=old, ref_logps=ref, entropy=None, values=None,
+                     scores=torch.zeros(len(ids)), per_source={}, advantages=advantages[rows, :mask.size(1)] * mask,
+                     returns=None, sampled=rollouts, sampled_scores=torch.zeros(len(ids)))
+    figures = trainer.update(exp, step=0)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return weights, figures
+
+
+def _stats_worker(out: Path, base: Path) -> None:
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
@@ -98,6 +145,7 @@ def _stats_worker(out: Path) -> None:
     loader = DataLoader(list(range(16)), batch_size=2,
                         sampler=LengthGroupedEpochSampler(lengths, 2 * distributed.world_size(), seed=3))
     result["batches"] = [batch.tolist() for batch in accelerator.prepare(loader)]
+    result["ppo_weights"], result["ppo_figures"] = _ppo_update(base, out, slice(4 * rank, 4 * rank + 4))
     torch.save(result, out / f"rank{rank}.pt")
 
 
@@ -105,10 +153,10 @@ def _stats_worker(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_process_stats(tmp_path_factory) -> list[dict]:
+def two_process_stats(tmp_path_factory, tiny_base) -> list[dict]:
     out = tmp_path_factory.mktemp("stats")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__)), "stats", str(out)]
+               str(Path(__file__)), "stats", str(out), str(tiny_base)]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -179,6 +227,30 @@ def test_the_length_grouped_sampler_gives_each_process_its_slice_of_every_global
     for step in range(4):
         assert rank0[step] + rank1[step] == single[4 * step:4 * step + 4]
     assert not set(sum(rank0, [])) & set(sum(rank1, []))
+
+
+def test_a_ppo_update_on_two_halves_equals_one_update_on_all_rows(two_process_stats, tiny_base, tmp_path):
+    """Gradients summed over processes, each loss scaled by the global token count: the same step as one
+    process taking every row (one minibatch of 8 rows: 4 per process, micro-batches of 3)."""
+    weights, figures = _ppo_update(tiny_base, tmp_path, slice(0, 8))
+    for stats in two_process_stats:
+        assert stats["ppo_weights"].keys() == weights.keys()
+        for name, value in weights.items():
+            torch.testing.assert_close(stats["ppo_weights"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+        for key in ("policy_loss", "clip_fraction", "grad_norm"):
+            assert stats["ppo_figures"][key] == pytest.approx(figures[key], rel=1e-4, abs=1e-7), key
+    moved = sum(float((v - _ppo_start(tiny_base)[n]).abs().max()) for n, v in weights.items())
+    assert moved > 1e-4  # the step did something
+
+
+def _ppo_start(base: Path) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -334,4 +406,4 @@ def test_an_unknown_engine_is_named(tmp_path, tiny_base, capsys):
 
 if __name__ == "__main__":  # the worker, under torchrun
     if sys.argv[1] == "stats":
-        _stats_worker(Path(sys.argv[2]))
+        _stats_worker(Path(sys.argv[2]), Path(sys.argv[3]))
