@@ -27,7 +27,7 @@ test: setup  ## run the test suite (tiny models, CPU; one test uses the real def
 	$(BIN)/python -m pytest -q tests
 
 quickstart: setup  ## the main job: the quickstart recipe on the default model (SmolLM2-135M-Instruct)
-	$(BIN)/align run recipes/smollm2/quickstart.yaml $(ARGS)
+	$(BIN)/align run recipes/smollm2/quickstart.yaml $(SCALE) $(ARGS)
 	$(BIN)/align models list
 
 plan: setup  ## dry run: validate RECIPE, resolve refs and data, load no weights

@@ -2,7 +2,8 @@
 
 - The collective helpers PPO uses (whitening, masked moments, explained variance, weighted figures, summed
   gradients, reward normalization moments, the KL figure that drives the adaptive controller) give, on two
-  processes holding different rows, what the single-process functions give on the rows concatenated.
+  processes holding different rows, what the single-process functions give on the rows concatenated; and
+  one PPO update on two processes (half the rows each) equals one process's update on all the rows.
 - The length-grouped sampler, sharded by accelerate, hands each process its own slice of every global batch.
 - `align run --nproc 2` (accelerate launch underneath) runs SFT, reward, DPO and PPO; SFT, reward and DPO log,
   step by step, the losses one process logs with the same global batch (batch_size 2x); each stage registers
@@ -361,6 +362,28 @@ def test_the_run_records_two_processes_and_one_process_refuses_to_resume_it(two_
         {"world_size": 2}
     with pytest.raises(TrainingError, match="started with 2 process"):
         prepare_run_dir(run_dir, {k: v for k, v in fingerprint.items() if k != "world_size"}, force=False)
+
+
+def test_ppo_batches_that_do_not_split_among_the_processes_are_refused(tmp_path, tiny_base, monkeypatch):
+    from align.errors import TrainingError
+    from align.recipe import validate_recipe
+    from align.stages.ppo import per_process_config
+
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Hi"}) + "\n")
+
+    def config(**stage):
+        raw = {"name": "t", "base": str(tiny_base),
+               "stages": {"ppo": {"prompts": str(tmp_path / "p.jsonl"), **PPO_STAGE, **stage}}}
+        return validate_recipe(raw, []).stages["ppo"]
+
+    assert per_process_config(config(), "ppo") is not None  # one process: unchanged
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    halved = per_process_config(config(), "ppo")
+    assert (halved.rollout_batch, halved.minibatch) == (4, 4)
+    with pytest.raises(TrainingError, match="rollout_batch / samples_per_prompt = 3 prompts per step .* among 2"):
+        per_process_config(config(rollout_batch=6, minibatch=6), "ppo")
+    with pytest.raises(TrainingError, match="minibatch 5 must divide evenly among 2 processes"):
+        per_process_config(config(minibatch=5, estimator="gae", samples_per_prompt=1), "ppo")
 
 
 # ------------------------------------------------------------------------------------------ launcher

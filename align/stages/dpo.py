@@ -9,7 +9,8 @@ Why it is built this way:
   (prompts too) where Triton is missing. On a small machine speed is learning quality, so we keep ours.
 - The reference: `precomputed` (the default) runs the parent once over train and held-out pairs before
   training, without gradients and length-sorted, and keeps two floats per pair in the run folder, so a
-  resumed run does not recompute them and no second model stays in memory. `adapter_disabled` (LoRA and
+  resumed run does not recompute them and no second model stays in memory. Under several processes the
+  pass is split among them and gathered (`sharded_pair_logps`); the main process writes the file. `adapter_disabled` (LoRA and
   QLoRA) evaluates the same weights with the adapter switched off each step; `copy` keeps a frozen copy.
 - Data is the reward stage's: the same formats, checks, truncation and report (`align.data.prepare`),
   and the same length-grouped batch order fixed by seed and epoch (`align.data.sampling`).

@@ -13,6 +13,9 @@ Why it is built this way:
 - Resumable: a checkpoint (written whole, then renamed into place) holds the trainable weights, value
   head, optimizer, scheduler, KL controller, reward normalizer and the history; the sampling seed of
   each step is derived from the recipe seed and the step, so a resumed run draws the same samples.
+- Several processes (`align run --nproc N`): each takes its own 1/N of every step's prompts; the trainer
+  sums gradients and pools the figures over processes (`align.distributed`), so `rollout_batch` and
+  `minibatch` keep their single-process meaning; the main process alone measures, checkpoints and registers.
 """
 
 from __future__ import annotations
