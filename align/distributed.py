@@ -162,6 +162,10 @@ def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
 
 
 def masked_global_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    if not is_distributed():
+        from align.losses import masked_mean
+
+        return float(masked_mean(values, mask))
     return float(masked_moments(values, mask)[0])
 
 

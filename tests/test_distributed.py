@@ -101,6 +101,44 @@ def _ppo_update(base: Path, folder: Path, rows: slice) -> tuple[dict, dict]:
     return weights, figures
 
 
+def _fsdp_passes(base: Path) -> dict:
+    """FSDP2 (parameters sharded between the two processes): our direct trunk-and-head log-prob pass entered
+    through the model's forward (`distributed.call_through`), its backward, and the full state dict gathered
+    on main and loaded into a fresh unsharded copy (`align.stages.sharded.load_whole`)."""
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    from align import distributed
+    from align.logprobs import sequence_logps
+    from align.stages.sharded import load_whole
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        return get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                              LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+    ids = torch.tensor([[1, 5, 9, 3, 7, 8], [2, 4, 6, 8, 1, 1]])
+    labels = ids.clone()
+    labels[:, :2] = -100
+    model = build(0)
+    with torch.no_grad():
+        whole = sequence_logps(model, ids, torch.ones_like(ids), labels)[0]
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    sharded = distributed.call_through(model, sequence_logps, ids, torch.ones_like(ids), labels)[0]
+    sharded.sum().backward()
+    grads = [p.grad is not None for p in model.parameters() if p.requires_grad]
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    result = {"whole": whole, "sharded": sharded.detach(), "all_grads": all(grads) and bool(grads)}
+    if distributed.is_main():
+        with torch.no_grad():
+            result["reloaded"] = sequence_logps(load_whole(build(1), state), ids, torch.ones_like(ids), labels)[0]
+    return result
+
+
 def _stats_worker(out: Path, base: Path) -> None:
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
@@ -147,6 +185,7 @@ def _stats_worker(out: Path, base: Path) -> None:
                         sampler=LengthGroupedEpochSampler(lengths, 2 * distributed.world_size(), seed=3))
     result["batches"] = [batch.tolist() for batch in accelerator.prepare(loader)]
     result["ppo_weights"], result["ppo_figures"] = _ppo_update(base, out, slice(4 * rank, 4 * rank + 4))
+    result["fsdp"] = _fsdp_passes(base)
     torch.save(result, out / f"rank{rank}.pt")
 
 
@@ -252,6 +291,14 @@ def _ppo_start(base: Path) -> dict:
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_under_fsdp_our_direct_passes_run_and_main_reloads_the_gathered_weights(two_process_stats):
+    for stats in two_process_stats:
+        fsdp = stats["fsdp"]
+        torch.testing.assert_close(fsdp["sharded"], fsdp["whole"])
+        assert fsdp["all_grads"]
+    torch.testing.assert_close(two_process_stats[0]["fsdp"]["reloaded"], two_process_stats[0]["fsdp"]["whole"])
 
 
 # ------------------------------------------------------------------------------------------ stages
