@@ -93,7 +93,8 @@ class Estimate:
     def describe(self) -> str:
         parts = ", ".join(f"{name} {value / 1024:.2f}" for name, value in self.parts.items() if value >= 0.5)
         seq = f"{'<= ' if self.seq_is_bound else ''}{self.seq_len} tokens"
-        return f"peak memory ~{self.total_mb / 1024:.1f} GB ({parts} GB; {self.tokens} tokens a micro-batch, {seq} each)"
+        return (f"peak memory ~{self.total_mb / 1024:.1f} GB ({parts} GB; {self.tokens} tokens a micro-batch, "
+                f"{seq} each)")
 
 
 def lora_targets(targets) -> tuple[str, ...]:

@@ -178,7 +178,8 @@ def test_python_tests_contains_a_fork_bomb():
     import psutil
 
     bombs = ["import os\nwhile True:\n    os.fork()",
-             "import subprocess, sys\nwhile True:\n    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])",
+             "import subprocess, sys\nwhile True:\n"
+             "    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])",
              "import multiprocessing\nwhile True:\n    multiprocessing.Process(target=print).start()",
              "import _posixsubprocess\n_posixsubprocess.fork_exec()",
              "import os\nos.system('sleep 60 &')"]

@@ -303,7 +303,8 @@ def test_a_non_finite_loss_stops_with_the_step_and_no_checkpoint_after_it(how, t
         monkeypatch.setattr(ppo_loop.PPOTrainer, "step", step)
         stage, match = {"max_steps": 6, "save_steps": 2}, r"loss became nan at step 3\b"
     else:
-        stage, match = {"max_steps": 6, "save_steps": 1, "method": "full", "lr": 1e30}, r"loss became (nan|inf|-inf) at step \d+"
+        stage = {"max_steps": 6, "save_steps": 1, "method": "full", "lr": 1e30}
+        match = r"loss became (nan|inf|-inf) at step \d+"
     with pytest.raises(TrainingError, match=match) as info:
         _train(tmp_path, tiny_base, stage)
     assert Registry(tmp_path / "registry").find("tiny/ppo") is None
