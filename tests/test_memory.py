@@ -159,3 +159,42 @@ def test_estimate_is_within_30_percent_of_a_measured_sft_peak(default_model_regi
     manifest = json.loads(next((default_model_registry / "memcheck" / "sft").glob("v*/manifest.json")).read_text())
     measured = manifest["timings"]["peak_rss_mb"]
     assert abs(estimated - measured) <= 0.3 * measured, f"estimated {estimated:.0f} MB, measured {measured:.0f} MB"
+
+
+def _recorded_sft_runs():
+    """Quickstart SFT entries of this checkout's registry with a recorded peak (none in a fresh clone)."""
+    found = []
+    for path in sorted((REPO_ROOT / "registry" / "quickstart" / "sft").glob("v*/manifest.json")):
+        manifest = json.loads(path.read_text())
+        if (manifest.get("timings") or {}).get("peak_rss_mb") and manifest.get("config"):
+            found.append(path)
+    return found
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("manifest_path", _recorded_sft_runs() or [None],
+                         ids=lambda p: str(p.parent.name) if p else "none")
+def test_estimate_is_within_30_percent_of_recorded_quickstart_peaks(manifest_path):
+    """The peaks whole quickstart SFT runs recorded in their manifests (training plus the hook's evaluation),
+    against the estimate from the configuration each manifest holds."""
+    from align.memory import bf16_autocast
+    from align.plan import _load_tokenizer, _longest_sft_row
+    from align.recipe import SFTStage
+
+    if manifest_path is None:
+        pytest.skip("no quickstart SFT entry with a recorded peak in this checkout's registry")
+    manifest = json.loads(manifest_path.read_text())
+    base = REPO_ROOT / "registry" / "smollm2-135m-instruct"
+    entries = sorted(base.glob("v*/manifest.json"))
+    if not entries:
+        pytest.skip("the default model is not in this checkout's registry")
+    cfg = SFTStage.model_validate(manifest["config"])
+    raw = {"name": "q", "base": "b", "stages": {"sft": manifest["config"]}}
+    recipe = validate_recipe(raw, [], source=str(REPO_ROOT / "recipe.yaml"))  # data paths from the repo root
+    model_dir = entries[-1].parent
+    seq_len = _longest_sft_row(recipe, cfg, _load_tokenizer(model_dir / "tokenizer"))
+    assert seq_len is not None
+    found = estimate_stage(Shape.from_file(model_dir / "model" / "config.json"), cfg, seq_len=seq_len,
+                           autocast=bf16_autocast(cfg.mixed_precision))
+    measured = manifest["timings"]["peak_rss_mb"]
+    assert abs(found.total_mb - measured) <= 0.3 * measured, f"estimated {found.total_mb:.0f}, measured {measured}"
