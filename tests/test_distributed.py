@@ -139,6 +139,25 @@ def _fsdp_passes(base: Path) -> dict:
     return result
 
 
+def _stop_decisions(rank: int) -> dict:
+    """The Trainer callbacks' stop decisions when one process alone was signalled (rank 1) or alone passed
+    the time limit (rank 0): (should_training_stop, flag the stage reads afterwards) on each process."""
+    from align.stages.base import safety_callbacks
+
+    state = SimpleNamespace(global_step=1)
+    stopper = safety_callbacks(None)[0]
+    stopper._stop.requested = rank == 1
+    signalled = SimpleNamespace(should_save=False, should_training_stop=False)
+    stopper.on_step_end(None, state, signalled)
+    limit = safety_callbacks(1.0)[1]
+    if rank == 0:
+        limit.started -= 120  # two minutes in, against a one-minute limit
+    timed = SimpleNamespace(should_save=False, should_training_stop=False)
+    limit.on_step_end(None, state, timed)
+    return {"signal": (signalled.should_training_stop, signalled.should_save, stopper.requested),
+            "time_limit": (timed.should_training_stop, timed.should_save, limit.reached)}
+
+
 def _stats_worker(out: Path, base: Path) -> None:
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
@@ -186,6 +205,7 @@ def _stats_worker(out: Path, base: Path) -> None:
     result["batches"] = [batch.tolist() for batch in accelerator.prepare(loader)]
     result["ppo_weights"], result["ppo_figures"] = _ppo_update(base, out, slice(4 * rank, 4 * rank + 4))
     result["fsdp"] = _fsdp_passes(base)
+    result["stops"] = _stop_decisions(rank)
     torch.save(result, out / f"rank{rank}.pt")
 
 
@@ -291,6 +311,11 @@ def _ppo_start(base: Path) -> dict:
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_one_process_signalled_or_out_of_time_stops_them_all(two_process_stats):
+    for stats in two_process_stats:
+        assert stats["stops"] == {"signal": (True, True, True), "time_limit": (True, True, True)}
 
 
 def test_under_fsdp_our_direct_passes_run_and_main_reloads_the_gathered_weights(two_process_stats):

@@ -19,7 +19,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.distributed import main_only
+from align.distributed import all_max, main_only
 from align.errors import TrainingError
 from align.fingerprint import hash_json, library_versions, tokenizer_facts
 from align.models import ModelSource, cpu_has_bf16, load_tokenizer
@@ -260,7 +260,8 @@ def safety_callbacks(time_limit_minutes: float | None = None):
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.seconds and not self.reached and time.perf_counter() - self.started > self.seconds:
+            over = bool(self.seconds) and not self.reached and time.perf_counter() - self.started > self.seconds
+            if all_max(int(over)):  # decided together: a process stopping alone would leave the others waiting
                 self.reached = True
                 log.warning("time limit of %.1f minutes reached at step %d: saving and finishing",
                             self.seconds / 60, state.global_step)
@@ -281,7 +282,8 @@ def safety_callbacks(time_limit_minutes: float | None = None):
             self._stop.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.requested:
+            if all_max(int(self.requested)):  # any process signalled: all save, stop and say so
+                self._stop.requested = True
                 control.should_save = True
                 control.should_training_stop = True
 
