@@ -353,7 +353,7 @@ def _write_recipe(folder: Path, base: Path) -> Path:
                        **common},
             "dpo": {"from": "base", "data": "prefs.jsonl", "batch_size": 4, "lr": 5e-3, "eval_split": 0.25,
                     "beta": 0.5, **common},
-            "ppo": {"from": "base", "prompts": "prompts.jsonl", "rewards": [{"checker": "regex",
+            "ppo": {"from": "sft", "prompts": "prompts.jsonl", "rewards": [{"checker": "regex",
                     "args": {"pattern": "[0-9]"}}], "rollout_batch": 8, "minibatch": 4, "batch_size": 4,
                     "ppo_epochs": 1, "lr": 1e-2, "generation": {"max_new_tokens": 6, "temperature": 1.0},
                     "kl": {"coef": 0.01}, "eval_split": 0.2, **{**common, "max_steps": 2}}},
@@ -361,7 +361,7 @@ def _write_recipe(folder: Path, base: Path) -> Path:
                  "limit": 2, "samples": 1, "batch_size": 4},
     }
     path = folder / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))  # stages run in the order written
     return path
 
 
@@ -418,6 +418,7 @@ def test_each_stage_registers_one_entry_and_ppo_completes_its_steps(two_process_
         assert 0.0 <= figures["reward"] <= 1.0 and figures["kl_coef"] > 0
         assert figures["trained_share"] == 1.0
     assert "heldout_reward" in ppo.manifest["metrics"]
+    assert ppo.manifest["parent"]["ref"] == "tiny/sft@1"  # every process received the entry SFT registered
     assert done.stdout.count("tiny/ppo@1") == 1  # one process reports
 
 
