@@ -69,5 +69,11 @@ export: setup  ## export REF as FORMAT=hf|gguf into exports/, verified (ARGS="--
 	@test -n "$(REF)" || (echo "usage: make export REF=quickstart/sft FORMAT=hf|gguf [ARGS=...]" && exit 2)
 	$(BIN)/align export $(REF) --format $(FORMAT) $(ARGS)
 
+.PHONY: bench
+STEPS ?=
+
+bench: setup  ## align vs plain TRL + PEFT on the same work, every stage (STEPS=N per stage; ARGS="--tiny" or "--stage sft")
+	$(BIN)/align bench $(if $(STEPS),--steps $(STEPS)) $(ARGS)
+
 clean:  ## remove run folders (checkpoints); the registry is kept
 	rm -rf runs

@@ -230,6 +230,22 @@ def cmd_chat(args) -> int:
     return chat_loop(chats, settings)
 
 
+def cmd_bench(args) -> int:
+    from align.bench.runner import run_bench
+    from align.bench.workload import STAGES
+
+    stages = args.stage or list(STAGES)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        print(f"error: unknown stage {', '.join(unknown)} (stages: {', '.join(STAGES)})", file=sys.stderr)
+        return 2
+    report = run_bench(stages, steps=args.steps, tiny=args.tiny, out=args.out, registry=args.registry)
+    failed = [f"{stage}/{side}" for stage, sides in report["stages"].items() for side, r in sides.items() if "error" in r]
+    if failed:
+        print(f"error: {', '.join(failed)} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -324,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     generation_flags(p, "256")
     p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("bench", help="the same work through align and through plain TRL + PEFT, side by side")
+    p.add_argument("--stage", action="append", help="sft, reward, dpo or ppo (repeatable; default all four)")
+    p.add_argument("--steps", type=_positive, help="optimizer steps per stage on each side (default: per stage)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model on the shipped data (fast; for tests)")
+    p.add_argument("--out", default="bench", help="folder for bench.md and bench.json (default ./bench)")
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("models", help="list, show or pull registry entries")
     msub = p.add_subparsers(dest="models_cmd", required=True)

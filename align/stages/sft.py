@@ -6,6 +6,8 @@ Why it is built this way:
   skips its own preparation, so what is trained is exactly what our tests check.
 - The trainer loop, checkpointing and resume are TRL/transformers'; we add a non-finite loss stop that
   fires before the optimizer step, and a SIGTERM handler that checkpoints and exits.
+- Speed (`align.stages.sft_trainer`): the LM head runs at labelled positions only, no gradient
+  checkpointing, length-grouped batches; `align bench` measures it against plain TRL on the same work.
 - The evaluation hook runs on the trained model before the entry is committed, so the manifest holds
   its metrics from the start and an entry never exists without them.
 """
@@ -25,7 +27,8 @@ from align.evaluate import evaluate_model
 from align.fingerprint import hash_json, tokenizer_facts
 from align.models import count_parameters, materialize
 from align.registry import write_json_atomic
-from align.stages.base import (StageContext, build_policy, check_finite, prepare_run_dir, register_entry,
+from align.stages.sft_trainer import SFT_ARGS, make_sft_trainer
+from align.stages.base import (StageContext, build_policy, prepare_run_dir, register_entry,
                                lora_targets, safety_callbacks, stage_tokenizer, train_and_time, training_arguments)
 from align.stages.sharded import trained_model
 
@@ -57,9 +60,6 @@ def prepare_data(ctx: StageContext, tokenizer):
 
 def run(ctx: StageContext):
     """Train, evaluate and register one SFT entry; returns the registry `Entry`."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     cfg = ctx.config
     torch.manual_seed(cfg.seed)
     ctx.parent = materialize(ctx.parent, ctx.registry)
@@ -76,16 +76,8 @@ def run(ctx: StageContext):
     log.info("%s: %d train / %d held-out examples; %s trainable of %s parameters", ctx.entry_name,
              len(train), len(heldout), f"{trainable:,}", f"{total:,}")
 
-    def as_dataset(examples):
-        return Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
-                                  "labels": [e.labels for e in examples]})
-
-    args = SFTConfig(**training_arguments(ctx, model, "steps" if heldout else "no", cfg.eval_steps or cfg.save_steps),
-                     max_length=cfg.max_length, dataset_kwargs={"skip_prepare_dataset": True}, disable_tqdm=False)
     callbacks = safety_callbacks(cfg.time_limit_minutes)
-    trainer = make_safe_sft_trainer(model=model, args=args, train_dataset=as_dataset(train),
-                                    eval_dataset=as_dataset(heldout) if heldout else None,
-                                    processing_class=tokenizer, callbacks=callbacks)
+    trainer = build_trainer(ctx, model, tokenizer, train, heldout, callbacks)
     history = []
     baseline = None
     if resume_from is None:
@@ -119,20 +111,20 @@ def register(ctx: StageContext, model, tokenizer, peft_cfg, report: DataReport, 
         manifest_extra={"baseline": {"of": ctx.parent.lineage(), "metrics": baseline} if baseline else None})
 
 
-class _SafeMixin:
-    """Stops on a non-finite loss before the optimizer step (so no checkpoint ever holds it)."""
+def build_trainer(ctx: StageContext, model, tokenizer, train, heldout, callbacks):
+    """The stage's trainer on pre-tokenized examples (`align.stages.sft_trainer`); `align bench` times this."""
+    from datasets import Dataset
+    from trl import SFTConfig
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        check_finite(float(loss.detach().float()), self.state.global_step + 1)
-        return loss
+    cfg = ctx.config
 
+    def as_dataset(examples):
+        return Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
+                                  "labels": [e.labels for e in examples]})
 
-def make_safe_sft_trainer(**kwargs):
-    """An `SFTTrainer` with the non-finite loss stop (TRL is imported here, not at module import)."""
-    from trl import SFTTrainer
-
-    class SafeSFTTrainer(_SafeMixin, SFTTrainer):
-        pass
-
-    return SafeSFTTrainer(**kwargs)
+    args = SFTConfig(**training_arguments(ctx, model, "steps" if heldout else "no", cfg.eval_steps or cfg.save_steps),
+                     **SFT_ARGS, max_length=cfg.max_length, dataset_kwargs={"skip_prepare_dataset": True},
+                     disable_tqdm=False)
+    return make_sft_trainer(model=model, args=args, train_dataset=as_dataset(train),
+                            eval_dataset=as_dataset(heldout) if heldout else None, processing_class=tokenizer,
+                            callbacks=callbacks)

@@ -85,8 +85,10 @@ def test_lora_adapter_weights_moved_from_initialization(lora_run):
 def test_lora_training_lowers_train_and_eval_loss(lora_run):
     manifest = lora_run.entry.manifest
     losses = _losses(manifest)
-    assert len(losses) >= 2, manifest["history"]
-    assert losses[-1] < losses[0], losses
+    assert len(losses) == 8, manifest["history"]
+    # 13 training rows in batches of 4: steps 1-4 and 5-8 are two epochs over the same rows, batched by length
+    # (the last batch of each is the shortest row alone), so epoch means compare and single steps do not.
+    assert sum(losses[4:]) < sum(losses[:4]), losses
     metrics, baseline = manifest["metrics"], manifest["baseline"]
     assert baseline["of"] == manifest["parent"]
     assert metrics["eval_loss"] < baseline["metrics"]["eval_loss"]

@@ -1,0 +1,102 @@
+"""The benchmark's report: one Markdown table (align vs plain TRL per stage, with the ratio) and the same
+figures as JSON, headed by what was measured on which machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    try:
+        import transformers
+        import trl
+
+        out.update(transformers=transformers.__version__, trl=trl.__version__)
+    except ImportError:
+        pass
+    return out
+
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ratio(ours, theirs, higher_better: bool = True) -> str:
+    """How many times better ours is: a rate's ratio, or for seconds the inverse."""
+    if not ours or not theirs:
+        return "–"
+    return f"{(ours / theirs if higher_better else theirs / ours):.2f}x"
+
+
+def markdown(report: dict) -> str:
+    m, w = report["machine"], report["workload"]
+    lines = [f"# align bench ({'tiny model' if w['tiny'] else w['model']})", "",
+             f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads"
+             + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"),
+             f"- model: {w['model']}; LoRA {w['lora']}; both sides in their own process, TRL first",
+             *[f"- {stage} data: {path}" for stage, path in w["data"].items() if stage in report["stages"]], "",
+             "| stage | side | steps | tokens/s | s/step | peak RSS MB | GPU alloc/reserved MB | MFU | train loss (mean) "
+             "| held-out loss | speed vs TRL |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for stage, sides in report["stages"].items():
+        trl_side = sides.get("trl") or {}
+        for side in ("trl", "align"):
+            r = sides.get(side) or {}
+            if "error" in r:
+                lines.append(f"| {stage} | {side} | failed: {r['error'][:120]} |||||||||")
+                continue
+            gpu = (f"{_fmt(r.get('peak_gpu_allocated_mb'), 0)}/{_fmt(r.get('peak_gpu_reserved_mb'), 0)}"
+                   if r.get("peak_gpu_allocated_mb") is not None else "–")
+            speed = "" if side == "trl" else (
+                _ratio(r.get("tokens_per_second"), trl_side.get("tokens_per_second")) if r.get("tokens_per_second")
+                else _ratio(r.get("seconds_per_step"), trl_side.get("seconds_per_step"), higher_better=False))
+            lines.append(f"| {stage} | {side} | {_fmt(r.get('steps'))} | {_fmt(r.get('tokens_per_second'))} | "
+                         f"{_fmt(r.get('seconds_per_step'), 2)} | {_fmt(r.get('peak_rss_mb'), 0)} | {gpu} | "
+                         f"{_fmt(r.get('mfu'), 3)} | {_fmt(r.get('loss_mean'), 4)} | {_fmt(r.get('heldout_loss'), 4)} | "
+                         f"{speed} |")
+    ppo = report["stages"].get("ppo")
+    if ppo:
+        lines += ["", "PPO step split (seconds per step; rollout tokens/s is generated tokens over generation time):",
+                  "", "| side | generation | scoring | training | rollout tokens/s | responses/step |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for side in ("trl", "align"):
+            r = ppo.get(side) or {}
+            if "error" not in r and r:
+                lines.append(f"| {side} | {_fmt(r.get('generation_seconds'), 2)} | {_fmt(r.get('scoring_seconds'), 2)} | "
+                             f"{_fmt(r.get('training_seconds'), 2)} | {_fmt(r.get('rollout_tokens_per_second'))} | "
+                             f"{_fmt(r.get('responses_per_step'))} |")
+    extra = [f"- {stage}: {note}" for stage, sides in report["stages"].items()
+             for note in (sides.get("align") or {}).get("notes", [])]
+    if extra:
+        lines += ["", *extra]
+    lines += ["", "tokens/s counts non-padding tokens of the timed steps (the first step, warm-up, is left out); "
+              "train loss is the mean over the steps, which see the same examples on both sides (one pass, "
+              "different order); held-out loss is measured after training by the same fp32 function on both sides."]
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict, folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    md, js = folder / "bench.md", folder / "bench.json"
+    md.write_text(markdown(report))
+    js.write_text(json.dumps(report, indent=2))
+    return md, js
