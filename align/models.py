@@ -148,7 +148,7 @@ def load_causal_lm(source: ModelSource, registry: Registry, *, dtype: str = "aut
     kwargs = {"dtype": torch_type}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": 0} if _cuda() else None
+        kwargs["device_map"] = {"": local_rank()} if _cuda() else None  # this process's GPU
     if source.entry is not None:
         entry = source.entry
         if entry.artifact.get("type") == "adapter":
@@ -238,7 +238,7 @@ def load_sequence_classifier(source: ModelSource, registry: Registry, *, dtype: 
     kwargs = {"dtype": torch_dtype(dtype), "num_labels": 1}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": 0} if _cuda() else None
+        kwargs["device_map"] = {"": local_rank()} if _cuda() else None  # this process's GPU
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here, not a warning
     try:
@@ -275,6 +275,13 @@ def inference_autocast(model):
     if device.type == "cpu" and next(model.parameters()).dtype == torch.float32 and cpu_has_bf16():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def local_rank() -> int:
+    """This process's GPU index on its machine (LOCAL_RANK under accelerate launch / torchrun; else 0)."""
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def _cuda() -> bool:
