@@ -44,7 +44,12 @@ def cmd_run(args) -> int:
     if (args.nproc > 1 or args.engine) and not distributed.is_distributed():
         from align.plan import make_plan
 
-        make_plan(recipe, _registry(args, recipe), args.stage)  # every recipe problem now, not in N processes
+        plan = make_plan(recipe, _registry(args, recipe), args.stage)  # every recipe problem now, not in N processes
+        for stage in plan.stages:
+            if stage.kind == "ppo":  # its batches must split among the processes
+                from align.stages.ppo import per_process_config
+
+                per_process_config(recipe.stages[stage.name], stage.name, args.nproc)
         machines = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in launch.MACHINE_FLAGS}
         return launch.relaunch(args.argv, args.nproc, args.engine or "ddp", machines)
     launch.check_running_engine()

@@ -459,6 +459,15 @@ def test_ppo_batches_that_do_not_split_among_the_processes_are_refused(tmp_path,
         per_process_config(config(minibatch=5, estimator="gae", samples_per_prompt=1), "ppo")
 
 
+def test_align_run_refuses_ppo_batches_that_do_not_split_before_launching(tmp_path, tiny_base, capsys):
+    from align.cli import main
+
+    recipe = _write_recipe(tmp_path, tiny_base)
+    assert main(["--registry", str(tmp_path / "registry"), "run", str(recipe), "--nproc", "3"]) == 2
+    assert "stages.ppo: rollout_batch / samples_per_prompt = 8 prompts per step" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 # ------------------------------------------------------------------------------------------ launcher
 
 

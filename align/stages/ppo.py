@@ -226,11 +226,11 @@ def build_value_head(model):
     return head.to(next(model.parameters()).device)
 
 
-def per_process_config(cfg, stage: str):
+def per_process_config(cfg, stage: str, processes: int | None = None):
     """The config each process trains with: `rollout_batch` and `minibatch` are global (what one process
     does alone), so under n processes each takes 1/n of the step's prompts and of every minibatch. Refused,
-    before any weights load, when they do not split evenly."""
-    n = distributed.world_size()
+    before any weights load, when they do not split evenly (`align run --nproc N` checks before launching)."""
+    n = processes or distributed.world_size()
     if n == 1:
         return cfg
     prompts = cfg.rollout_batch // cfg.samples_per_prompt
