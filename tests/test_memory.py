@@ -128,7 +128,7 @@ def default_model_registry(tmp_path_factory):
 
 @pytest.mark.real_model
 def test_estimate_is_within_30_percent_of_a_measured_sft_peak(default_model_registry, tmp_path):
-    """Two steps of the quickstart's SFT stage (LoRA r16, batch 8, max_length 256, bf16 autocast where the CPU
+    """One step of the quickstart's SFT stage (LoRA r16, batch 8, max_length 256, bf16 autocast where the CPU
     has it) in a fresh process; its peak RSS (recorded in the manifest) against the plan's estimate."""
     from align.memory import bf16_autocast
     from align.plan import _load_tokenizer, _local_folder, _longest_sft_row, make_plan
@@ -136,7 +136,7 @@ def test_estimate_is_within_30_percent_of_a_measured_sft_peak(default_model_regi
 
     quickstart = yaml.safe_load((REPO_ROOT / "recipes" / "smollm2" / "quickstart.yaml").read_text())
     sft = {**quickstart["stages"]["sft"], "data": str(REPO_ROOT / "data" / "quickstart" / "sft.jsonl"),
-           "max_steps": 2, "eval_split": 0.0, "save_steps": 100, "logging_steps": 1}
+           "max_steps": 1, "eval_split": 0.0, "save_steps": 100, "logging_steps": 1}
     raw = {"name": "memcheck", "base": quickstart["base"], "registry": str(default_model_registry),
            "defaults": quickstart["defaults"], "stages": {"sft": sft}, "eval": {"metrics": ["loss"]}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
@@ -158,6 +158,7 @@ def test_estimate_is_within_30_percent_of_a_measured_sft_peak(default_model_regi
     assert run.returncode == 0, run.stderr[-3000:]
     manifest = json.loads(next((default_model_registry / "memcheck" / "sft").glob("v*/manifest.json")).read_text())
     measured = manifest["timings"]["peak_rss_mb"]
+    print(f"SFT peak: estimated {estimated:.0f} MB, measured {measured:.0f} MB")  # shown with pytest -s
     assert abs(estimated - measured) <= 0.3 * measured, f"estimated {estimated:.0f} MB, measured {measured:.0f} MB"
 
 
