@@ -83,19 +83,32 @@ def on_main(work: Callable[[], T]) -> T:
     global _alone
     if not is_distributed() or _alone:
         return work()
-    result, error = None, None
+    result, error, own = None, None, None
     if is_main():
         _alone = True
         try:
             result = work()
         except Exception as err:  # handed to the others, then raised here too
-            error = err
+            own = err
+            error = err if _picklable(err) else RuntimeError(f"{type(err).__name__}: {err}")
         finally:
             _alone = False
     result, error = broadcast_object((result, error))
+    if own is not None:
+        raise own
     if error is not None:
         raise error
     return result
+
+
+def _picklable(value) -> bool:
+    import pickle
+
+    try:
+        pickle.dumps(value)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: send a plain description instead
+        return False
 
 
 def gather_objects(value) -> list:

@@ -206,6 +206,11 @@ def _stats_worker(out: Path, base: Path) -> None:
     result["ppo_weights"], result["ppo_figures"] = _ppo_update(base, out, slice(4 * rank, 4 * rank + 4))
     result["fsdp"] = _fsdp_passes(base)
     result["stops"] = _stop_decisions(rank)
+    result["main_only"] = distributed.on_main(lambda: f"measured on rank {distributed.rank()}")
+    try:
+        distributed.on_main(lambda: (_ for _ in ()).throw(ValueError("main failed")))
+    except ValueError as err:
+        result["main_error"] = str(err)
     torch.save(result, out / f"rank{rank}.pt")
 
 
@@ -313,6 +318,12 @@ def _ppo_start(base: Path) -> dict:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def test_main_only_work_runs_once_and_its_result_or_error_reaches_every_process(two_process_stats):
+    for stats in two_process_stats:
+        assert stats["main_only"] == "measured on rank 0"
+        assert stats["main_error"] == "main failed"
+
+
 def test_one_process_signalled_or_out_of_time_stops_them_all(two_process_stats):
     for stats in two_process_stats:
         assert stats["stops"] == {"signal": (True, True, True), "time_limit": (True, True, True)}
@@ -401,7 +412,9 @@ def test_two_processes_log_the_losses_of_one_with_the_same_global_batch(stage, t
     two = _losses(Registry(folder / "registry").resolve(f"tiny/{stage}"))
     one = _losses(one_process_run[stage])
     assert len(two) == len(one) == 3
-    assert two == pytest.approx(one, rel=TOLERANCE), f"{stage}: 2 processes {two} vs 1 process {one}"
+    assert two == pytest.approx(one, rel=TOLERANCE), (
+        f"{stage}: 2 processes {two} vs 1 process {one} (a loss divided by the token count of all processes "
+        "must be multiplied by their number, as transformers' Trainer.compute_loss does: DDP averages gradients)")
 
 
 def test_each_stage_registers_one_entry_and_ppo_completes_its_steps(two_process_run):
