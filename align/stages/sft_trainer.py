@@ -57,6 +57,10 @@ def make_sft_trainer(group_by_length: bool = True, **kwargs):
             # model.forward, so mixed precision is entered here.
             with self.accelerator.autocast():
                 loss = labelled_nll(model, inputs, num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                # `num_items_in_batch` counts every process's tokens and DDP averages gradients over processes:
+                # scale back by their number, as transformers' `Trainer.compute_loss` does (1 process: no-op).
+                loss = loss * self.accelerator.num_processes
             if model.training:
                 check_finite(float(loss.detach().float()), self.state.global_step + 1)
             return (loss, {}) if return_outputs else loss
