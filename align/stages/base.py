@@ -356,7 +356,10 @@ def training_arguments(ctx: StageContext, model, eval_strategy: str, eval_steps:
         save_total_limit=2, eval_strategy=eval_strategy, eval_steps=eval_steps, seed=cfg.seed,
         data_seed=cfg.seed, report_to="none", remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0, logging_first_step=True, **mixed_precision_args(cfg.mixed_precision, model))
+        dataloader_num_workers=0, logging_first_step=True,
+        # Several processes: every trainable weight (LoRA, heads, unfrozen blocks) takes part in every step, so
+        # DDP need not search the graph for unused ones each step (its default for PEFT models).
+        ddp_find_unused_parameters=False, **mixed_precision_args(cfg.mixed_precision, model))
 
 
 def train_and_time(ctx: StageContext, trainer, resume_from: Path | None, callbacks) -> tuple[object, dict]:
