@@ -1,7 +1,7 @@
 """Measurements both sides share, so the figures compare like with like: per-step wall time and non-padding
 tokens from a `TrainerCallback`, the loss each step logged, peak memory of this process, and MFU on a GPU.
 
-The rate leaves out the first step (warm-up: allocator, autocast caches, lazy imports) when there are more."""
+Rates are whole-run totals over identical work (one pass over the same examples on both sides)."""
 
 from __future__ import annotations
 
@@ -36,10 +36,11 @@ class StepClock:
         self._last = now
 
     def summary(self) -> dict:
-        skip = 1 if len(self.seconds) > 1 else 0
-        seconds, tokens = sum(self.seconds[skip:]), sum(self.tokens[skip:])
-        return {"steps": len(self.seconds), "timed_steps": len(self.seconds) - skip,
-                "seconds_per_step": round(seconds / max(1, len(self.seconds) - skip), 3),
+        # Every step counts, the first (warm-up) too: both sides make one pass over the same examples, so the
+        # totals are the same work, where single steps are not (align batches by length, TRL does not).
+        seconds, tokens = sum(self.seconds), sum(self.tokens)
+        return {"steps": len(self.seconds),
+                "seconds_per_step": round(seconds / max(1, len(self.seconds)), 3),
                 "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
                 "tokens": sum(self.tokens), "step_seconds": [round(s, 3) for s in self.seconds],
                 "step_tokens": self.tokens,

@@ -27,12 +27,11 @@ def _rows(ctx):
 
 
 def _summary(gen: list[float], score: list[float], train: list[float], tokens: list[float], responses: int) -> dict:
-    skip = 1 if len(gen) > 1 else 0  # the first step warms up
-    n = len(gen) - skip
-    g, s, t = (sum(x[skip:]) / n for x in (gen, score, train))
-    return {"steps": len(gen), "timed_steps": n, "seconds_per_step": round(g + s + t, 3),
+    n = len(gen)  # every step counts (the same prompts in the same steps on both sides)
+    g, s, t = (sum(x) / n for x in (gen, score, train))
+    return {"steps": n, "seconds_per_step": round(g + s + t, 3),
             "generation_seconds": round(g, 3), "scoring_seconds": round(s, 3), "training_seconds": round(t, 3),
-            "rollout_tokens_per_second": round(sum(tokens[skip:]) / sum(gen[skip:]), 1) if sum(gen[skip:]) else None,
+            "rollout_tokens_per_second": round(sum(tokens) / sum(gen), 1) if sum(gen) else None,
             "responses_per_step": responses, "tokens_per_second": None,
             "mean_response_tokens": round(sum(tokens) / len(tokens) / responses, 1)}
 

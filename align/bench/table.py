@@ -88,7 +88,8 @@ def markdown(report: dict) -> str:
              for note in (sides.get("align") or {}).get("notes", [])]
     if extra:
         lines += ["", *extra]
-    lines += ["", "tokens/s counts non-padding tokens of the timed steps (the first step, warm-up, is left out); "
+    lines += ["", "tokens/s: non-padding tokens over wall time of all steps (one pass over the same examples on both sides, "
+              "so the same work; single steps differ, align batching by length); "
               "train loss is the mean over the steps, which see the same examples on both sides (one pass, "
               "different order); held-out loss is measured after training by the same fp32 function on both sides."]
     return "\n".join(lines) + "\n"
