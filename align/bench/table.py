@@ -76,14 +76,15 @@ def markdown(report: dict) -> str:
     ppo = report["stages"].get("ppo")
     if ppo:
         lines += ["", "PPO step split (seconds per step; rollout tokens/s is generated tokens over generation time):",
-                  "", "| side | generation | scoring | training | rollout tokens/s | responses/step |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "", "| side | generation | scoring | training | rollout tokens/s | responses/step | mean response tokens "
+                  "| mean reward |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for side in ("trl", "align"):
             r = ppo.get(side) or {}
             if "error" not in r and r:
                 lines.append(f"| {side} | {_fmt(r.get('generation_seconds'), 2)} | {_fmt(r.get('scoring_seconds'), 2)} | "
                              f"{_fmt(r.get('training_seconds'), 2)} | {_fmt(r.get('rollout_tokens_per_second'))} | "
-                             f"{_fmt(r.get('responses_per_step'))} |")
+                             f"{_fmt(r.get('responses_per_step'))} | {_fmt(r.get('mean_response_tokens'))} | "
+                             f"{_fmt(r.get('mean_reward'), 3)} |")
     extra = [f"- {stage}: {note}" for stage, sides in report["stages"].items()
              for note in (sides.get("align") or {}).get("notes", [])]
     if extra:

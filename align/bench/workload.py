@@ -121,6 +121,8 @@ def stage_recipe(work: Workload, stage: StageWork, run_root: Path):
                 "rollout_batch": stage.prompts_per_step * stage.samples_per_prompt,
                 "minibatch": stage.prompts_per_step * stage.samples_per_prompt, "ppo_epochs": 1,
                 "kl": {"coef": 0.0, "adaptive": False, "penalty": "loss"},
+                # TRL trains every row (a group scored alike has zero advantage, but it still runs): so do we here
+                "skip_uniform_groups": False,
                 "generation": {"max_new_tokens": stage.max_new_tokens, "temperature": 1.0}}
         body.pop("max_length")
         body["max_length"] = stage.max_length
