@@ -332,14 +332,20 @@ def run(ctx: StageContext):
             seen = [h[key] for h in tail if h.get(key) is not None]  # KL and entropy: steps that trained
             if seen:
                 metrics[f"train_{key}_last"] = sum(seen) / len(seen)
-    log.info("held-out reward %.4f -> %.4f, per-token KL %.4f", before.get("reward", float("nan")),
-             after.get("reward", float("nan")), after.get("kl_per_token", float("nan")))
+    paired = paired_gain(before_rewards, after_rewards)
+    metrics.update({f"heldout_reward_{k}": v for k, v in paired.items()})
+    log.info("held-out reward %.4f -> %.4f (paired gain %s, higher on %s of prompts), per-token KL %.4f",
+             before.get("reward", float("nan")), after.get("reward", float("nan")),
+             f"{paired['gain']:+.4f} ± {paired['gain_stderr']:.4f}" if paired else "n/a",
+             f"{paired['improved_share']:.0%}" if paired else "n/a", after.get("kl_per_token", float("nan")))
     model.eval()
     metrics.update(evaluate_model(ctx.recipe, model, tokenizer))
     title = f"{ctx.entry_name}: held-out rewards"
     extra_files = [lambda folder: rl_curves_png(history, folder / "rl_curves.png", ctx.entry_name),
                 lambda folder: reward_histogram_png(before_rewards, after_rewards, folder / "reward_histogram.png",
-                                                    title)]
+                                                    title),
+                lambda folder: write_json_atomic(folder / "heldout_rewards.json",
+                                                 {"before": before_rewards, "after": after_rewards})]
     manifest_extra = {"baseline": {"of": ctx.parent.lineage(), "metrics": baseline}, "rl": {"estimator": cfg.estimator, "rewards": recorded_sources,
                              "kl": {**cfg.kl.model_dump(), "final_coef": trainer.kl.coef},
                              "value": cfg.value if cfg.estimator == "gae" else None}}
@@ -354,6 +360,17 @@ def run(ctx: StageContext):
                           history=history, timings=timings, metrics=metrics,
                           adapter_extra={"targets": lora_targets(peft_cfg)}, manifest_extra=manifest_extra,
                           extra_files=extra_files)
+
+
+def paired_gain(before: list[float], after: list[float]) -> dict:
+    """How the same held-out prompts' rewards moved: mean per-prompt gain, its standard error, and the share
+    of prompts scored higher after training. Paired, so prompt difficulty cancels; {} without pairs."""
+    if not before or len(before) != len(after):
+        return {}
+    diffs = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
+    stderr = float(diffs.std() / math.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+    return {"gain": float(diffs.mean()), "gain_stderr": stderr, "improved_share": float((diffs > 0).double().mean()),
+            "worse_share": float((diffs < 0).double().mean())}
 
 
 def _time_split(history: list[dict]) -> dict:

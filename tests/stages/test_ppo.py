@@ -5,6 +5,7 @@ an interrupted run resumes to the same weights, and a failed reward gate or a ba
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,10 @@ def test_gae_learns_the_checkers_reward(gae_run):
     assert _mean(history, "reward", slice(-4, None)) > _mean(history, "reward", slice(0, 4)) + 0.25
     assert metrics["heldout_reward"] > metrics["heldout_reward_before"]  # greedy answers to unseen prompts
     assert metrics["heldout_kl_per_token"] > 0.0
+    saved = json.loads((entry.path / "heldout_rewards.json").read_text())  # per prompt, before and after
+    assert len(saved["before"]) == len(saved["after"]) == metrics["heldout_prompts"]
+    assert metrics["heldout_reward_gain"] == pytest.approx(metrics["heldout_reward"] - metrics["heldout_reward_before"],
+                                                           abs=1e-5)
 
 
 def test_kl_is_zero_at_the_first_step_and_every_figure_is_logged(gae_run):
@@ -342,3 +347,14 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_in_use(tmp_p
     _, _, entry = _train(tmp_path, tiny_base, stage)
     assert entry.manifest["timings"]["resumed_from"] == str(run_dir / "checkpoint-2")
     assert entry.manifest["timings"]["steps"] == 6
+
+
+def test_paired_gain_compares_the_same_prompts():
+    from align.stages.ppo import paired_gain
+
+    out = paired_gain([1.0, 2.0, 3.0, 4.0], [1.5, 2.5, 2.0, 5.0])
+    assert out["gain"] == pytest.approx(0.25)
+    # differences 0.5, 0.5, -1, 1: sample std 0.866, over sqrt(4)
+    assert out["gain_stderr"] == pytest.approx(0.4330127, rel=1e-6)
+    assert out["improved_share"] == 0.75 and out["worse_share"] == 0.25
+    assert paired_gain([], []) == {} and paired_gain([1.0], [1.0, 2.0]) == {}
