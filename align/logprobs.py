@@ -16,6 +16,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from align.data.tokenize import IGNORE
+from align.shared_prompt import consecutive_groups, shared_prompt_states
 
 HEAD_CHUNK = 4096  # positions per head projection; bounds the [positions, vocab] logits held at once
 
@@ -47,12 +48,16 @@ def head_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return torch.cat(parts)
 
 
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                   groups: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probs of the labelled tokens [B], number of labelled tokens [B]) for right-padded rows.
-    `labels` is `input_ids` with unscored positions set to -100; position t is predicted from t - 1."""
+    `labels` is `input_ids` with unscored positions set to -100; position t is predicted from t - 1.
+    `groups`: rows sharing their prompt (the unlabelled start), run once per group where they do
+    (`align.shared_prompt`; e.g. `pair_groups` for a batch of chosen then rejected rows)."""
     trunk, head = causal_parts(model)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = _shared_hidden(model, input_ids, attention_mask, labels, groups) if groups else None
+    if hidden is None:
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     targets = labels[:, 1:].to(hidden.device)
     scored = targets != IGNORE
     with torch.autocast(device_type=hidden.device.type, enabled=False):
@@ -126,55 +131,25 @@ def trunk_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
 
 # ------------------------------------------------------------------------------------------ shared prompts
 #
-# RL samples k responses per prompt. Teacher-forcing each row recomputes the prompt k times; with SmolLM2's
-# 40-token chat prompt and 30-50 token answers that is over half the tokens of the scoring and training
-# passes. Here each group's prompt runs once, its KV cache is repeated k times (a differentiable copy: the
-# gradient of the k responses flows back into the one prompt pass) and the responses run on top of it.
+# RL samples k responses per prompt, and a preference pair's two sides share theirs: teacher-forcing each row
+# recomputes the prompt on every row. `align.shared_prompt` runs each prompt once; here is how log-probs use it.
 
 
 def grouped_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                    k: int) -> torch.Tensor:
-    """The final hidden states, as `trunk_hidden(...)[:, :-1]` gives them at the positions that predict a
-    labelled token (zero elsewhere), for right-padded prompt + response rows that come in groups of `k`
-    consecutive rows sharing one prompt (the unlabelled start of each row)."""
-    from transformers import DynamicCache
+    """`trunk_hidden(...)[:, :-1]` for right-padded prompt + response rows that come in groups of `k`
+    consecutive rows sharing one prompt (the unlabelled start of each row); raises ValueError otherwise."""
+    hidden = _shared_hidden(model, input_ids, attention_mask, labels, consecutive_groups(input_ids.size(0), k))
+    if hidden is None:
+        raise ValueError(f"{input_ids.size(0)} rows do not form groups of {k} sharing a prompt, each with a response")
+    return hidden[:, :-1]
 
-    from align.data.sampling import pad_left, pad_right
 
+def _shared_hidden(model, input_ids, attention_mask, labels, groups) -> torch.Tensor | None:
     trunk, _ = causal_parts(model)
-    device = input_ids.device
-    rows, width = input_ids.shape
     labelled = labels != IGNORE
-    starts = labelled.int().argmax(dim=1).tolist()  # prompt length of each row
-    lengths = labelled.sum(dim=1).tolist()
-    if rows % k or any(min(lengths[g:g + k]) == 0 for g in range(0, rows, k)):
-        raise ValueError(f"{rows} rows do not form groups of {k} with a response each")
-    prompts, responses = [], []
-    for g in range(0, rows, k):
-        prompt = input_ids[g, : starts[g]]
-        for b in range(g, g + k):
-            if starts[b] != starts[g] or not torch.equal(input_ids[b, : starts[b]], prompt):
-                raise ValueError(f"row {b} does not share the prompt of row {g}")
-            responses.append(input_ids[b, starts[b]: starts[b] + lengths[b]].tolist())
-        prompts.append(prompt.tolist())
-    prompt_ids, prompt_mask = (t.to(device) for t in pad_left(prompts, 0))
-    response_ids, response_mask = (t.to(device) for t in pad_right(responses, 0))
-    cache = DynamicCache()
-    prompt_out = trunk(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache, use_cache=True,
-                       position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0))
-    cache.batch_repeat_interleave(k)
-    first = torch.tensor(starts, device=device)[:, None]
-    response_out = trunk(input_ids=response_ids, past_key_values=cache, use_cache=True,
-                         attention_mask=torch.cat([prompt_mask.repeat_interleave(k, dim=0), response_mask], dim=1),
-                         position_ids=first + torch.arange(response_ids.size(1), device=device)[None, :])
-    # The state predicting response token j: the prompt's last state for j = 0, else response state j - 1.
-    last = prompt_out.last_hidden_state[:, -1:].repeat_interleave(k, dim=0)
-    predicting = torch.cat([last, response_out.last_hidden_state[:, :-1]], dim=1)
-    hidden = predicting.new_zeros(rows, width - 1, predicting.size(-1))
-    row_index = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(lengths)]).to(device)
-    step_index = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    position = torch.tensor(starts, device=device)[row_index] - 1 + step_index
-    return hidden.index_put((row_index, position), predicting[row_index, step_index])
+    starts = torch.where(labelled.any(dim=1), labelled.int().argmax(dim=1), 0).tolist()  # prompt lengths
+    return shared_prompt_states(trunk, input_ids, attention_mask, starts, groups)
 
 
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,

@@ -50,5 +50,5 @@ def test_grouped_pass_matches_the_per_row_pass(k):
 def test_rows_that_do_not_share_a_prompt_are_refused():
     tokenizer = make_tokenizer("chatml")
     ids, mask, labels = pack([[5, 6, 7], [5, 6, 8]], [[9, 10], [11]], pad_id=0)
-    with pytest.raises(ValueError, match="does not share the prompt"):
+    with pytest.raises(ValueError, match="do not form groups of 2 sharing a prompt"):
         token_logps(make_model(tokenizer), ids, mask, labels, group=2)

@@ -40,6 +40,13 @@ def length_sorted_chunks(lengths: list[int], batch_size: int) -> list[list[int]]
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+def pair_chunks(pairs, pairs_per_batch: int) -> list[list[int]]:
+    """Indices of preference pairs (`EncodedPair`) in batches of similar length (the longer side of each pair),
+    for no-grad passes."""
+    return length_sorted_chunks([max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs],
+                                pairs_per_batch)
+
+
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded [N, width] tensor of `sequences` and its attention mask; with `pad_id=-100` it pads
     label rows."""

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from align.data.sampling import length_sorted_chunks, pad_right
+from align.data.sampling import length_sorted_chunks, pad_right, pair_chunks
 from align.data.tokenize import IGNORE, EncodedPair, encode_conversation
 from align.errors import RegistryError
 from align.losses import pairwise_accuracy
 from align.models import (ModelSource, adapter_parent, full_weights_folder, inference_autocast,
                           load_sequence_classifier, load_tokenizer)
 from align.registry import Registry
+from align.shared_prompt import pair_groups, shared_prompt_states
 
 
 # ------------------------------------------------------------------------------------------ forward
@@ -44,11 +45,17 @@ def pooling_of(model) -> str:
 
 
 def score_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                starts: torch.Tensor | None = None) -> torch.Tensor:
+                starts: torch.Tensor | None = None, groups: list[list[int]] | None = None) -> torch.Tensor:
     """Scores [B] for right-padded sequences. `starts` [B]: where each row's response begins (mean pooling
-    averages from there to the last attended token; without it, over the whole sequence)."""
+    averages from there to the last attended token; without it, over the whole sequence). `groups`: rows
+    whose first `starts` tokens are the same prompt, run once per group where they are (`align.shared_prompt`;
+    `pair_groups` for a batch of chosen then rejected rows); the scores are the same."""
     trunk, head = _trunk_and_head(model)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = None
+    if groups and starts is not None:
+        hidden = shared_prompt_states(trunk, input_ids, attention_mask, starts.tolist(), groups)
+    if hidden is None:
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     if pooling_of(model) == "mean":
         keep = attention_mask.bool()
         if starts is not None:
@@ -102,11 +109,23 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], batch
     return score_sequences(model, sequences, tokenizer.pad_token_id, batch_size, starts)
 
 
+@torch.no_grad()
 def score_pairs(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 16) -> tuple[list[float], list[float]]:
-    """(chosen scores, rejected scores) for tokenized preference pairs."""
-    scores = score_sequences(model, [p.chosen.input_ids for p in pairs] + [p.rejected.input_ids for p in pairs],
-                             pad_id, batch_size, [p.prompt_tokens for p in pairs] * 2)
-    return scores[: len(pairs)], scores[len(pairs):]
+    """(chosen scores, rejected scores) for tokenized preference pairs: `batch_size` rows (half as many pairs)
+    a pass, batched by length, each pair's prompt run once."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores = torch.zeros(2, len(pairs), dtype=torch.float64)
+    for chunk in pair_chunks(pairs, max(batch_size // 2, 1)):
+        ids, mask = pad_right([pairs[i].chosen.input_ids for i in chunk] + [pairs[i].rejected.input_ids for i in chunk],
+                              pad_id)
+        starts = torch.tensor([pairs[i].prompt_tokens for i in chunk] * 2)
+        with inference_autocast(model):
+            values = score_batch(model, ids.to(device), mask.to(device), starts, pair_groups(len(ids)))
+        scores[:, chunk] = values.double().cpu().view(2, len(chunk))
+    model.train(was_training)
+    return scores[0].tolist(), scores[1].tolist()
 
 
 def pair_metrics(chosen: list[float], rejected: list[float], tie_tolerance: float = 1e-4) -> dict:

@@ -33,11 +33,12 @@ import torch
 
 from align import distributed
 from align.data.prepare import prepare_pairs
-from align.data.sampling import length_sorted_chunks, pad_right
+from align.data.sampling import pad_right, pair_chunks
 from align.data.tokenize import IGNORE, EncodedPair
 from align.evaluate import evaluate_model
 from align.fingerprint import hash_json
 from align.logprobs import mean_nll, sequence_logps
+from align.shared_prompt import pair_groups
 from align.losses import dpo_loss, orpo_loss, pairwise_accuracy, simpo_loss
 from align.models import count_parameters, inference_autocast
 from align.plots import margin_histogram_png
@@ -92,24 +93,25 @@ def as_dataset(pairs: list[EncodedPair], reference: torch.Tensor | None):
 
 @torch.no_grad()
 def pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 16) -> torch.Tensor:
-    """Summed response log-probs [N, 2] (chosen, rejected) under `model`, batched by length, without
-    gradients; bf16 autocast where the hardware has it (the head stays fp32)."""
+    """Summed response log-probs [N, 2] (chosen, rejected) under `model`, `batch_size` rows a pass batched by
+    length, each pair's prompt run once, without gradients; bf16 autocast where the hardware has it (the head
+    stays fp32)."""
     from tqdm.auto import tqdm
 
-    sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    chunks = length_sorted_chunks([len(s.input_ids) for s in sequences], batch_size)
-    out = torch.zeros(len(sequences), dtype=torch.float64)
+    chunks = pair_chunks(pairs, max(batch_size // 2, 1))
+    out = torch.zeros(2, len(pairs), dtype=torch.float64)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     for chunk in tqdm(chunks, desc="reference log-probs", leave=False, disable=len(chunks) <= 4):
-        ids, mask = pad_right([sequences[i].input_ids for i in chunk], pad_id)
-        labels, _ = pad_right([sequences[i].labels for i in chunk], IGNORE)
+        sides = [pairs[i].chosen for i in chunk] + [pairs[i].rejected for i in chunk]
+        ids, mask = pad_right([s.input_ids for s in sides], pad_id)
+        labels, _ = pad_right([s.labels for s in sides], IGNORE)
         with inference_autocast(model):
-            sums, _ = sequence_logps(model, ids.to(device), mask.to(device), labels.to(device))
-        out[chunk] = sums.double().cpu()
+            sums, _ = sequence_logps(model, ids.to(device), mask.to(device), labels.to(device), pair_groups(len(ids)))
+        out[:, chunk] = sums.double().cpu().view(2, len(chunk))
     model.train(was_training)
-    return out.view(2, len(pairs)).t().contiguous()
+    return out.t().contiguous()
 
 
 def sharded_pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int) -> torch.Tensor:
@@ -191,7 +193,8 @@ def make_trainer(cfg, mode: str | None, ref_model=None, **kwargs):
             # Through the wrapper's forward under several processes (`distributed.call_through`).
             with self.accelerator.autocast():
                 return distributed.call_through(model, sequence_logps, inputs["input_ids"],
-                                                inputs["attention_mask"], inputs["labels"])
+                                                inputs["attention_mask"], inputs["labels"],
+                                                pair_groups(len(inputs["input_ids"])))  # one prompt pass a pair
 
         def reference(self, model, inputs):
             if mode in (None, "precomputed"):

@@ -30,6 +30,7 @@ from align.losses import pairwise_accuracy, reward_ranking_loss
 from align.models import bnb_config, count_parameters, freeze_bottom, load_sequence_classifier, lora_config
 from align.plots import score_histogram_png
 from align.rewards.scoring import score_batch
+from align.shared_prompt import pair_groups
 from align.stages.base import (PairBatchesMixin, StageContext, check_finite, register_entry, safety_callbacks, start_run,
                                train_and_time, training_arguments)
 from align.stages.sharded import trained_model
@@ -92,7 +93,8 @@ def make_trainer(loss_kind: str, center_coef: float, grouped: bool = True, **kwa
             # model.forward, so mixed precision is entered here.
             with self.accelerator.autocast():
                 scores = call_through(model, score_batch, inputs["input_ids"], inputs["attention_mask"],
-                                      inputs["starts"])  # through DDP/FSDP's forward (several processes)
+                                      inputs["starts"], pair_groups(len(inputs["input_ids"])))  # through
+                # DDP/FSDP's forward under several processes; each pair's prompt runs once (`align.shared_prompt`)
             chosen, rejected = scores.chunk(2)
             loss = reward_ranking_loss(chosen, rejected, inputs["margin"], loss_kind, center_coef)
             if model.training:
