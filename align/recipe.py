@@ -33,9 +33,13 @@ class Strict(BaseModel):
 
 
 class LoraSettings(Strict):
+    """LoRA shape. Dropout defaults to 0 (PEFT's own default): on a CPU the random masks cost more than the
+    adapter's matmuls (measured, reward model at 16 x 384 tokens on 2 cores: 26.8 s a step with 0.05, 16.7 s
+    without), and on the short runs this framework targets it regularises little."""
+
     r: int = Field(16, gt=0)
     alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
     targets: Union[Literal["all-linear"], list[str]] = "all-linear"
 
 

@@ -45,7 +45,8 @@ class Workload:
     registry: str
     tiny: bool
     seed: int = 0
-    lora: dict = field(default_factory=lambda: {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear"})
+    # PEFT's default dropout (0) on both sides
+    lora: dict = field(default_factory=lambda: {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"})
     stages: dict[str, StageWork] = field(default_factory=dict)
 
     def to_json(self) -> str:
