@@ -171,6 +171,10 @@ class SFTStage(StageBase):
     packing: bool = False
     on_bad_rows: Literal["drop", "error"] = "error"
     max_dropped_share: float = Field(0.1, ge=0, le=1)
+    # Recompute each block's activations in the backward pass instead of keeping them: ~40% more compute, a
+    # fraction of the memory (reward model, 16 x 384 tokens on 2 cores: 4.0 GB and 20.7 s a step against
+    # 10.1 GB and 14.9 s). Off by default: with memory to spare, speed is learning quality. 
+    gradient_checkpointing: bool = False
 
 
 class PreferenceData(Strict):
@@ -185,6 +189,11 @@ class PreferenceData(Strict):
     max_prompt_length: int | None = Field(None, gt=0)
     margin_field: str | None = None
     group_by_length: bool = True
+    # Recompute each block's activations in the backward pass instead of keeping them: ~40% more compute, a
+    # fraction of the memory (reward model, 16 x 384 tokens on 2 cores: 4.0 GB and 20.7 s a step against
+    # 10.1 GB and 14.9 s). Off by default: with memory to spare, speed is learning quality. Prompts shared
+    # by a pair's two sides then run once per row (a checkpointed block keeps no KV cache to share).
+    gradient_checkpointing: bool = False
 
 
 class RewardStage(StageBase, PreferenceData):

@@ -57,6 +57,8 @@ def shared_prompt_states(trunk, input_ids: torch.Tensor, attention_mask: torch.T
     the rows do not fit that shape (a prompt differs, a response is empty): the caller runs the plain pass."""
     from transformers import DynamicCache
 
+    if trunk.training and any(getattr(m, "gradient_checkpointing", False) for m in trunk.modules()):
+        return None  # checkpointed blocks drop the KV cache in training: nothing to share
     rows, width = input_ids.shape
     lengths = attention_mask.sum(dim=1).tolist()
     split = _split(input_ids, lengths, starts, groups)

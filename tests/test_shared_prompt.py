@@ -122,3 +122,14 @@ def test_rows_that_cannot_share_a_pass_are_left_to_the_plain_pass(spoil):
 def test_consecutive_groups():
     assert consecutive_groups(6, 3) == [[0, 1, 2], [3, 4, 5]]
     assert pair_groups(4) == [[0, 2], [1, 3]]
+
+
+def test_checkpointed_blocks_in_training_leave_rows_to_the_plain_pass():
+    model = make_model(make_tokenizer("chatml"), seed=1, layers=2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trunk, _ = causal_parts(model)
+    ids, mask, _, starts = _pairs()
+    model.train()
+    assert shared_prompt_states(trunk, ids, mask, starts, pair_groups(len(ids))) is None  # no cache kept
+    model.eval()
+    assert shared_prompt_states(trunk, ids, mask, starts, pair_groups(len(ids))) is not None

@@ -359,7 +359,9 @@ def training_arguments(ctx: StageContext, model, eval_strategy: str, eval_steps:
         dataloader_num_workers=0, logging_first_step=True,
         # Several processes: every trainable weight (LoRA, heads, unfrozen blocks) takes part in every step, so
         # DDP need not search the graph for unused ones each step (its default for PEFT models).
-        ddp_find_unused_parameters=False, **mixed_precision_args(cfg.mixed_precision, model))
+        ddp_find_unused_parameters=False, **mixed_precision_args(cfg.mixed_precision, model),
+        gradient_checkpointing=getattr(cfg, "gradient_checkpointing", False),
+        gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def train_and_time(ctx: StageContext, trainer, resume_from: Path | None, callbacks) -> tuple[object, dict]:

@@ -20,8 +20,9 @@ import torch
 from align.distributed import call_through
 from align.logprobs import sequence_logps
 
-# TrainingArguments the SFT stage sets on top of the shared ones (see the docstring).
-SFT_ARGS = {"gradient_checkpointing": False}
+# TrainingArguments the SFT stage sets on top of the shared ones (see the docstring). Gradient checkpointing
+# is the recipe's `gradient_checkpointing` (off by default, where TRL turns it on).
+SFT_ARGS: dict = {}
 
 
 def labelled_nll(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
