@@ -1,4 +1,4 @@
-"""Allocator tuning: takes on glibc Linux, can be switched off, and leaves results unchanged."""
+"""Allocator tuning: off by default, takes on glibc Linux when asked, and leaves results unchanged."""
 
 import subprocess
 import sys
@@ -31,6 +31,6 @@ def _run(env_value: str | None) -> list[str]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tuning is Linux only")
 def test_tuning_takes_and_changes_no_result():
-    tuned, plain = _run(None), _run("0")
-    assert tuned[0] == "True" and plain[0] == "False"
+    tuned, plain, default = _run("1"), _run("0"), _run(None)
+    assert tuned[0] == "True" and plain[0] == "False" and default[0] == "False"
     assert tuned[1:] == plain[1:]  # the same figures, bit for bit

@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
     from align.bench.workload import Workload
 
     stage, side, spec, out = argv
-    if side == "align":  # align's runtime settings are part of what is measured; TRL runs as it ships
+    if side == "align":  # align's opt-in runtime settings (ALIGN_MALLOC_TUNE=1); TRL runs as it ships
         from align.runtime import tune_allocator
 
         tune_allocator()
