@@ -367,9 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from align.distributed import is_main
-    from align.runtime import tune_allocator
 
-    tune_allocator()  # opt-in, before any tensor exists (see align/runtime.py)
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv

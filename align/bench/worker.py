@@ -15,10 +15,6 @@ def main(argv: list[str]) -> int:
     from align.bench.workload import Workload
 
     stage, side, spec, out = argv
-    if side == "align":  # align's opt-in runtime settings (ALIGN_MALLOC_TUNE=1); TRL runs as it ships
-        from align.runtime import tune_allocator
-
-        tune_allocator()
     logging.basicConfig(level=logging.WARNING)
     work = Workload.from_json(Path(spec).read_text())
     runner = importlib.import_module(f"align.bench.{stage}")
