@@ -250,6 +250,14 @@ def load_sequence_classifier(source: ModelSource, registry: Registry, *, dtype: 
     return model
 
 
+def use_attention(model, name: str):
+    """Switch `model` (a PEFT model too) to the attention kernel a recipe's `attention:` names; `auto` keeps
+    what transformers chose on load. Returns the model."""
+    if name != "auto":
+        model.set_attn_implementation(name)
+    return model
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), which makes bf16 autocast ~2x faster."""
     try:

@@ -79,6 +79,10 @@ def make_plan(recipe, registry: Registry | None = None, only: list[str] | None =
             why = four_bit_problem()
             if why:
                 problems.append(Problem(f"{where}.method", f"qlora needs 4-bit support: {why}"))
+        if cfg.attention.startswith("flash_attention"):
+            why = flash_attention_problem(cfg.attention)
+            if why:
+                problems.append(Problem(f"{where}.attention", why))
         template = cfg.chat_template
         if template is not None and "{{" not in template and "{%" not in template:
             if not recipe.resolve_path(template).is_file():
@@ -420,3 +424,17 @@ def _prompt_problems(rows: list[dict], source: str, needs: dict, where: str, pro
     problems += [Problem(where, str(p)) for p in found[:10]]
     if len(found) > 10:
         problems.append(Problem(where, f"... and {len(found) - 10} more unusable prompt rows"))
+
+
+def flash_attention_problem(kernel: str) -> str | None:
+    """Why `kernel` (flash_attention_2/3) cannot run here, or None: it needs a CUDA GPU and its package."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"{kernel} needs a CUDA GPU; use auto, sdpa or eager here"
+    package = "flash_attn" if kernel == "flash_attention_2" else "flash_attn_interface"
+    if importlib.util.find_spec(package) is None:
+        return f"{kernel} needs the {package} package (pip install flash-attn); or use auto or sdpa"
+    return None

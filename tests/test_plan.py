@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 import align.packaged
@@ -238,3 +239,15 @@ def _plan_error(raw: dict, tmp_path: Path) -> ConfigError:
     with pytest.raises(ConfigError) as info:
         make_plan(validate(raw, tmp_path), Registry(tmp_path / "registry"))
     return info.value
+
+
+def test_a_flash_attention_kernel_this_machine_cannot_run_is_named(tiny_raw_recipe, tmp_path, no_weights,
+                                                                     monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    raw = tiny_raw_recipe(tmp_path)
+    raw["stages"]["sft"]["attention"] = "flash_attention_2"
+    problems = plan_problems(raw, tmp_path)
+    assert set(problems) == {"stages.sft.attention"}
+    assert "flash_attention_2 needs a CUDA GPU" in problems["stages.sft.attention"]
+    raw["stages"]["sft"]["attention"] = "eager"
+    assert make_plan(validate(raw, tmp_path), Registry(tmp_path / "registry")).stages

@@ -132,11 +132,12 @@ def build_policy(ctx: StageContext, tokenizer):
     """A causal LM on the parent's weights (adapter parents merged in full precision first, then quantized
     for QLoRA) with a fresh LoRA adapter, or with the bottom `freeze_layers` blocks frozen for full
     fine-tuning; returns (model, LoRA config or None). Shared by the SFT and DPO stages."""
-    from align.models import bnb_config, freeze_bottom, load_causal_lm, lora_config
+    from align.models import bnb_config, freeze_bottom, load_causal_lm, lora_config, use_attention
 
     cfg = ctx.config
     quant = bnb_config(cfg.quant) if cfg.method == "qlora" else None
-    model = load_causal_lm(ctx.parent, ctx.registry, dtype=cfg.dtype, quantization=quant)
+    model = use_attention(load_causal_lm(ctx.parent, ctx.registry, dtype=cfg.dtype, quantization=quant),
+                          cfg.attention)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.method == "full":

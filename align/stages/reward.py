@@ -27,7 +27,8 @@ from align.data.tokenize import EncodedPair
 from align.distributed import call_through
 from align.evaluate import evaluate_reward_model
 from align.losses import pairwise_accuracy, reward_ranking_loss
-from align.models import bnb_config, count_parameters, freeze_bottom, load_sequence_classifier, lora_config
+from align.models import (bnb_config, count_parameters, freeze_bottom, load_sequence_classifier, lora_config,
+                          use_attention)
 from align.plots import score_histogram_png
 from align.rewards.scoring import score_batch
 from align.shared_prompt import pair_groups
@@ -42,8 +43,8 @@ def build_model(ctx: StageContext, tokenizer):
     """The sequence classifier on the parent's weights, with LoRA/QLoRA and a fully trained score head."""
     cfg = ctx.config
     quant = bnb_config(cfg.quant) if cfg.method == "qlora" else None
-    model = load_sequence_classifier(ctx.parent, ctx.registry, dtype=cfg.dtype, quantization=quant,
-                                     pad_token_id=tokenizer.pad_token_id)
+    model = use_attention(load_sequence_classifier(ctx.parent, ctx.registry, dtype=cfg.dtype, quantization=quant,
+                                                   pad_token_id=tokenizer.pad_token_id), cfg.attention)
     if cfg.method == "full":
         freeze_bottom(model, cfg.freeze_layers)
         return model, None

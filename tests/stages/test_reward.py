@@ -226,3 +226,25 @@ def test_gradient_checkpointing_trains_the_same(tmp_path, tiny_base):
     assert len(losses[0]) == len(losses[1]) > 3
     assert losses[1] == pytest.approx(losses[0], abs=1e-4)  # summation order differs between the passes
     assert losses[1][-1] < losses[1][0]
+
+
+def test_eager_attention_trains_the_same(tmp_path, tiny_base, monkeypatch):
+    """`attention: eager` reaches the model that trains, and gives SDPA's loss curve (fp32)."""
+    from align.models import use_attention
+    from align.stages import reward
+
+    kernels = []
+
+    def spy(model, name):
+        model = use_attention(model, name)
+        kernels.append(model.config._attn_implementation)
+        return model
+
+    monkeypatch.setattr(reward, "use_attention", spy)
+    runs = [_train(tmp_path / kernel, tiny_base, {"attention": kernel, "mixed_precision": "no"})
+            for kernel in ("auto", "eager")]
+    assert kernels[0] == "sdpa" and set(kernels[1:]) == {"eager"}
+    losses = [[h["loss"] for h in run.entry.manifest["history"] if "loss" in h] for run in runs]
+    assert len(losses[0]) == len(losses[1]) > 3
+    assert losses[1] == pytest.approx(losses[0], abs=1e-4)
+    assert losses[1][-1] < losses[1][0]
