@@ -19,7 +19,8 @@ hold at its peak, so a recipe that cannot fit is caught before minutes of loadin
 
 Tokens per step are `batch x sequence` (pairs count twice), with the sequence the longest the data holds
 when the planner could tokenize it, else `max_length` (then an upper bound). Attention is taken as SDPA
-without a materialized score matrix, as transformers uses on CPU and GPU. The estimate is checked against a
+without a materialized score matrix, as transformers uses on CPU and GPU, unless the stage sets
+`attention: eager`, which keeps each trained block's T x T attention weights. The estimate is checked against a
 measured run of the default model (tests/test_memory.py); it is a planning figure, not a guarantee: the
 allocator's caching and fragmentation move a real peak by some percent either way.
 """
@@ -138,7 +139,7 @@ def activation_bytes_per_token(shape: Shape, *, act_bytes: int, casts: bool, ada
 def estimate(shape: Shape, *, kind: str = "sft", method: str = "lora", lora_r: int = 16, lora_targets_=None,
              lora_dropout: float = 0.0, freeze_layers: int = 0, weight_bytes: float = 4.0, autocast: bool = False,
              batch: int = 8, seq_len: int = 256, seq_is_bound: bool = False, reference_copy: bool = False,
-             rollout_batch: int = 0, runtime_mb: float = RUNTIME_MB) -> Estimate:
+             rollout_batch: int = 0, eager_attention: bool = False, runtime_mb: float = RUNTIME_MB) -> Estimate:
     """The peak of one training stage; see the module docstring for what each part counts."""
     trained_layers = max(shape.layers - freeze_layers, 0)
     params = shape.params()
@@ -161,6 +162,8 @@ def estimate(shape: Shape, *, kind: str = "sft", method: str = "lora", lora_r: i
         parts["reference"] = weights / MB
     parts["trainable"] = trainable * 16 / MB
     parts["activations"] = tokens * per_token / MB
+    if eager_attention:  # softmax output (fp32) and its cast for the value matmul, per head: T x T a row
+        parts["attention_weights"] = trained_layers * rows * shape.heads * seq_len ** 2 * (4 + a) / MB
     if kind != "reward":
         parts["logits"] = tokens * (a + 12) * shape.vocab / MB
     if autocast:  # the largest weight cast to bf16 for one matmul (the tied LM head / embedding)
@@ -202,4 +205,4 @@ def estimate_stage(shape: Shape, cfg, *, seq_len: int | None = None, autocast: b
                     lora_dropout=cfg.lora.dropout, freeze_layers=cfg.freeze_layers, weight_bytes=weight_bytes,
                     autocast=autocast and weight_bytes == 4.0, batch=cfg.batch_size, seq_len=seq,
                     seq_is_bound=bound, reference_copy=reference_copy,
-                    rollout_batch=getattr(cfg, "rollout_batch", 0))
+                    rollout_batch=getattr(cfg, "rollout_batch", 0), eager_attention=cfg.attention == "eager")

@@ -75,6 +75,11 @@ def test_estimate_parts_follow_the_settings():
     assert pairs.tokens == 2 * base.tokens and "logits" not in pairs.parts
     assert estimate(shape, kind="dpo", batch=4, seq_len=64, reference_copy=True).parts["reference"] == \
         base.parts["weights"]
+    eager = estimate(shape, batch=4, seq_len=64, lora_r=4, eager_attention=True)
+    assert "attention_weights" not in base.parts
+    assert eager.parts["attention_weights"] == pytest.approx(2 * 4 * shape.heads * 64 * 64 * 8 / MB)
+    assert estimate(shape, batch=4, seq_len=128, lora_r=4, eager_attention=True).parts["attention_weights"] == \
+        pytest.approx(4 * eager.parts["attention_weights"])  # grows with the square of the length
 
 
 def test_estimate_stage_reads_the_stage_config():
