@@ -28,6 +28,7 @@ allocator's caching and fragmentation move a real peak by some percent either wa
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,9 +201,13 @@ def estimate_stage(shape: Shape, cfg, *, seq_len: int | None = None, autocast: b
     else:
         seq = min(seq_len, cfg.max_length) if seq_len is not None else cfg.max_length
     weight_bytes = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}.get(cfg.dtype, 4.0)
+    batch = cfg.batch_size
+    budget = getattr(cfg, "max_pass_tokens", None)
+    if kind in ("reward", "dpo") and budget and 2 * batch * seq > budget:  # the biggest of several passes
+        batch = math.ceil(batch / min(batch, math.ceil(2 * batch * seq / budget)))
     reference_copy = (kind == "dpo" and cfg.reference == "copy") or (kind == "ppo" and cfg.method == "full")
     return estimate(shape, kind=kind, method=cfg.method, lora_r=cfg.lora.r, lora_targets_=cfg.lora.targets,
                     lora_dropout=cfg.lora.dropout, freeze_layers=cfg.freeze_layers, weight_bytes=weight_bytes,
-                    autocast=autocast and weight_bytes == 4.0, batch=cfg.batch_size, seq_len=seq,
+                    autocast=autocast and weight_bytes == 4.0, batch=batch, seq_len=seq,
                     seq_is_bound=bound, reference_copy=reference_copy,
                     rollout_batch=getattr(cfg, "rollout_batch", 0), eager_attention=cfg.attention == "eager")

@@ -204,3 +204,14 @@ def test_estimate_is_within_30_percent_of_recorded_quickstart_peaks(manifest_pat
                            autocast=bf16_autocast(cfg.mixed_precision))
     measured = manifest["timings"]["peak_rss_mb"]
     assert abs(found.total_mb - measured) <= 0.3 * measured, f"estimated {found.total_mb:.0f}, measured {measured}"
+
+
+def test_a_pair_batch_split_into_passes_is_estimated_by_its_biggest_pass():
+    raw = {"name": "m", "base": "b", "stages": {"rm": {"kind": "reward", "data": "x.jsonl", "batch_size": 8,
+                                                       "max_length": 384}}}
+    shape = Shape.from_config(TINY)
+    split = estimate_stage(shape, validate_recipe(raw, []).stages["rm"])  # 16 x 384 over 4096: two passes
+    raw["stages"]["rm"]["max_pass_tokens"] = None
+    whole = estimate_stage(shape, validate_recipe(raw, []).stages["rm"])
+    assert whole.tokens == 16 * 384 and split.tokens == 8 * 384
+    assert split.parts["activations"] == pytest.approx(whole.parts["activations"] / 2)

@@ -30,7 +30,8 @@ def run(side: str, work: Workload, stage: StageWork, folder: Path) -> dict:
         model, _ = reward.build_model(ctx, tokenizer)
         model.reward_pooling = cfg.pooling
         args = TrainingArguments(**training_arguments(ctx, model, "no", None), label_names=[])
-        trainer = reward.make_trainer(cfg.loss, cfg.center_coef, cfg.group_by_length, model=model, args=args,
+        trainer = reward.make_trainer(cfg.loss, cfg.center_coef, cfg.group_by_length, cfg.max_pass_tokens,
+                                      model=model, args=args,
                                       train_dataset=reward.as_dataset(train),
                                       data_collator=reward.PairCollator(tokenizer.pad_token_id, cfg.margin),
                                       callbacks=safety_callbacks(None) + [trainer_clock(clock)])

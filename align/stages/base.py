@@ -403,6 +403,26 @@ class PairBatchesMixin:
     steps that return the loss with the (chosen, rejected) values `compute_loss(return_outputs=True)` gives."""
 
     group_by_length = True
+    max_pass_tokens: int | None = None  # the stage's `max_pass_tokens`: split bigger batches into passes
+    pass_weight = 1.0  # this pass's share of the batch's pairs; `compute_loss` weights its training loss by it
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One optimizer step's gradients in one pass, or, for a batch over `max_pass_tokens` padded tokens,
+        in several passes whose weighted losses add up to the batch's (`align.data.passes`). Under several
+        processes every process must make the same number of backward passes, so the batch stays whole."""
+        from align.data.passes import split_pair_batch
+
+        passes = split_pair_batch(inputs, self.max_pass_tokens if self.args.world_size == 1 else None)
+        if len(passes) == 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        total = 0.0
+        try:
+            for chunk, weight in passes:
+                self.pass_weight = weight
+                total = total + super().training_step(model, chunk, num_items_in_batch)
+        finally:
+            self.pass_weight = 1.0
+        return total
 
     def _get_train_sampler(self, train_dataset=None):
         from align.data.sampling import LengthGroupedEpochSampler

@@ -214,6 +214,7 @@ def make_trainer(cfg, mode: str | None, ref_model=None, **kwargs):
                 check_finite(float(loss.detach()), self.state.global_step + 1)
                 self._window.append((float(pairwise_accuracy(chosen, rejected)), float(chosen.mean()),
                                      float(rejected.mean())))
+                loss = loss * self.pass_weight  # one of several passes over the batch (`training_step`)
             return (loss, torch.stack([chosen, rejected], dim=-1)) if return_outputs else loss
 
         def log(self, logs, *args, **kwargs):
@@ -232,6 +233,7 @@ def make_trainer(cfg, mode: str | None, ref_model=None, **kwargs):
                 "margin": float((rewards[:, 0] - rewards[:, 1]).mean())}
 
     trainer = PreferenceTrainer(compute_metrics=accuracy, **kwargs)
+    trainer.max_pass_tokens = cfg.max_pass_tokens
     trainer._window = []
     return trainer
 

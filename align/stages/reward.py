@@ -81,7 +81,8 @@ def as_dataset(pairs: list[EncodedPair]):
                               "length": [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]})
 
 
-def make_trainer(loss_kind: str, center_coef: float, grouped: bool = True, **kwargs):
+def make_trainer(loss_kind: str, center_coef: float, grouped: bool = True, max_pass_tokens: int | None = None,
+                 **kwargs):
     """A `Trainer` whose loss is the pairwise ranking loss on the model's scores; batches grouped by length
     in an order that depends only on seed and epoch (see `align.data.sampling`)."""
     from transformers import Trainer
@@ -102,6 +103,7 @@ def make_trainer(loss_kind: str, center_coef: float, grouped: bool = True, **kwa
                 check_finite(float(loss.detach()), self.state.global_step + 1)
                 self._window.append((float(pairwise_accuracy(chosen.detach(), rejected.detach())),
                                      float((chosen - rejected).detach().mean())))
+                loss = loss * self.pass_weight  # one of several passes over the batch (`training_step`)
             return (loss, torch.stack([chosen, rejected], dim=-1)) if return_outputs else loss
 
         def log(self, logs, *args, **kwargs):
@@ -116,6 +118,7 @@ def make_trainer(loss_kind: str, center_coef: float, grouped: bool = True, **kwa
         return {"accuracy": pairwise_accuracy(scores[:, 0], scores[:, 1])}
 
     trainer = PairwiseRewardTrainer(compute_metrics=accuracy, **kwargs)
+    trainer.max_pass_tokens = max_pass_tokens
     trainer._window = []
     return trainer
 
@@ -136,7 +139,8 @@ def run(ctx: StageContext):
     args = TrainingArguments(**training_arguments(ctx, model, "steps" if heldout and cfg.eval_steps else "no",
                                                   cfg.eval_steps), label_names=[])
     callbacks = safety_callbacks(cfg.time_limit_minutes)
-    trainer = make_trainer(cfg.loss, cfg.center_coef, cfg.group_by_length, model=model, args=args,
+    trainer = make_trainer(cfg.loss, cfg.center_coef, cfg.group_by_length, cfg.max_pass_tokens, model=model,
+                           args=args,
                            train_dataset=as_dataset(train),
                            eval_dataset=as_dataset(heldout) if heldout else None,
                            data_collator=PairCollator(tokenizer.pad_token_id, cfg.margin), callbacks=callbacks)

@@ -18,6 +18,7 @@ from align.pipeline import run_recipe
 from align.recipe import validate_recipe
 from align.registry import Registry
 from align.stages.dpo import pair_logps
+from safetensors.torch import load_file
 from conftest import write_jsonl
 
 KIND = ["Sure, here is some help.", "Happy to help you with that.", "Of course, glad to help."]
@@ -208,3 +209,23 @@ def test_rpo_term_keeps_chosen_likelihood_up(tmp_path, tiny_base):
     _, _, rpo = _train(tmp_path / "rpo", tiny_base, {"max_steps": 16, "rpo_alpha": 1.0})
     assert rpo.manifest["metrics"]["logps_chosen"] > plain.manifest["metrics"]["logps_chosen"]
     assert rpo.manifest["metrics"]["preference_accuracy"] >= 0.75
+
+
+def test_a_batch_split_into_passes_trains_the_same(tmp_path, tiny_base, monkeypatch):
+    """`max_pass_tokens` below the batch's size: several passes a step, the one-pass losses and weights (fp32)."""
+    import align.data.passes as passes
+
+    split = passes.split_pair_batch
+    counts = []
+    monkeypatch.setattr(passes, "split_pair_batch", lambda inputs, budget: counts.append(len(split(inputs, budget)))
+                        or split(inputs, budget))
+    runs = {budget: _train(tmp_path / str(budget), tiny_base, {"max_pass_tokens": budget, "mixed_precision": "no"})
+            for budget in (None, 100)}
+    assert max(counts) > 2  # the small budget really split the batches
+    losses = {b: [h["loss"] for h in entry.manifest["history"] if "loss" in h] for b, (_, _, entry) in runs.items()}
+    assert len(losses[None]) > 3 and losses[100] == pytest.approx(losses[None], abs=1e-5)
+    assert losses[100][-1] < losses[100][0]
+    weights = {b: load_file(str(entry.file("adapter/adapter_model.safetensors"))) for b, (_, _, entry) in runs.items()}
+    for name, tensor in weights[None].items():
+        assert torch.allclose(weights[100][name], tensor, atol=1e-3), name  # Adam, 24 steps at lr 5e-3: summation
+        # order differences in small gradients move a weight by up to ~1e-4

@@ -248,3 +248,13 @@ def test_eager_attention_trains_the_same(tmp_path, tiny_base, monkeypatch):
     assert len(losses[0]) == len(losses[1]) > 3
     assert losses[1] == pytest.approx(losses[0], abs=1e-4)
     assert losses[1][-1] < losses[1][0]
+
+
+def test_a_batch_split_into_passes_trains_the_same(tmp_path, tiny_base):
+    """`max_pass_tokens` below the batch's size: several passes a step, the one-pass loss curve (fp32)."""
+    runs = [_train(tmp_path / str(budget), tiny_base, {"max_pass_tokens": budget, "mixed_precision": "no"})
+            for budget in (None, 64)]
+    losses = [[h["loss"] for h in run.entry.manifest["history"] if "loss" in h] for run in runs]
+    assert len(losses[0]) == len(losses[1]) > 3
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    assert losses[1][-1] < losses[1][0]
