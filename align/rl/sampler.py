@@ -39,7 +39,24 @@ def _next_tokens(logits: torch.Tensor, settings) -> torch.Tensor:
     if not settings.temperature:
         return logits.argmax(dim=-1)
     logits = _filter(logits / settings.temperature, settings.top_k, settings.top_p)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(-1)
+    return draw(torch.softmax(logits, dim=-1))
+
+
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` [rows, vocab], by inverting each row's CDF at one uniform number.
+
+    The same distribution as `torch.multinomial(probs, 1)`, which on a CPU draws an exponential number for
+    every vocabulary entry: 32 ms a decoding step for 32 rows of SmolLM2's 49,152 entries against 1.7 ms
+    here, and it was 21% of a rollout's time in a profile. The CDF is summed in float64 so the tail keeps
+    its mass; `right=True` never lands on a zero-probability entry before the first positive one."""
+    cdf = probs.double().cumsum(dim=-1)
+    point = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, point, right=True).clamp_(max=probs.shape[-1] - 1)
+    # Rounding can put `point` at the very end, past the last positive entry: take the likeliest token then.
+    dead = probs.gather(-1, picked) <= 0
+    if bool(dead.any()):
+        picked = torch.where(dead, probs.argmax(dim=-1, keepdim=True), picked)
+    return picked.squeeze(-1)
 
 
 @torch.no_grad()

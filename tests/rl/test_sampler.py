@@ -100,3 +100,16 @@ def test_a_prompt_prefilled_once_for_its_group_samples_as_if_repeated(tiny):
         shared = sample(model, tokenizer, rows, settings, group=3)
         assert [g.token_ids for g in shared] == [g.token_ids for g in each]
     assert len({tuple(g.token_ids) for g in shared}) > 3  # sampled rows of one prompt differ
+
+
+def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
+    from align.rl.sampler import draw
+
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.0, 0.5, 0.2, 0.0, 0.3], [0.1, 0.0, 0.0, 0.9, 0.0]])
+    picks = torch.stack([draw(probs) for _ in range(20_000)])
+    for row in range(2):
+        freq = torch.bincount(picks[:, row], minlength=5).double() / len(picks)
+        assert torch.allclose(freq, probs[row].double(), atol=0.012), freq
+        assert freq[probs[row] == 0].sum() == 0
+    assert draw(torch.tensor([[0.0, 0.0, 1.0]])).tolist() == [2]
