@@ -167,7 +167,17 @@ class StageBase(Strict):
     freeze_layers: int = Field(0, ge=0)
 
 
-class SFTStage(StageBase):
+class Checkpointing(Strict):
+    """For the stages trained by a transformers `Trainer` (SFT, reward, DPO)."""
+
+    # Recompute each block's activations in the backward pass instead of keeping them: ~40% more compute, a
+    # fraction of the memory (reward model, 16 x 384 tokens on 2 cores: 4.0 GB and 20.7 s a step against
+    # 10.1 GB and 14.9 s). Off by default: with memory to spare, speed is learning quality. Prompts shared
+    # by a pair's two sides then run once per row (a checkpointed block keeps no KV cache to share).
+    gradient_checkpointing: bool = False
+
+
+class SFTStage(StageBase, Checkpointing):
     kind: Literal["sft"] = "sft"
     data: DataSpec
     eval_data: DataSpec | None = None
@@ -176,13 +186,9 @@ class SFTStage(StageBase):
     packing: bool = False
     on_bad_rows: Literal["drop", "error"] = "error"
     max_dropped_share: float = Field(0.1, ge=0, le=1)
-    # Recompute each block's activations in the backward pass instead of keeping them: ~40% more compute, a
-    # fraction of the memory (reward model, 16 x 384 tokens on 2 cores: 4.0 GB and 20.7 s a step against
-    # 10.1 GB and 14.9 s). Off by default: with memory to spare, speed is learning quality. 
-    gradient_checkpointing: bool = False
 
 
-class PreferenceData(Strict):
+class PreferenceData(Checkpointing):
     """Shared by reward and DPO stages: what to do with bad rows and over-long pairs."""
 
     data: DataSpec
@@ -194,11 +200,6 @@ class PreferenceData(Strict):
     max_prompt_length: int | None = Field(None, gt=0)
     margin_field: str | None = None
     group_by_length: bool = True
-    # Recompute each block's activations in the backward pass instead of keeping them: ~40% more compute, a
-    # fraction of the memory (reward model, 16 x 384 tokens on 2 cores: 4.0 GB and 20.7 s a step against
-    # 10.1 GB and 14.9 s). Off by default: with memory to spare, speed is learning quality. Prompts shared
-    # by a pair's two sides then run once per row (a checkpointed block keeps no KV cache to share).
-    gradient_checkpointing: bool = False
     # A batch over this many padded tokens (rows x width) trains in several forward/backward passes of about
     # this size, with the same gradient: faster on a CPU and less memory (8 HH pairs of up to 384 tokens on
     # 2 cores: 14.7 s and 6.1 GB a step in two passes against 18.6 s and 9.4 GB in one). None: one pass.
