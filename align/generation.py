@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from align.data.sampling import pad_left
-from align.models import inference_autocast
+from align.models import contiguous_head_input, inference_autocast
 
 
 @dataclass
@@ -117,6 +117,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings, batch_size
     results: list[Generated | None] = [None] * len(prompt_ids)
     was_training = model.training
     model.eval()
+    contiguous_head_input(model)
     stops = list(settings.stop or [])
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]

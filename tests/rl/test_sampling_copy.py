@@ -60,3 +60,28 @@ def test_frozen_weights_are_shared_and_the_reference_is_untouched():
 def test_no_copy_for_a_plain_model():
     tokenizer = make_tokenizer("chatml")
     assert build(make_model(tokenizer)) is None
+
+
+def test_a_bf16_copy_follows_the_policy_as_bf16_sampling_would():
+    """The bf16 copy holds its own bf16 weights (nothing shared with the fp32 policy, which stays as it was)
+    and gives the logits the policy gives under bf16 autocast, after each round of training."""
+    policy, _ = _policy(layers_to_transform=[1, 2])
+    copy = build(policy, dtype=torch.bfloat16)
+    base = policy.get_base_model()
+    before = {name: p.detach().clone() for name, p in base.named_parameters()}
+    shared = base.model.layers[0].self_attn.q_proj.weight
+    assert copy.model.model.layers[0].self_attn.q_proj.weight.data_ptr() != shared.data_ptr()
+    assert {p.dtype for p in copy.model.parameters()} == {torch.bfloat16}
+    ids = torch.randint(3, 60, (2, 9))
+    for seed in (0, 1):
+        _train_adapter(policy, seed)
+        model = copy.sync()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = policy(input_ids=ids).logits.float()
+        got = model(input_ids=ids).logits.float()
+        with policy.disable_adapter():
+            off = policy(input_ids=ids).logits
+        rounding, adapter = (got - expected).abs().mean(), (expected - off).abs().mean()
+        assert rounding < 0.1 * adapter  # bf16 rounding (residual stream too) is small next to the adapter
+    assert all(p.dtype == torch.float32 for p in base.parameters())
+    assert all(torch.equal(p, before[name]) for name, p in base.named_parameters() if "lora_" not in name)
