@@ -203,8 +203,9 @@ def estimate_stage(shape: Shape, cfg, *, seq_len: int | None = None, autocast: b
     weight_bytes = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}.get(cfg.dtype, 4.0)
     batch = cfg.batch_size
     budget = getattr(cfg, "max_pass_tokens", None)
-    if kind in ("reward", "dpo") and budget and 2 * batch * seq > budget:  # the biggest of several passes
-        batch = math.ceil(batch / min(batch, math.ceil(2 * batch * seq / budget)))
+    rows_per_example = 2 if kind in ("reward", "dpo") else 1
+    if kind != "ppo" and budget and rows_per_example * batch * seq > budget:  # the biggest of several passes
+        batch = math.ceil(batch / min(batch, math.ceil(rows_per_example * batch * seq / budget)))
     reference_copy = (kind == "dpo" and cfg.reference == "copy") or (kind == "ppo" and cfg.method == "full")
     return estimate(shape, kind=kind, method=cfg.method, lora_r=cfg.lora.r, lora_targets_=cfg.lora.targets,
                     lora_dropout=cfg.lora.dropout, freeze_layers=cfg.freeze_layers, weight_bytes=weight_bytes,

@@ -210,7 +210,7 @@ def test_a_pair_batch_split_into_passes_is_estimated_by_its_biggest_pass():
     raw = {"name": "m", "base": "b", "stages": {"rm": {"kind": "reward", "data": "x.jsonl", "batch_size": 8,
                                                        "max_length": 384}}}
     shape = Shape.from_config(TINY)
-    split = estimate_stage(shape, validate_recipe(raw, []).stages["rm"])  # 16 x 384 over 4096: two passes
+    split = estimate_stage(shape, validate_recipe(raw, []).stages["rm"])  # 16 x 384 over 1024: six passes
     raw["stages"]["rm"]["max_pass_tokens"] = None
     whole = estimate_stage(shape, validate_recipe(raw, []).stages["rm"])
     assert whole.tokens == 16 * 384 and split.tokens == 8 * 384

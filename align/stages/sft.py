@@ -125,6 +125,6 @@ def build_trainer(ctx: StageContext, model, tokenizer, train, heldout, callbacks
     args = SFTConfig(**training_arguments(ctx, model, "steps" if heldout else "no", cfg.eval_steps or cfg.save_steps),
                      **SFT_ARGS, max_length=cfg.max_length, dataset_kwargs={"skip_prepare_dataset": True},
                      disable_tqdm=False)
-    return make_sft_trainer(model=model, args=args, train_dataset=as_dataset(train),
+    return make_sft_trainer(max_pass_tokens=cfg.max_pass_tokens, model=model, args=args, train_dataset=as_dataset(train),
                             eval_dataset=as_dataset(heldout) if heldout else None, processing_class=tokenizer,
                             callbacks=callbacks)

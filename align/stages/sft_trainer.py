@@ -10,6 +10,9 @@ cores; README "Speed" has the figures):
   third of the work to save memory the labelled-only head saves anyway.
 - Batches are grouped by length in an order fixed by seed and epoch (`align.data.sampling`), so padding,
   which a CPU computes like real tokens, mostly goes away; a resumed run replays the same batches.
+- A batch over `max_pass_tokens` padded tokens runs as several forward/backward passes of whole rows
+  (`align.data.passes`), each pass's summed NLL over the whole batch's labelled tokens, so the gradient is
+  the batch's: less activation memory, and on a CPU faster (fresh activations are costly there).
 - A non-finite loss stops the run before the optimizer step (no checkpoint ever holds it).
 """
 
@@ -35,14 +38,43 @@ def labelled_nll(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     return -logp_sum.sum() / total.to(logp_sum.device).clamp(min=1)
 
 
-def make_sft_trainer(group_by_length: bool = True, **kwargs):
-    """An `SFTTrainer` with the labelled-only loss, length-grouped batches and the non-finite loss stop (TRL is
-    imported here, not at module import). Datasets hold pre-tokenized `input_ids` and `labels`."""
+def labelled_count(inputs: dict) -> int:
+    """The tokens a batch's loss scores: labels other than -100 after the shift."""
+    return int((inputs["labels"][:, 1:] != -100).sum())
+
+
+def make_sft_trainer(group_by_length: bool = True, max_pass_tokens: int | None = None, **kwargs):
+    """An `SFTTrainer` with the labelled-only loss, length-grouped batches, batches split into passes over
+    `max_pass_tokens` and the non-finite loss stop (TRL is imported here, not at module import). Datasets hold
+    pre-tokenized `input_ids` and `labels`."""
     from trl import SFTTrainer
 
+    from align.data.passes import split_row_batch
     from align.stages.base import check_finite
 
     class AlignSFTTrainer(SFTTrainer):
+        pass_share: float | None = None  # set while a split batch runs without `num_items_in_batch`
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """The batch in one pass, or in passes of whole rows whose losses add up to the batch's: each
+            pass divides its summed NLL by the batch's labelled tokens (`num_items_in_batch` when the
+            Trainer counts them, else this pass's share of them). Under several processes every process
+            must make the same number of backward passes, so the batch stays whole."""
+            budget = max_pass_tokens if self.args.world_size == 1 else None
+            passes = split_row_batch(inputs, budget) if "labels" in inputs else [inputs]
+            if len(passes) == 1:
+                return super().training_step(model, inputs, num_items_in_batch)
+            labelled = max(labelled_count(inputs), 1)
+            total = 0.0
+            try:
+                for chunk in passes:
+                    if num_items_in_batch is None:
+                        self.pass_share = labelled_count(chunk) / labelled
+                    total = total + super().training_step(model, chunk, num_items_in_batch)
+            finally:
+                self.pass_share = None
+            return total
+
         def _get_train_sampler(self, train_dataset=None):
             from align.data.sampling import LengthGroupedEpochSampler
 
@@ -58,6 +90,8 @@ def make_sft_trainer(group_by_length: bool = True, **kwargs):
             # model.forward, so mixed precision is entered here.
             with self.accelerator.autocast():
                 loss = labelled_nll(model, inputs, num_items_in_batch)
+            if self.pass_share is not None and model.training:
+                loss = loss * self.pass_share  # this pass's labelled tokens over the whole batch's
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 # `num_items_in_batch` counts every process's tokens and DDP averages gradients over processes:
                 # scale back by their number, as transformers' `Trainer.compute_loss` does (1 process: no-op).

@@ -43,3 +43,22 @@ def test_a_big_batch_splits_into_pair_preserving_trimmed_passes():
     assert sorted(seen) == list(range(6))
     longest = [int(p) for p in passes[0][0]["margin"]] + [int(p) for p in passes[1][0]["margin"]]
     assert {longest[0], longest[1], longest[2]} == {1, 3, 5}  # the long pairs travel together
+
+
+def test_an_sft_batch_splits_into_trimmed_passes_of_whole_rows():
+    from align.data.passes import split_row_batch
+
+    lengths = [3, 9, 2, 8, 4]
+    ids, mask = pad_right([[10 * i + t for t in range(n)] for i, n in enumerate(lengths)], 0)
+    labels, _ = pad_right([[10 * i + t for t in range(n)] for i, n in enumerate(lengths)], -100)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    assert split_row_batch(batch, 5 * 9) == [batch]
+    passes = split_row_batch(batch, 5 * 9 // 2 + 1)  # just over half the padded size: two passes
+    assert len(passes) == 2
+    seen = sorted(int(chunk["input_ids"][r, 0]) // 10 for chunk in passes for r in range(len(chunk["input_ids"])))
+    assert seen == list(range(5))
+    for chunk in passes:
+        firsts = [int(row[0]) // 10 for row in chunk["input_ids"]]
+        assert chunk["input_ids"].shape[1] == max(lengths[i] for i in firsts)
+        assert torch.equal(chunk["labels"] != -100, chunk["attention_mask"].bool())
+    assert {int(row[0]) // 10 for row in passes[0]["input_ids"]} == {1, 3, 4}  # the long rows travel together

@@ -22,7 +22,8 @@ def _examples(tokenizer):
                                 512) for a, b in ROWS]
 
 
-def _losses(tmp_path, plain: bool, mixed: str, grad_accum: int = 1) -> list[float]:
+def _losses(tmp_path, plain: bool, mixed: str, grad_accum: int = 1, max_pass_tokens: int | None = None,
+            batch: int = 2) -> list[float]:
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from trl import SFTConfig, SFTTrainer
@@ -34,7 +35,7 @@ def _losses(tmp_path, plain: bool, mixed: str, grad_accum: int = 1) -> list[floa
                            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
     examples = _examples(tokenizer)
     data = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
-    args = dict(output_dir=str(tmp_path / ("plain" if plain else "align")), per_device_train_batch_size=2,
+    args = dict(output_dir=str(tmp_path / ("plain" if plain else "align")), per_device_train_batch_size=batch,
                 gradient_accumulation_steps=grad_accum, learning_rate=5e-3, max_steps=5, lr_scheduler_type="constant",
                 logging_steps=1, report_to="none", use_cpu=True, seed=0, data_seed=0, save_strategy="no",
                 bf16=mixed == "bf16", dataset_kwargs={"skip_prepare_dataset": True}, max_length=512)
@@ -42,7 +43,7 @@ def _losses(tmp_path, plain: bool, mixed: str, grad_accum: int = 1) -> list[floa
     if plain:
         trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=data, processing_class=tokenizer)
     else:  # the stage's trainer, in the plain trainer's batch order (length grouping off) to compare step by step
-        trainer = make_sft_trainer(group_by_length=False, model=model, args=SFTConfig(**args, **SFT_ARGS),
+        trainer = make_sft_trainer(group_by_length=False, max_pass_tokens=max_pass_tokens, model=model, args=SFTConfig(**args, **SFT_ARGS),
                                    train_dataset=data, processing_class=tokenizer)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -61,3 +62,18 @@ def test_sft_trainer_losses_match_plain_trl_with_grad_accumulation(tmp_path):
     plain = _losses(tmp_path, plain=True, mixed="no", grad_accum=2)
     ours = _losses(tmp_path, plain=False, mixed="no", grad_accum=2)
     assert plain == pytest.approx(ours, rel=TOLERANCE["no"])
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_batches_split_into_passes_give_the_plain_losses(tmp_path, grad_accum, monkeypatch):
+    """`max_pass_tokens` under a batch's size: every batch of 4 rows trains in several passes, and the
+    per-step losses are plain TRL's (fp32), with and without gradient accumulation."""
+    import align.data.passes as passes
+
+    split, counts = passes.split_row_batch, []
+    monkeypatch.setattr(passes, "split_row_batch", lambda inputs, budget: counts.append(len(split(inputs, budget)))
+                        or split(inputs, budget))
+    plain = _losses(tmp_path, plain=True, mixed="no", grad_accum=grad_accum, batch=4)
+    ours = _losses(tmp_path, plain=False, mixed="no", grad_accum=grad_accum, batch=4, max_pass_tokens=40)
+    assert counts and min(counts) >= 2
+    assert len(ours) == 5 and plain == pytest.approx(ours, rel=TOLERANCE["no"])
