@@ -210,8 +210,20 @@ def test_a_pair_batch_split_into_passes_is_estimated_by_its_biggest_pass():
     raw = {"name": "m", "base": "b", "stages": {"rm": {"kind": "reward", "data": "x.jsonl", "batch_size": 8,
                                                        "max_length": 384}}}
     shape = Shape.from_config(TINY)
-    split = estimate_stage(shape, validate_recipe(raw, []).stages["rm"])  # 16 x 384 over 1024: six passes
+    default = estimate_stage(shape, validate_recipe(raw, []).stages["rm"])  # 16 x 384 over 1024: 6 passes
+    raw["stages"]["rm"]["max_pass_tokens"] = 4096
+    split = estimate_stage(shape, validate_recipe(raw, []).stages["rm"])  # over 4096: two passes of 4 pairs
     raw["stages"]["rm"]["max_pass_tokens"] = None
     whole = estimate_stage(shape, validate_recipe(raw, []).stages["rm"])
-    assert whole.tokens == 16 * 384 and split.tokens == 8 * 384
+    assert whole.tokens == 16 * 384 and split.tokens == 8 * 384 and default.tokens == 4 * 384  # 2 of 8 pairs
     assert split.parts["activations"] == pytest.approx(whole.parts["activations"] / 2)
+
+
+def test_an_sft_batch_split_into_passes_is_estimated_by_its_biggest_pass():
+    raw = {"name": "m", "base": "b", "stages": {"sft": {"kind": "sft", "data": "x.jsonl", "batch_size": 4,
+                                                        "max_length": 512}}}
+    shape = Shape.from_config(TINY)
+    split = estimate_stage(shape, validate_recipe(raw, []).stages["sft"])  # 4 x 512 over 1024: two passes
+    raw["stages"]["sft"]["max_pass_tokens"] = None
+    whole = estimate_stage(shape, validate_recipe(raw, []).stages["sft"])
+    assert whole.tokens == 4 * 512 and split.tokens == 2 * 512
