@@ -68,11 +68,10 @@ def build(policy, adapter: str = "default", dtype: torch.dtype | None = None) ->
         if "lora_" in name:
             continue
         state[name.replace(".base_layer.", ".")] = tensor
-    for name in targets:  # adapted linears get their own weight, rewritten by `sync`
-        key = f"{name}.weight"
-        state[key] = state[key].detach().clone()
     dtype = dtype or next(iter(targets.values())).base_layer.weight.dtype
-    state = {k: v.detach().to(dtype) if v.is_floating_point() else v.detach() for k, v in state.items()}
+    adapted = {f"{name}.weight" for name in targets}  # their own weight, rewritten by `sync`
+    state = {k: v.detach().to(dtype, copy=k in adapted) if v.is_floating_point() else v.detach()
+             for k, v in state.items()}
     copy = AutoModelForCausalLM.from_config(wrapped.config, dtype=dtype)
     missing, unexpected = copy.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding below

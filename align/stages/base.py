@@ -397,24 +397,21 @@ def train_and_time(ctx: StageContext, trainer, resume_from: Path | None, callbac
     return result, timings
 
 
-class PairBatchesMixin:
-    """For `Trainer` subclasses over preference pairs (reward, DPO): training batches grouped by length in an
-    order fixed by seed and epoch (`align.data.sampling`), unless `group_by_length` is False; and evaluation
-    steps that return the loss with the (chosen, rejected) values `compute_loss(return_outputs=True)` gives."""
+class PassesMixin:
+    """For `Trainer` subclasses that may run one optimizer step's batch as several forward/backward passes
+    (`align.data.passes`): `compute_loss` multiplies its training loss by `pass_weight`, this pass's share
+    of the batch, so the passes' gradients add up to the batch's."""
 
-    group_by_length = True
     max_pass_tokens: int | None = None  # the stage's `max_pass_tokens`: split bigger batches into passes
-    pass_weight = 1.0  # this pass's share of the batch's pairs; `compute_loss` weights its training loss by it
+    pass_weight = 1.0
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """One optimizer step's gradients in one pass, or, for a batch over `max_pass_tokens` padded tokens,
-        in several passes whose weighted losses add up to the batch's (`align.data.passes`). Under several
-        processes every process must make the same number of backward passes, so the batch stays whole."""
-        from align.data.passes import split_pair_batch
+    def pass_budget(self) -> int | None:
+        """`max_pass_tokens`, or None under several processes: each must make the same number of backward
+        passes, so there the batch stays whole."""
+        return self.max_pass_tokens if self.args.world_size == 1 else None
 
-        passes = split_pair_batch(inputs, self.max_pass_tokens if self.args.world_size == 1 else None)
-        if len(passes) == 1:
-            return super().training_step(model, inputs, num_items_in_batch)
+    def train_in_passes(self, model, passes: list[tuple[dict, float]], num_items_in_batch=None):
+        """The Trainer's own `training_step` on each (inputs, weight) pass; the summed loss."""
         total = 0.0
         try:
             for chunk, weight in passes:
@@ -423,6 +420,21 @@ class PairBatchesMixin:
         finally:
             self.pass_weight = 1.0
         return total
+
+
+class PairBatchesMixin(PassesMixin):
+    """For `Trainer` subclasses over preference pairs (reward, DPO): training batches grouped by length in an
+    order fixed by seed and epoch (`align.data.sampling`), unless `group_by_length` is False; and evaluation
+    steps that return the loss with the (chosen, rejected) values `compute_loss(return_outputs=True)` gives."""
+
+    group_by_length = True
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One optimizer step's gradients in one pass, or, for a batch over `max_pass_tokens` padded tokens,
+        in several passes of whole pairs, each weighted by its share of the pairs."""
+        from align.data.passes import split_pair_batch
+
+        return self.train_in_passes(model, split_pair_batch(inputs, self.pass_budget()), num_items_in_batch)
 
     def _get_train_sampler(self, train_dataset=None):
         from align.data.sampling import LengthGroupedEpochSampler

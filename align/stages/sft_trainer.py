@@ -50,30 +50,20 @@ def make_sft_trainer(group_by_length: bool = True, max_pass_tokens: int | None =
     from trl import SFTTrainer
 
     from align.data.passes import split_row_batch
-    from align.stages.base import check_finite
+    from align.stages.base import PassesMixin, check_finite
 
-    class AlignSFTTrainer(SFTTrainer):
-        pass_share: float | None = None  # set while a split batch runs without `num_items_in_batch`
-
+    class AlignSFTTrainer(PassesMixin, SFTTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             """The batch in one pass, or in passes of whole rows whose losses add up to the batch's: each
             pass divides its summed NLL by the batch's labelled tokens (`num_items_in_batch` when the
-            Trainer counts them, else this pass's share of them). Under several processes every process
-            must make the same number of backward passes, so the batch stays whole."""
-            budget = max_pass_tokens if self.args.world_size == 1 else None
-            passes = split_row_batch(inputs, budget) if "labels" in inputs else [inputs]
-            if len(passes) == 1:
-                return super().training_step(model, inputs, num_items_in_batch)
-            labelled = max(labelled_count(inputs), 1)
-            total = 0.0
-            try:
-                for chunk in passes:
-                    if num_items_in_batch is None:
-                        self.pass_share = labelled_count(chunk) / labelled
-                    total = total + super().training_step(model, chunk, num_items_in_batch)
-            finally:
-                self.pass_share = None
-            return total
+            Trainer counts them; else the pass's own count, weighted by its share of the batch's)."""
+            chunks = split_row_batch(inputs, self.pass_budget()) if "labels" in inputs else [inputs]
+            if num_items_in_batch is not None or len(chunks) == 1:
+                weights = [1.0] * len(chunks)
+            else:
+                labelled = max(labelled_count(inputs), 1)
+                weights = [labelled_count(chunk) / labelled for chunk in chunks]
+            return self.train_in_passes(model, list(zip(chunks, weights)), num_items_in_batch)
 
         def _get_train_sampler(self, train_dataset=None):
             from align.data.sampling import LengthGroupedEpochSampler
@@ -90,8 +80,8 @@ def make_sft_trainer(group_by_length: bool = True, max_pass_tokens: int | None =
             # model.forward, so mixed precision is entered here.
             with self.accelerator.autocast():
                 loss = labelled_nll(model, inputs, num_items_in_batch)
-            if self.pass_share is not None and model.training:
-                loss = loss * self.pass_share  # this pass's labelled tokens over the whole batch's
+            if model.training:
+                loss = loss * self.pass_weight  # one of several passes over the batch (`training_step`)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 # `num_items_in_batch` counts every process's tokens and DDP averages gradients over processes:
                 # scale back by their number, as transformers' `Trainer.compute_loss` does (1 process: no-op).
@@ -100,4 +90,6 @@ def make_sft_trainer(group_by_length: bool = True, max_pass_tokens: int | None =
                 check_finite(float(loss.detach().float()), self.state.global_step + 1)
             return (loss, {}) if return_outputs else loss
 
-    return AlignSFTTrainer(**kwargs)
+    trainer = AlignSFTTrainer(**kwargs)
+    trainer.max_pass_tokens = max_pass_tokens
+    return trainer
