@@ -5,15 +5,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from align.errors import AlignError
 
 
-def _recipe(args):
+def _recipe(args, with_plan: bool = False):
+    """The recipe of `args`. `with_plan` (plan, run): a recipe with schema problems is still planned as far as
+    it validates, so its file, ref and data problems come in the same report."""
+    from align.errors import ConfigError
     from align.recipe import load_recipe
 
-    return load_recipe(args.recipe, args.set or [])
+    try:
+        return load_recipe(args.recipe, args.set or [])
+    except ConfigError as err:
+        if not with_plan or err.partial is None:
+            raise
+        from align.plan import add_plan_problems
+
+        raise add_plan_problems(err, _registry(args, err.partial), args.stage) from None
 
 
 def _registry(args, recipe=None):
@@ -29,7 +40,7 @@ def _registry(args, recipe=None):
 def cmd_plan(args) -> int:
     from align.plan import make_plan
 
-    recipe = _recipe(args)
+    recipe = _recipe(args, with_plan=True)
     plan = make_plan(recipe, _registry(args, recipe), args.stage)
     print(plan.describe())
     print("plan OK: no weights were loaded")
@@ -40,7 +51,7 @@ def cmd_run(args) -> int:
     from align import distributed, launch
     from align.pipeline import run_recipe
 
-    recipe = _recipe(args)
+    recipe = _recipe(args, with_plan=True)
     if (args.nproc > 1 or args.engine) and not distributed.is_distributed():
         from align.plan import make_plan
 
@@ -53,7 +64,10 @@ def cmd_run(args) -> int:
         machines = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in launch.MACHINE_FLAGS}
         return launch.relaunch(args.argv, args.nproc, args.engine or "ddp", machines)
     launch.check_running_engine()
-    produced = run_recipe(recipe, _registry(args, recipe), args.stage, force=args.force)
+    registry = _registry(args, recipe)
+    if distributed.is_main():
+        registry.clean_staging()  # entries half-written by a run that crashed while registering
+    produced = run_recipe(recipe, registry, args.stage, force=args.force)
     if not distributed.is_main():
         return 0
     for name, entry in produced.items():
@@ -70,16 +84,9 @@ def cmd_run(args) -> int:
 def cmd_models(args) -> int:
     registry = _registry(args)
     if args.models_cmd == "list":
-        entries = registry.list()
-        if not entries:
-            print(f"registry {registry.root} is empty")
-            return 0
-        print(f"{'ref':40} {'kind':8} {'artifact':8} {'parent':34} created")
-        for e in entries:
-            parent = (e.manifest.get("parent") or {})
-            parent = parent.get("ref") or parent.get("id") or parent.get("path") or "-"
-            print(f"{e.ref:40} {e.kind:8} {e.artifact.get('type', '-'):8} {parent:34} {e.manifest.get('created', '')}")
-        return 0
+        return _models_list(registry)
+    if args.models_cmd == "verify":
+        return _models_verify(registry, args.ref)
     if args.models_cmd == "show":
         entry = registry.resolve(args.ref)
         manifest = dict(entry.manifest)
@@ -94,6 +101,56 @@ def cmd_models(args) -> int:
         print(f"{entry.ref} ({entry.path})")
         return 0
     raise AssertionError(args.models_cmd)
+
+
+def _models_list(registry) -> int:
+    """Every entry with the state of its files (sizes and headers, cheap), and each manifest that does not
+    read named on its own line: one damaged entry never hides the others."""
+    from align.integrity import entry_problems
+
+    entries, unreadable = registry.scan()
+    if not entries and not unreadable:
+        print(f"registry {registry.root} is empty")
+        return 0
+    print(f"{'ref':40} {'kind':8} {'artifact':8} {'files':8} {'parent':34} created")
+    for e in entries:
+        parent = (e.manifest.get("parent") or {})
+        parent = parent.get("ref") or parent.get("id") or parent.get("path") or "-"
+        problems = entry_problems(e)
+        print(f"{e.ref:40} {e.kind:8} {e.artifact.get('type', '-'):8} {'DAMAGED' if problems else 'ok':8} "
+              f"{parent:34} {e.manifest.get('created', '')}")
+        for problem in problems:
+            print(f"    damaged: {problem}")
+    for ref, path, why in unreadable:
+        print(f"{ref:40} {'?':8} {'?':8} {'UNREADABLE':8} {path}: {why}")
+    return 0
+
+
+def _models_verify(registry, refs: list[str]) -> int:
+    """`align models verify [REF ...]`: the cheap checks plus every file's hash against the one recorded at
+    registration; 0 when all named entries (default: all) are whole, else 2."""
+    from align.integrity import FILES_KEY, source_problems
+    from align.models import ModelSource
+
+    if refs:
+        entries, unreadable = [registry.resolve(ref) for ref in refs], []
+    else:
+        entries, unreadable = registry.scan()
+    bad = len(unreadable)
+    for entry in entries:
+        problems = source_problems(ModelSource(ref=entry.ref, kind="registry", entry=entry), registry, full=True)
+        recorded = len(entry.manifest.get(FILES_KEY) or {})
+        if problems:
+            bad += 1
+            print(f"{entry.ref}: DAMAGED ({entry.path})")
+            print("\n".join(f"    {p}" for p in problems))
+        elif recorded:
+            print(f"{entry.ref}: ok ({recorded} files: sizes, headers and hashes match registration)")
+        else:
+            print(f"{entry.ref}: ok (sizes and headers; no hashes were recorded at its registration)")
+    for ref, path, why in unreadable:
+        print(f"{ref}: UNREADABLE {path}: {why}")
+    return 2 if bad else 0
 
 
 def cmd_score(args) -> int:
@@ -244,7 +301,15 @@ def cmd_bench(args) -> int:
     if unknown:
         print(f"error: unknown stage {', '.join(unknown)} (stages: {', '.join(STAGES)})", file=sys.stderr)
         return 2
-    report = run_bench(stages, steps=args.steps, tiny=args.tiny, out=args.out, registry=args.registry)
+    from align.bench.workload import PRECISIONS
+
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()] if args.precision else None
+    bad = [p for p in precisions or [] if p not in PRECISIONS]
+    if bad:
+        print(f"error: --precision {bad[0]}: choose from {', '.join(PRECISIONS)}", file=sys.stderr)
+        return 2
+    report = run_bench(stages, steps=args.steps, tiny=args.tiny, out=args.out, registry=args.registry,
+                       precisions=precisions)
     failed = [f"{stage}/{side}" for stage, sides in report["stages"].items() for side, r in sides.items() if "error" in r]
     if failed:
         print(f"error: {', '.join(failed)} failed", file=sys.stderr)
@@ -274,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("run", help="run a recipe's stages")
     recipe_args(p)
-    p.add_argument("--force", action="store_true", help="discard an incompatible unfinished run instead of refusing")
+    p.add_argument("--force", action="store_true", help="discard an incompatible unfinished run instead of refusing, "
+                   "and train a finished stage again instead of reporting its entry")
     scale = p.add_argument_group("several processes (re-runs this command under `accelerate launch`)")
     scale.add_argument("--nproc", type=_positive, default=1, help="processes in all (all machines together)")
     scale.add_argument("--engine", help="ddp (default with --nproc), fsdp, zero2, zero3 (DeepSpeed), or an accelerate "
@@ -351,11 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, help="optimizer steps per stage on each side (default: per stage)")
     p.add_argument("--tiny", action="store_true", help="a tiny random model on the shipped data (fast; for tests)")
     p.add_argument("--out", default="bench", help="folder for bench.md and bench.json (default ./bench)")
+    p.add_argument("--precision", help="align side's precision, or several to sweep side by side: "
+                   "auto,fp32,bf16,bf16-autocast,fp16,fp16-autocast (default auto)")
     p.set_defaults(fn=cmd_bench)
 
-    p = sub.add_parser("models", help="list, show or pull registry entries")
+    p = sub.add_parser("models", help="list, show, verify or pull registry entries")
     msub = p.add_subparsers(dest="models_cmd", required=True)
-    msub.add_parser("list", help="all entries")
+    msub.add_parser("list", help="all entries, with the state of their files")
+    verify = msub.add_parser("verify", help="check entries' files against the hashes recorded at registration")
+    verify.add_argument("ref", nargs="*", help="entries to check (default: all)")
     show = msub.add_parser("show", help="one entry's manifest")
     show.add_argument("ref")
     show.add_argument("--full", action="store_true")
@@ -377,13 +447,41 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # a reader that went away (`| head -1`) shows up here, not at interpreter exit
+        return code
     except AlignError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
+    except Exception as err:
+        return _disk_full(err)
+
+
+def _reader_gone() -> int:
+    """stdout's reader closed the pipe (`align models show REF | head -1`): stop quietly, as `cat` would,
+    with the status of a process ended by SIGPIPE; stdout goes to /dev/null so the exit flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # stdout is not a file (captured)
+        pass
+    return 141
+
+
+def _disk_full(err: Exception) -> int:
+    """A full disk that no narrower handler named (a library's own write): one clear line; else re-raise."""
+    from align.diskspace import disk_full_error, is_disk_full
+
+    if not is_disk_full(err):
+        raise err
+    path = getattr(err, "filename", None) or os.getcwd()
+    print(f"error: {disk_full_error(path, None, '', err)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -28,14 +28,22 @@ class Problem:
 class ConfigError(AlignError):
     """One or more problems in a recipe, its files or its model references, all reported together."""
 
-    def __init__(self, problems: list[Problem], source: str | None = None):
+    def __init__(self, problems: list[Problem], source: str | None = None, partial=None):
         self.problems = list(problems)
         self.source = source
+        self.partial = partial  # the recipe as far as it validated, for the plan's checks (`align.recipe`)
         head = f"{source}: " if source else ""
         count = len(self.problems)
         lines = [f"{head}{count} problem{'s' if count != 1 else ''} found"]
         lines += [f"  - {p}" for p in self.problems]
         super().__init__("\n".join(lines))
+
+
+def byte_place(data: bytes, offset: int) -> tuple[int, int]:
+    """(line, column), both from 1, of byte `offset` in `data`: an undecodable byte named where an editor
+    shows it, rather than by its offset."""
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    return data.count(b"\n", 0, offset) + 1, offset - line_start + 1
 
 
 class DataError(AlignError):
@@ -53,3 +61,8 @@ class TrainingError(AlignError):
 class ExportError(AlignError):
     """A merge or export was refused (quantized weights, unsupported model) or failed its verification;
     the message says what to do instead. Nothing half-written is left behind."""
+
+
+class DiskFullError(AlignError):
+    """A write failed for lack of space; the message names the path, the space needed and free, and says
+    what is still safe (complete checkpoints and entries are never touched by a failed write)."""

@@ -446,7 +446,8 @@ def evaluate_model(recipe, model, tokenizer, fallback_loss: list[Encoded] | None
     loss_fp = hash_json([e.input_ids for e in loss_data]) if loss_data else None
     if settings.data is not None:
         conversations, report = load_demonstrations(recipe, settings.data)
-        loss_data = tokenize_all(tokenizer, conversations.rows, 4096, True, report, str(settings.data.path))
+        loss_data = tokenize_all(tokenizer, conversations.rows, 4096, True, report, str(settings.data.path),
+                                 conversations.kept_index)
         loss_fp = report.fingerprint
     judge, opponent, extra = None, None, {}
     if prompt_rows and needs_judge(settings):

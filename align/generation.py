@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from align.data.sampling import pad_left
-from align.models import contiguous_head_input, inference_autocast
+from align.models import contiguous_head_input
+from align.precision import inference_autocast
 
 
 @dataclass

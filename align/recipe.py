@@ -11,14 +11,15 @@ Validation is pure: it reads the YAML and nothing else. Files, model refs and da
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
-from align.errors import ConfigError, Problem
+from align.errors import ConfigError, Problem, byte_place
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 
@@ -27,6 +28,21 @@ class Strict(BaseModel):
     """Base for every config block: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+
+class CrossFieldProblems(ValueError):
+    """Every conflict between a block's fields, raised together by its `model_validator`: a validator may
+    raise only once, and a block checked one conflict at a time costs the user one run per conflict."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = list(messages)
+        super().__init__("; ".join(self.messages))
+
+
+def raise_conflicts(messages: list[str]) -> None:
+    """Raise a block's conflicts (if any) as one `CrossFieldProblems`."""
+    if messages:
+        raise CrossFieldProblems(messages)
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -48,7 +64,7 @@ class QuantSettings(Strict):
 
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: the stage's autocast dtype, else fp32
 
 
 class DataSpec(Strict):
@@ -161,6 +177,8 @@ class StageBase(Strict):
     chat_template: str | None = None
     allow_template_mismatch: bool = False
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # The whole stage's budget, from its start to its registry entry: training stops early enough for the
+    # final evaluation (as long as the parent's baseline took) and the held-out pass to fit (`align.budget`).
     time_limit_minutes: float | None = Field(None, gt=0)
     # Freeze the embeddings and the first N transformer blocks: no adapter there and no backward pass
     # through them, which makes a step ~2x cheaper at N = 2/3 of the blocks.
@@ -244,15 +262,17 @@ class DPOStage(StageBase, PreferenceData):
 
     @model_validator(mode="after")
     def _consistent(self) -> "DPOStage":
+        conflicts = []
         if self.loss == "cdpo" and self.label_smoothing == 0:
-            raise ValueError("loss cdpo needs label_smoothing > 0 (the assumed share of flipped labels)")
+            conflicts.append("loss cdpo needs label_smoothing > 0 (the assumed share of flipped labels)")
         if self.label_smoothing and self.loss not in ("cdpo", "simpo"):
-            raise ValueError(f"label_smoothing applies to the cdpo and simpo losses, not {self.loss}")
+            conflicts.append(f"label_smoothing applies to the cdpo and simpo losses, not {self.loss}")
         if self.loss in ("simpo", "orpo") and self.reference not in ("auto",):
-            raise ValueError(f"loss {self.loss} is reference-free; remove reference: {self.reference}")
+            conflicts.append(f"loss {self.loss} is reference-free; remove reference: {self.reference}")
         if self.reference == "adapter_disabled" and self.method == "full":
-            raise ValueError("reference adapter_disabled needs method lora or qlora (full fine-tuning has no "
+            conflicts.append("reference adapter_disabled needs method lora or qlora (full fine-tuning has no "
                              "adapter to switch off); use precomputed or copy")
+        raise_conflicts(conflicts)
         return self
 
 
@@ -298,21 +318,23 @@ class PPOStage(StageBase):
 
     @model_validator(mode="after")
     def _consistent(self) -> "PPOStage":
+        conflicts = []
         if self.rollout_batch % self.samples_per_prompt:
-            raise ValueError(f"rollout_batch ({self.rollout_batch}) must be a multiple of samples_per_prompt "
+            conflicts.append(f"rollout_batch ({self.rollout_batch}) must be a multiple of samples_per_prompt "
                              f"({self.samples_per_prompt})")
         if self.estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
-            raise ValueError(f"estimator {self.estimator} compares the samples of a prompt: set "
+            conflicts.append(f"estimator {self.estimator} compares the samples of a prompt: set "
                              "samples_per_prompt >= 2")
         if self.value == "adapter" and self.method == "full":
-            raise ValueError("value: adapter puts the critic on a second LoRA adapter; it needs method lora or "
+            conflicts.append("value: adapter puts the critic on a second LoRA adapter; it needs method lora or "
                              "qlora (use value: head with full fine-tuning)")
         if self.minibatch > self.rollout_batch:
-            raise ValueError(f"minibatch ({self.minibatch}) is larger than rollout_batch ({self.rollout_batch})")
+            conflicts.append(f"minibatch ({self.minibatch}) is larger than rollout_batch ({self.rollout_batch})")
         if self.generation.num_beams > 1:
-            raise ValueError(f"generation.num_beams is {self.generation.num_beams}, but PPO needs responses sampled "
+            conflicts.append(f"generation.num_beams is {self.generation.num_beams}, but PPO needs responses sampled "
                              "from the policy (beam search picks high-likelihood sequences, not samples): use "
                              "num_beams: 1 with temperature > 0")
+        raise_conflicts(conflicts)
         return self
 
 
@@ -376,53 +398,210 @@ class Recipe(Strict):
     eval: EvalSettings = EvalSettings()
     # Where the recipe came from, for resolving relative paths and for messages; not a YAML key.
     source: str | None = Field(None, exclude=True)
+    # The folder the recipe's relative paths were written against when it is read from elsewhere (`align
+    # eval REF` in another folder uses the one its run started in, from the manifest); not a YAML key.
+    workdir: str | None = Field(None, exclude=True)
+    # A partial recipe's keys that failed validation, by block (`broken_keys`); empty for a valid recipe.
+    _broken: dict = PrivateAttr(default_factory=dict)
 
     def stage(self, name: str) -> StageBase:
         return self.stages[name]
 
     def resolve_path(self, path: str) -> Path:
-        """Relative data paths are taken from the working directory, else from the recipe's folder."""
+        """Relative data paths are taken from the working directory, else from `workdir`, else from the
+        recipe's folder."""
         candidate = Path(path).expanduser()
-        if candidate.is_absolute() or candidate.exists() or self.source is None:
+        if candidate.is_absolute() or candidate.exists():
             return candidate
-        beside = Path(self.source).parent / candidate
-        return beside if beside.exists() else candidate
+        for folder in (self.workdir, Path(self.source).parent if self.source else None):
+            if folder is not None and (Path(folder) / candidate).exists():
+                return Path(folder) / candidate
+        return candidate
+
+
+def broken_keys(recipe, where: str = "") -> set[str]:
+    """The keys at `where` ("" the top level, `stages.NAME`, `eval`; `stages` for stages that could not be
+    built at all) that failed validation in a partial recipe (`ConfigError.partial`): the plan skips the
+    checks that read them rather than judge a default the user did not write. Empty for a valid recipe."""
+    return getattr(recipe, "_broken", {}).get(where, set())
+
+
+def recipe_record(recipe) -> dict:
+    """What a manifest keeps of its recipe: the name, the path as given and made absolute, the folder the
+    run started in (what relative paths inside the recipe were resolved against) and the eval settings as
+    used (`eval_record`), so `align eval REF` works from any folder."""
+    return {"name": recipe.name, "source": recipe.source,
+            "path": str(Path(recipe.source).resolve()) if recipe.source else None,
+            "workdir": recipe.workdir or str(Path.cwd()), "eval": eval_record(recipe)}
+
+
+def eval_record(recipe) -> dict:
+    """The recipe's eval settings as the run used them, local data paths made absolute: stored in each
+    manifest so `align eval REF` evaluates the same way from any folder, even once the recipe has moved."""
+    settings = recipe.eval.model_dump(by_alias=True)
+    for key in ("prompts", "data"):
+        spec = getattr(recipe.eval, key)
+        if spec is not None and not spec.path.startswith("hf:"):
+            path = recipe.resolve_path(spec.path)
+            settings[key]["path"] = str(path.resolve()) if path.exists() else spec.path
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe file, apply `key.path=value` overrides, validate; raise one `ConfigError` with all problems."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, workdir: str | None = None) -> Recipe:
+    """Read a recipe file, apply `key.path=value` overrides, validate; raise one `ConfigError` with all problems.
+    `workdir`: the folder its relative paths were written against, when not the working directory."""
     path = Path(path)
+    return validate_recipe(read_recipe_file(path), overrides or [], source=str(path), workdir=workdir)
+
+
+def read_recipe_file(path: Path) -> Any:
+    """The recipe file's YAML. Undecodable bytes, syntax errors and a key given twice in one mapping (YAML
+    would keep the last value without a word) are refused, each named by its line."""
     if not path.is_file():
         raise ConfigError([Problem(str(path), "recipe file not found")])
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line, column = byte_place(data, err.start)
+        raise ConfigError([Problem(f"{path}:{line}:{column}", f"not UTF-8 text (byte 0x{data[err.start]:02x}); "
+                                                              "save the recipe as UTF-8")]) from None
+    try:
+        duplicates = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), str(path))
+        if duplicates:
+            raise ConfigError(duplicates)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise ConfigError([Problem(where, f"not valid YAML ({getattr(err, 'problem', err)})")]) from None
-    return validate_recipe(raw, overrides or [], source=str(path))
 
 
-def validate_recipe(raw: Any, overrides: list[str], source: str | None = None) -> Recipe:
+def _duplicate_keys(node, source: str, path: tuple = (), seen: set | None = None) -> list[Problem]:
+    """Keys given twice in one YAML mapping, each named by its line and key path."""
+    seen = set() if seen is None else seen
+    if node is None or id(node) in seen:  # an alias refers to a node already walked
+        return []
+    seen.add(id(node))
+    found: list[Problem] = []
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found += _duplicate_keys(item, source, (*path, index), seen)
+    if not isinstance(node, yaml.MappingNode):
+        return found
+    first: dict[tuple, int] = {}
+    for key_node, value_node in node.value:
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        line = key_node.start_mark.line + 1
+        if key is not None and key != "<<":
+            if (key_node.tag, key) in first:
+                found.append(Problem(f"{source}:{line}", f"duplicate key `{_format_loc((*path, key))}` (first at "
+                                     f"line {first[(key_node.tag, key)]}); YAML would silently keep only the last"))
+            else:
+                first[(key_node.tag, key)] = line
+        found += _duplicate_keys(value_node, source, (*path, key if key is not None else "?"), seen)
+    return found
+
+
+def validate_recipe(raw: Any, overrides: list[str], source: str | None = None,
+                    workdir: str | None = None) -> Recipe:
+    """The recipe, or one `ConfigError` with every schema and cross-field problem. The error carries the
+    recipe as far as it validates (`partial`), so the plan's checks of files, refs and data join the report."""
     if not isinstance(raw, dict):
         got = "an empty file" if raw is None else f"a {type(raw).__name__}"
         raise ConfigError([Problem("", f"a recipe must be a YAML mapping, got {got}")], source)
     problems: list[Problem] = []
     raw = apply_overrides(raw, overrides, problems)
-    raw = _merge_defaults_and_kinds(raw, problems)
+    names = list(raw["stages"]) if isinstance(raw.get("stages"), dict) else []
+    inherited: dict[str, set[tuple]] = {}
+    raw = _merge_defaults_and_kinds(raw, problems, inherited)
     try:
-        recipe = Recipe.model_validate({**raw, "source": source})
+        recipe = Recipe.model_validate({**raw, "source": source, "workdir": workdir})
     except ValidationError as err:
         errors = err.errors()
-        problems += [_problem_from_pydantic(e, raw) for e in errors]
+        problems += [p for e in errors for p in _problems_from_pydantic(_placed(e, inherited), raw)]
         problems += _cross_field_problems(raw, errors, problems)
-        raise ConfigError(problems, source) from None
+        partial = _partial_recipe(raw, names, source, workdir)
+        raise ConfigError(list(dict.fromkeys(problems)), source, partial=partial) from None
     if problems:
-        raise ConfigError(problems, source)
+        recipe._broken = {"stages": set(names) - set(recipe.stages)}
+        raise ConfigError(problems, source, partial=recipe)
     return recipe
+
+
+def _placed(error: dict, inherited: dict[str, set[tuple]]) -> dict:
+    """`error` with its path cleaned (`_clean_loc`); an error in a value a stage inherited from `defaults` is
+    placed where the user wrote it (`defaults.lora.rr`, reported once), not under every stage."""
+    loc = _clean_loc(error["loc"])
+    if len(loc) > 2 and loc[0] == "stages":
+        for depth in (1, 2):
+            if len(loc) >= 2 + depth and tuple(loc[2:2 + depth]) in inherited.get(loc[1], set()):
+                return {**error, "loc": ("defaults", *loc[2:])}
+    return {**error, "loc": loc}
+
+
+def _partial_recipe(raw: dict, names: list[str], source: str | None, workdir: str | None) -> Recipe:
+    """The recipe as far as it validates, so the plan checks what it can of a recipe with schema errors in
+    the same report: each block keeps the keys that validate on their own, the others take their defaults
+    and are listed in `broken_keys`; a stage that cannot be built at all (unknown kind, not a mapping) is
+    listed under `stages`."""
+    top, broken_top = _valid_values(Recipe, raw, keys=("name", "base", "registry", "defaults"))
+    top.setdefault("name", raw["name"] if isinstance(raw.get("name"), str) else "recipe")
+    top.setdefault("base", None)
+    bodies = raw.get("stages") if isinstance(raw.get("stages"), dict) else {}
+    if not isinstance(raw.get("stages"), dict):
+        broken_top.add("stages")
+    stages, broken = {}, {}
+    for name, body in bodies.items():
+        model = STAGE_KINDS.get(body.get("kind")) if isinstance(body, dict) else None
+        if model is not None:
+            stages[name], broken[f"stages.{name}"] = _valid_block(model, body)
+    settings, broken["eval"] = EvalSettings(), set()
+    if isinstance(raw.get("eval", {}), dict):
+        settings, broken["eval"] = _valid_block(EvalSettings, raw.get("eval", {}))
+    else:
+        broken_top.add("eval")
+    recipe = Recipe.model_construct(**top, stages=stages, eval=settings, source=source, workdir=workdir)
+    recipe._broken = {**broken, "": broken_top, "stages": set(names) - set(stages)}
+    return recipe
+
+
+def _valid_block(model: type[BaseModel], body: dict) -> tuple[BaseModel, set[str]]:
+    """`model` built from `body` (its valid keys, defaults for the rest) and the keys that did not validate."""
+    try:
+        return model.model_validate(body), set()
+    except ValidationError:
+        values, broken = _valid_values(model, body)
+        return model.model_construct(**values), broken
+
+
+def _valid_values(model: type[BaseModel], body: dict, keys=None) -> tuple[dict, set[str]]:
+    """The fields of `body` that validate on their own (by field name), and the keys (of `keys`, default all)
+    that are missing while required or do not validate."""
+    values, broken = {}, set()
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        if keys is not None and key not in keys:
+            continue
+        if key not in body:
+            if field.is_required():
+                broken.add(key)
+            continue
+        try:
+            values[name] = _field_adapter(model, name).validate_python(body[key])
+        except ValidationError:
+            broken.add(key)
+    return values, broken
+
+
+@functools.lru_cache(maxsize=None)
+def _field_adapter(model: type[BaseModel], name: str) -> TypeAdapter:
+    """A validator for one field of `model` alone, with its constraints (built once: each costs milliseconds)."""
+    field = model.model_fields[name]
+    return TypeAdapter(Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation)
 
 
 def _cross_field_problems(raw: dict, errors: list[dict], found: list[Problem]) -> list[Problem]:
@@ -455,8 +634,6 @@ def _cross_field_problems(raw: dict, errors: list[dict], found: list[Problem]) -
 def _after_checks(model: type[BaseModel], body: dict, where: tuple, bad_locs: list[tuple]) -> list[Problem]:
     """Run `model`'s after-validators on the fields of `body` that validate alone (defaults for the rest),
     recursing into nested mappings that have errors of their own."""
-    from pydantic import TypeAdapter
-
     problems: list[Problem] = []
     bad_keys = {loc[0] for loc in bad_locs if loc}
     values = {}
@@ -471,8 +648,7 @@ def _after_checks(model: type[BaseModel], body: dict, where: tuple, bad_locs: li
                                           [loc[1:] for loc in bad_locs if loc and loc[0] == key])
             continue
         try:
-            kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
-            values[name] = TypeAdapter(kind).validate_python(body[key])
+            values[name] = _field_adapter(model, name).validate_python(body[key])
         except ValidationError:
             continue
     instance = model.model_construct(**values)
@@ -482,8 +658,8 @@ def _after_checks(model: type[BaseModel], body: dict, where: tuple, bad_locs: li
         try:
             decorator.func(instance)
         except (ValueError, AssertionError) as err:
-            message = str(err)
-            problems.append(Problem(_format_loc(where), message[:1].lower() + message[1:]))
+            messages = err.messages if isinstance(err, CrossFieldProblems) else [str(err)]
+            problems += [Problem(_format_loc(where), m[:1].lower() + m[1:]) for m in messages]
         except Exception:  # a check that needs a field this block lacks: nothing to say about it
             continue
     return problems
@@ -516,8 +692,11 @@ def apply_overrides(raw: dict, overrides: list[str], problems: list[Problem]) ->
     return raw
 
 
-def _merge_defaults_and_kinds(raw: dict, problems: list[Problem]) -> dict:
-    """Fill each stage's `kind` from its key and its unset fields from `defaults`."""
+def _merge_defaults_and_kinds(raw: dict, problems: list[Problem], inherited: dict | None = None) -> dict:
+    """Fill each stage's `kind` from its key and its unset fields from `defaults` (only the keys `Defaults`
+    accepts: any other is reported there and merged nowhere). `inherited` receives, per stage, the key paths
+    whose values came from `defaults`, so their errors are reported there, once."""
+    inherited = {} if inherited is None else inherited
     stages = raw.get("stages")
     if isinstance(stages, dict) and not stages:
         problems.append(Problem("stages", "a recipe needs at least one stage"))
@@ -543,12 +722,15 @@ def _merge_defaults_and_kinds(raw: dict, problems: list[Problem]) -> dict:
             continue
         body["kind"] = kind
         stage_fields = STAGE_KINDS[kind].model_fields
+        came = inherited.setdefault(name, set())
         for key, value in defaults.items():
-            if key not in stage_fields or value is None:
+            if key not in stage_fields or key not in Defaults.model_fields or value is None:
                 continue
             if key not in body:
                 body[key] = _deep_copy(value)
+                came.add((key,))
             elif isinstance(value, dict) and isinstance(body[key], dict):
+                came.update((key, sub) for sub in value if sub not in body[key])
                 body[key] = {**_deep_copy(value), **body[key]}
         merged[name] = body
     return {**raw, "stages": merged}
@@ -605,7 +787,7 @@ def _fields_at(loc: tuple, raw: dict) -> list[str]:
             continue
         model = _model_in(field.annotation)
     if isinstance(model, type) and issubclass(model, BaseModel):
-        return [f.alias or n for n, f in model.model_fields.items() if n != "source"]
+        return [f.alias or n for n, f in model.model_fields.items() if n not in ("source", "workdir")]
     return []
 
 
@@ -643,8 +825,18 @@ _EXPECTED = {
 }
 
 
+def _problems_from_pydantic(error: dict, raw: dict) -> list[Problem]:
+    """The problems of one pydantic error (its path already cleaned by `_placed`): one per conflict of a
+    block's `CrossFieldProblems`, else one."""
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, CrossFieldProblems):
+        where = _format_loc(tuple(error["loc"]))
+        return [Problem(where, m[:1].lower() + m[1:]) for m in cause.messages]
+    return [_problem_from_pydantic(error, raw)]
+
+
 def _problem_from_pydantic(error: dict, raw: dict) -> Problem:
-    loc = _clean_loc(error["loc"])
+    loc = tuple(error["loc"])
     where = _format_loc(loc)
     kind = error["type"]
     value = error.get("input")
@@ -672,5 +864,5 @@ def _problem_from_pydantic(error: dict, raw: dict) -> Problem:
 __all__ = [
     "Recipe", "SFTStage", "RewardStage", "PPOStage", "DPOStage", "StageBase", "EvalSettings", "DataSpec",
     "LoraSettings", "QuantSettings", "GenerationSettings", "RewardSource", "STAGE_KINDS", "load_recipe",
-    "validate_recipe", "apply_overrides",
+    "validate_recipe", "apply_overrides", "broken_keys", "eval_record", "recipe_record", "read_recipe_file", "CrossFieldProblems",
 ]

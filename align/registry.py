@@ -4,7 +4,9 @@ Layout on disk (root defaults to `./registry`, or `$ALIGN_REGISTRY`, or the reci
 
     registry/
       .lock                      flock(2) target: version numbers are handed out under it
-      .staging/<uuid>/           entries being written; never listed, safe to delete
+      .staging/<uuid>/           entries being written; never listed
+      .staging/<uuid>.lock       flock(2)ed by the writer while it lives: a folder whose lock nobody holds
+                                 was left by a crash and is removed by the next `create` (`clean_staging`)
       quickstart/sft/v1/         one complete entry
         manifest.json            name, version, kind, lineage, hashes, config, metrics, versions
         adapter/ | model/        the artifact (LoRA adapter or full weights)
@@ -14,7 +16,9 @@ An entry is built in `.staging/` and moved into place with one `rename(2)`, whic
 a crash at any point leaves either the previous versions untouched or a complete new one, never half
 an entry. Version numbers are taken under a file lock, so two processes writing the same name at once
 get distinct versions. Manifest updates after creation (metrics, gate status) go through a temporary
-file and `os.replace`.
+file and `os.replace`. Each manifest records the size and hash of every file of its entry (`files`), so
+damage is named later (`align.integrity`); a full disk is a `DiskFullError` naming the path, never a
+half-written entry.
 """
 
 from __future__ import annotations
@@ -24,21 +28,28 @@ import datetime as _dt
 import difflib
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from align.diskspace import disk_guard
 from align.errors import RegistryError
+from align.integrity import FILES_KEY, record_files
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 ENTRY_KINDS = ("base", "policy", "reward", "merged", "exported")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
 _REF = re.compile(r"^(?P<name>[^@]+?)(@(?P<version>v?\d+))?$")
+UNLOCKED_STAGING_SECONDS = 24 * 3600  # a staging folder without a lock file (older align) is stale after this
 
 
 def default_root() -> Path:
@@ -133,19 +144,29 @@ class Registry:
         raise RegistryError(f"{ref}: no such entry in registry {self.root}{hint}")
 
     def list(self) -> list[Entry]:
-        entries = []
+        """Every entry whose manifest reads; `scan` also names the ones that do not."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[Entry], list[tuple[str, Path, str]]]:
+        """(entries, unreadable) where unreadable holds (ref, manifest path, why) for each version folder whose
+        manifest does not parse: one damaged manifest must not hide the rest of the registry."""
+        entries, unreadable = [], []
         if not self.root.is_dir():
-            return entries
+            return entries, unreadable
         for manifest in sorted(self.root.rglob(MANIFEST)):
             rel = manifest.parent.relative_to(self.root)
             if rel.parts and rel.parts[0].startswith("."):
                 continue
             if not re.fullmatch(r"v\d+", rel.name):
                 continue
-            name = str(rel.parent)
-            entries.append(Entry(name=name, version=int(rel.name[1:]), path=manifest.parent,
-                                 manifest=_read_json(manifest)))
-        return entries
+            name, version = str(rel.parent), int(rel.name[1:])
+            try:
+                data = _read_json(manifest)
+            except RegistryError as err:
+                unreadable.append((f"{name}@{version}", manifest, str(err).split(": ", 1)[-1]))
+                continue
+            entries.append(Entry(name=name, version=version, path=manifest.parent, manifest=data))
+        return entries, unreadable
 
     def namespaces(self) -> set[str]:
         return {e.name.split("/")[0] for e in self.list()}
@@ -172,15 +193,62 @@ class Registry:
         validate_name(name)
         if kind not in ENTRY_KINDS:
             raise RegistryError(f"unknown entry kind {kind!r}; expected one of {', '.join(ENTRY_KINDS)}")
-        staging = self.root / ".staging" / uuid.uuid4().hex
-        staging.mkdir(parents=True)
+        self.clean_staging()
+        staging, lock = self._claim_staging()
         draft = EntryDraft(name=name, kind=kind, path=staging, manifest={})
+        safe = f"Nothing of {name} was registered; the registry's entries are untouched."
         try:
-            yield draft
-            draft.entry = self._commit(draft)
+            with disk_guard(staging, lambda: draft.expected_bytes, safe, written=lambda: _tree_bytes(staging)):
+                yield draft
+                draft.manifest.setdefault(FILES_KEY, record_files(staging))
+                draft.entry = self._commit(draft)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+            _release_staging(staging, lock)
+
+    def _claim_staging(self) -> tuple[Path, int]:
+        """A new staging folder and the descriptor of its lock file, flock(2)ed for as long as this process
+        writes the entry: the kernel drops the lock when the process dies, which is how `clean_staging`
+        tells a crashed writer's folder from a live one's."""
+        root = self.root / ".staging"
+        root.mkdir(parents=True, exist_ok=True)
+        while True:
+            name = uuid.uuid4().hex
+            lock = root / f"{name}.lock"
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:  # not swept in between
+                break
+            os.close(fd)
+        staging = root / name
+        staging.mkdir()
+        return staging, fd
+
+    def clean_staging(self) -> list[Path]:
+        """Remove the staging folders of writers that crashed (a crash during commit used to leak a whole
+        entry each time): those whose lock no live process holds, and lock-less ones (written by an older
+        align) untouched for a day. Returns what was removed."""
+        root = self.root / ".staging"
+        if not root.is_dir():
+            return []
+        removed = []
+        for child in sorted(root.iterdir()):
+            if child.suffix == ".lock":
+                if not (root / child.stem).exists():
+                    _remove_unowned(None, child)  # a lock whose folder is gone
+                continue
+            lock = root / f"{child.name}.lock"
+            if lock.exists():
+                stale = _remove_unowned(child, lock)
+            else:
+                stale = time.time() - child.stat().st_mtime > UNLOCKED_STAGING_SECONDS
+                if stale:
+                    shutil.rmtree(child, ignore_errors=True)
+            if stale:
+                log.info("removed %s, left by a registry write that did not finish", child)
+                removed.append(child)
+        return removed
 
     def _commit(self, draft: "EntryDraft") -> Entry:
         with self.lock():
@@ -227,22 +295,25 @@ class EntryDraft:
     path: Path
     manifest: dict
     entry: Entry | None = None
+    expected_bytes: int | None = None  # what the entry will take on disk, if the writer knows (for a full disk)
 
 
 # ------------------------------------------------------------------------------------------- helpers
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file in the same folder, fsync, then rename over the target."""
+    """Write JSON through a temporary file in the same folder, fsync, then rename over the target: the old
+    file stays whole whatever happens, and a full disk is a `DiskFullError` naming the file."""
     path = Path(path)
+    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with disk_guard(path, lambda: len(text.encode()), f"{path} is unchanged."):
+            with open(tmp, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -253,6 +324,35 @@ def _read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise RegistryError(f"{path}: unreadable manifest ({err})") from None
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def _remove_unowned(folder: Path | None, lock: Path) -> bool:
+    """Remove a staging folder and its lock file if no live process holds the lock; True if removed."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its writer is alive
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _release_staging(staging: Path, fd: int) -> None:
+    """The writer is done with its staging folder (committed or failed): drop the lock file, then the lock."""
+    (staging.parent / f"{staging.name}.lock").unlink(missing_ok=True)
+    os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -121,7 +121,8 @@ def heldout_loss(recipe, tokenizer) -> tuple[list, str | None]:
 
     if recipe.eval.data is not None:
         conversations, report = load_demonstrations(recipe, recipe.eval.data)
-        data = tokenize_all(tokenizer, conversations.rows, 4096, True, report, str(recipe.eval.data.path))
+        data = tokenize_all(tokenizer, conversations.rows, 4096, True, report, str(recipe.eval.data.path),
+                            conversations.kept_index)
         return data, report.fingerprint
     sft = next((cfg for cfg in recipe.stages.values() if cfg.kind == "sft"), None)
     if sft is None:
@@ -316,16 +317,9 @@ def write_report(report: Report) -> list[Path]:
                  for r in rows) + ".", ""]
     for path in files:
         lines += [f"![{path.stem.replace('_', ' ')}]({path.name})", ""]
-    samples = [(r.label, r.metrics.get("samples") or []) for r in rows]
-    if any(s for _, s in samples):
-        lines += ["## Samples", ""]
-        first = next(s for _, s in samples if s)
-        for i, shown in enumerate(first):
-            lines += [f"**Prompt:** {_one_line(shown['prompt'])}", ""]
-            for label, s in samples:
-                if i < len(s):
-                    lines.append(f"- {label}: {_one_line(s[i]['response'])}")
-            lines.append("")
+    samples = sample_lines(rows)
+    if samples:
+        lines += ["## Samples", "", *samples]
     (folder / "report.md.tmp").write_text("\n".join(lines))
     (folder / "report.md.tmp").replace(folder / "report.md")
     data = {"recipe": recipe.name, "source": recipe.source, "created": _now(), "registry": str(report.registry.root),
@@ -334,6 +328,22 @@ def write_report(report: Report) -> list[Path]:
     write_json_atomic(folder / "report.json", data)
     report.files = [folder / "report.md", folder / "report.json", *files]
     return report.files
+
+
+def sample_lines(rows: list[Row]) -> list[str]:
+    """The `samples` metric as text: each prompt, then every row's response to it ([] when none has any)."""
+    samples = [(r.label, r.metrics.get("samples") or []) for r in rows]
+    if not any(s for _, s in samples):
+        return []
+    lines = []
+    first = next(s for _, s in samples if s)
+    for i, shown in enumerate(first):
+        lines += [f"**Prompt:** {_one_line(shown['prompt'])}", ""]
+        for label, s in samples:
+            if i < len(s):
+                lines.append(f"- {label}: {_one_line(s[i]['response'])}")
+        lines.append("")
+    return lines
 
 
 def _loss_description(recipe) -> str:
@@ -357,17 +367,14 @@ def _now() -> str:
 
 def eval_recipe(source, recipe_path: str | None, overrides: list[str], prompts: str | None):
     """Whose eval settings `align eval` uses: `--recipe`, else the recipe recorded in the entry's manifest
-    (when that file is here), else defaults over `--prompts`."""
+    (`recorded_recipe`, from any folder), else defaults over `--prompts`."""
     from align.recipe import DataSpec, Defaults, EvalSettings, Recipe, load_recipe
 
     recipe = None
     if recipe_path:
         recipe = load_recipe(recipe_path, overrides)
     elif source.entry is not None:
-        recorded = (source.entry.manifest.get("recipe") or {}).get("source")
-        if recorded and Path(recorded).is_file():
-            log.info("eval settings of the recipe %s (from %s's manifest)", recorded, source.entry.ref)
-            recipe = load_recipe(recorded, overrides)
+        recipe = recorded_recipe(source.entry, overrides)
     if recipe is None:
         if not prompts:
             raise AlignError(f"no eval settings for {source.ref}: give --recipe RECIPE (its eval section) or "
@@ -377,6 +384,49 @@ def eval_recipe(source, recipe_path: str | None, overrides: list[str], prompts: 
     elif prompts:
         recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"prompts": DataSpec(path=prompts)})})
     return recipe
+
+
+def recorded_recipe(entry, overrides: list[str]):
+    """The recipe `entry`'s manifest records, with the eval settings its run used (data paths absolute), or
+    None when it records neither. The file is found by its absolute path, its relative paths from the folder
+    the run started in, so the working directory does not matter; once the file is gone, the recorded eval
+    settings alone serve (no stages: perplexity then needs `eval.data`)."""
+    from align.recipe import read_recipe_file, validate_recipe
+
+    record = entry.manifest.get("recipe") or {}
+    stored = record.get("eval")
+    path = next((p for p in (record.get("path"), record.get("source")) if p and Path(p).is_file()), None)
+    if path is not None:
+        log.info("eval settings of the recipe %s (from %s's manifest)", path, entry.ref)
+        raw = read_recipe_file(Path(path))
+        if stored is not None and isinstance(raw, dict):
+            raw = {**raw, "eval": stored}
+        return validate_recipe(raw, overrides, source=path, workdir=record.get("workdir"))
+    if stored is None:
+        return None
+    log.info("eval settings recorded in %s's manifest (its recipe %s is gone)", entry.ref, record.get("source"))
+    return _eval_only_recipe(entry, record, stored, overrides)
+
+
+def _eval_only_recipe(entry, record: dict, stored: dict, overrides: list[str]):
+    """A recipe with no stages around the eval settings `stored` (with `eval.*` overrides applied)."""
+    from pydantic import ValidationError
+
+    from align.errors import ConfigError, Problem
+    from align.recipe import Defaults, EvalSettings, Recipe, apply_overrides
+
+    problems: list = []
+    raw = apply_overrides({"eval": stored}, overrides, problems)
+    try:
+        settings = EvalSettings.model_validate(raw["eval"])
+    except ValidationError as err:
+        problems += [Problem(".".join(map(str, ("eval", *e["loc"]))), e["msg"]) for e in err.errors()]
+    if problems:
+        raise ConfigError(problems, f"{entry.ref}'s recorded eval settings")
+    base = entry.manifest.get("base") or {}
+    return Recipe.model_construct(name=record.get("name") or "eval", base=base.get("ref") or base.get("id") or
+                                  base.get("path") or entry.ref, registry=None, defaults=Defaults(), stages={},
+                                  eval=settings, source=None, workdir=record.get("workdir"))
 
 
 def run_eval(ref: str, registry: Registry, *, against: list[str] = (), recipe_path: str | None = None,
@@ -422,6 +472,9 @@ def format_eval(rows: list[Row], settings) -> str:
     for row in rows:
         if row.origin != "evaluated":
             lines.append(f"{row.ref}: reused evaluation {row.fingerprint} ({row.origin})")
+    samples = sample_lines(rows)  # the `samples` metric has no column: shown here, not only in --json
+    if samples:
+        lines += ["", "samples:", "", *samples]
     return "\n".join(lines).rstrip()
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from align.logprobs import token_logps
-from align.models import inference_autocast, load_causal_lm, load_tokenizer, resolve_model_ref
+from align.precision import inference_autocast
+from align.models import load_causal_lm, load_tokenizer, resolve_model_ref
 from align.recipe import GenerationSettings
 from align.registry import Registry
 from align.rl.rollout import pack

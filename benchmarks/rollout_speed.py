@@ -19,7 +19,8 @@ import torch
 
 from align.data.tokenize import encode_prompt
 from align.generation import generate
-from align.models import inference_autocast, load_causal_lm, load_tokenizer, resolve_model_ref
+from align.precision import inference_autocast
+from align.models import load_causal_lm, load_tokenizer, resolve_model_ref
 from align.recipe import GenerationSettings
 from align.registry import Registry
 from align.rl.sampler import sample

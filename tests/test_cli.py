@@ -132,3 +132,36 @@ def test_a_corrupt_file_is_one_clear_error_with_status_2(spoil, command, tiny_ra
     problems = [line for line in err.splitlines() if line.startswith("  - ")]
     assert len(problems) == 1 and named in problems[0], err
     assert not (tmp_path / "registry").exists() and not (tmp_path / "runs").exists()
+
+
+def test_models_show_into_a_pipe_closed_early_ends_quietly(tmp_path):
+    """`align models show REF --full | head -1`: the reader leaves after one line; no BrokenPipeError."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    registry = Registry(tmp_path / "registry")
+    with registry.create("quickstart/sft", "policy") as draft:
+        draft.manifest.update({"history": [{"step": i, "loss": 1.0} for i in range(20000)]})  # >> a pipe's buffer
+    env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen([sys.executable, "-m", "align.cli", "--registry", str(registry.root), "models", "show",
+                             "quickstart/sft", "--full"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.readline().strip() == b"{"
+    proc.stdout.close()  # what `head -1` does
+    _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()[-2000:]
+    assert proc.returncode == 141
+
+
+def test_a_full_disk_no_narrower_handler_named_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    import align.cli
+
+    def full(args):
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space "
+                           "left on device\" })")
+
+    monkeypatch.setattr(align.cli, "cmd_models", full)
+    assert main(["--registry", str(tmp_path / "registry"), "models", "list"]) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and err.startswith("error: no space left on device writing "), err

@@ -151,7 +151,7 @@ def _stop_decisions(rank: int) -> dict:
     stopper.on_step_end(None, state, signalled)
     limit = safety_callbacks(1.0)[1]
     if rank == 0:
-        limit.started -= 120  # two minutes in, against a one-minute limit
+        limit.budget.started -= 120  # two minutes into the stage, against a one-minute limit
     timed = SimpleNamespace(should_save=False, should_training_stop=False)
     limit.on_step_end(None, state, timed)
     return {"signal": (signalled.should_training_stop, signalled.should_save, stopper.requested),

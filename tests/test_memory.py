@@ -135,7 +135,6 @@ def default_model_registry(tmp_path_factory):
 def test_estimate_is_within_30_percent_of_a_measured_sft_peak(default_model_registry, tmp_path):
     """One step of the quickstart's SFT stage (LoRA r16, batch 8, max_length 256, bf16 autocast where the CPU
     has it) in a fresh process; its peak RSS (recorded in the manifest) against the plan's estimate."""
-    from align.memory import bf16_autocast
     from align.plan import _load_tokenizer, _local_folder, _longest_sft_row, make_plan
     from align.registry import Registry
 
@@ -152,8 +151,7 @@ def test_estimate_is_within_30_percent_of_a_measured_sft_peak(default_model_regi
     config_dir, tokenizer_dir = _local_folder(plan.base, registry)
     seq_len = _longest_sft_row(recipe, cfg, _load_tokenizer(tokenizer_dir))
     assert seq_len is not None and seq_len < cfg.max_length
-    found = estimate_stage(Shape.from_file(config_dir / "config.json"), cfg, seq_len=seq_len,
-                           autocast=bf16_autocast(cfg.mixed_precision))
+    found = estimate_stage(Shape.from_file(config_dir / "config.json"), cfg, seq_len=seq_len)
     assert f"memory: {found.describe()}" in plan.stages[0].notes  # what `align plan` prints
     estimated = found.total_mb
 
@@ -183,7 +181,6 @@ def _recorded_sft_runs():
 def test_estimate_is_within_30_percent_of_recorded_quickstart_peaks(manifest_path):
     """The peaks whole quickstart SFT runs recorded in their manifests (training plus the hook's evaluation),
     against the estimate from the configuration each manifest holds."""
-    from align.memory import bf16_autocast
     from align.plan import _load_tokenizer, _longest_sft_row
     from align.recipe import SFTStage
 
@@ -200,8 +197,7 @@ def test_estimate_is_within_30_percent_of_recorded_quickstart_peaks(manifest_pat
     model_dir = entries[-1].parent
     seq_len = _longest_sft_row(recipe, cfg, _load_tokenizer(model_dir / "tokenizer"))
     assert seq_len is not None
-    found = estimate_stage(Shape.from_file(model_dir / "model" / "config.json"), cfg, seq_len=seq_len,
-                           autocast=bf16_autocast(cfg.mixed_precision))
+    found = estimate_stage(Shape.from_file(model_dir / "model" / "config.json"), cfg, seq_len=seq_len)
     measured = manifest["timings"]["peak_rss_mb"]
     assert abs(found.total_mb - measured) <= 0.3 * measured, f"estimated {found.total_mb:.0f}, measured {measured}"
 

@@ -116,3 +116,21 @@ def test_contiguous_head_input_gives_the_same_logits_once_hooked():
         after = model(input_ids=ids, logits_to_keep=1).logits
     assert len(model.get_output_embeddings()._forward_pre_hooks) == 1
     assert before.shape[1] == 1 and torch.allclose(before, after, atol=1e-6)
+
+
+def test_an_adapter_entry_loads_merged_with_every_weight_trainable(tiny_base, tmp_registry):
+    """PEFT loads an adapter for inference, freezing the weights beneath it; merged, they are the entry's plain
+    weights, trainable like any loaded model's, so full fine-tuning from a LoRA entry trains them. The merge
+    itself is exact: the same logits as the unmerged adapter."""
+    import torch
+
+    from align.models import load_causal_lm
+    from tiny_entries import register_adapter, unmerged
+
+    entry = register_adapter(tmp_registry, tiny_base)
+    model = load_causal_lm(ModelSource(ref=entry.ref, kind="registry", entry=entry), tmp_registry, dtype="fp32")
+    frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
+    assert not frozen, f"frozen after the merge: {frozen[:3]}"
+    ids = torch.tensor([[5, 17, 33, 41, 60]])
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids).logits, unmerged(entry)(ids).logits, atol=1e-5)

@@ -124,13 +124,46 @@ def test_reward_stage_plans_with_a_summary_of_its_pairs(tiny_raw_recipe, tmp_pat
     raw = tiny_raw_recipe(tmp_path)
     rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(5)]
     rows += [{"prompt": "q", "chosen": "same", "rejected": "same"}, {"prompt": "q", "chosen": "x"}]
-    raw["stages"]["reward"] = {"data": str(write_jsonl(tmp_path / "prefs.jsonl", rows))}
+    # 2 of 7 rows dropped: allowed here, or the plan refuses it as the run would (see the next tests).
+    raw["stages"]["reward"] = {"data": str(write_jsonl(tmp_path / "prefs.jsonl", rows)), "max_dropped_share": 0.5}
     plan = make_plan(validate(raw, tmp_path), Registry(tmp_path / "registry"))
     assert "prefs.jsonl (7 rows), explicit preference pairs (1 bad, 1 identical)" in plan.describe()
     # Under `on_bad_rows: error` the bad row is a plan problem naming the row.
     raw["stages"]["reward"]["on_bad_rows"] = "error"
     problems = plan_problems(raw, tmp_path)
     assert problems == {f"stages.reward.data: {tmp_path / 'prefs.jsonl'}: row 6": "missing field `rejected`"}
+
+
+@pytest.mark.parametrize("kind", ["reward", "dpo"])
+def test_plan_refuses_pairs_the_run_would_drop_too_many_of(kind, tiny_raw_recipe, tmp_path, no_weights):
+    """40 of 40 pairs lack the `margin_field`: the run stops on max_dropped_share, so the plan does, with the
+    run's own message (it printed "(40 bad)" and "plan OK"). Identical pairs count too, as the run drops them."""
+    raw = tiny_raw_recipe(tmp_path)
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(40)]
+    raw["stages"][kind] = {"data": str(write_jsonl(prefs, rows)), "margin_field": "strength", "on_bad_rows": "drop"}
+    assert plan_problems(raw, tmp_path) == {f"stages.{kind}.data": (
+        f"{prefs}: dropped 40 of 40 rows (40 missing field), more than the allowed share 10% (max_dropped_share)")}
+
+    raw["stages"][kind]["margin_field"] = None
+    write_jsonl(prefs, rows[:32] + [{"prompt": "q", "chosen": "same", "rejected": "same"}] * 8)
+    assert "dropped 8 of 40 rows (8 identical chosen and rejected)" in plan_problems(raw, tmp_path)[
+        f"stages.{kind}.data"]
+    raw["stages"][kind]["max_dropped_share"] = 0.2  # 8 of 40 is within it: the plan is OK
+    make_plan(validate(raw, tmp_path), Registry(tmp_path / "registry"))
+
+
+def test_plan_refuses_demonstrations_the_run_would_drop_too_many_of(tiny_raw_recipe, tmp_path, no_weights):
+    """SFT under `on_bad_rows: drop`: 3 of 16 rows bad is over the default 10%, as in the run; 20% allows it."""
+    raw = tiny_raw_recipe(tmp_path, {"on_bad_rows": "drop"})
+    data = Path(raw["stages"]["sft"]["data"])
+    lines = data.read_text().splitlines()
+    lines[1:4] = ['{"prompt": "What is 5 + 6?"}'] * 3
+    data.write_text("\n".join(lines) + "\n")
+    assert plan_problems(raw, tmp_path) == {"stages.sft.data": (
+        f"{data}: dropped 3 of 16 rows (3 missing field), more than the allowed share 10% (max_dropped_share)")}
+    raw["stages"]["sft"]["max_dropped_share"] = 0.2
+    assert "3 bad rows to drop" in make_plan(validate(raw, tmp_path), Registry(tmp_path / "registry")).describe()
 
 
 def test_dpo_stage_plans_and_a_missing_chat_template_file_is_named(tiny_raw_recipe, tmp_path, no_weights):

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
+import os
 import time
 
 import pytest
@@ -232,3 +234,131 @@ def test_stray_non_empty_version_dir_does_not_break_create(tmp_registry):
     entry = make_entry(tmp_registry)
     assert entry.version >= 2
     assert tmp_registry.resolve("quickstart/sft").path == entry.path
+
+
+# ------------------------------------------------------------------------------------------ damaged manifests
+
+
+def test_a_corrupt_manifest_hides_only_its_own_entry(tmp_registry, capsys):
+    from align.cli import main
+
+    good = make_entry(tmp_registry, name="quickstart/sft")
+    bad = make_entry(tmp_registry, name="quickstart/dpo")
+    (bad.path / MANIFEST).write_text('{"name": "quickstart/dpo", "kind": ')  # cut short
+    assert [e.ref for e in tmp_registry.list()] == [good.ref]
+    entries, unreadable = tmp_registry.scan()
+    assert [e.ref for e in entries] == [good.ref]
+    assert [(ref, path) for ref, path, _ in unreadable] == [(bad.ref, bad.path / MANIFEST)]
+    assert tmp_registry.resolve("quickstart/sft").ref == good.ref
+    with pytest.raises(RegistryError, match="did you mean quickstart/sft"):
+        tmp_registry.resolve("quickstart/sfx")
+    with pytest.raises(RegistryError, match=r"quickstart/dpo/v1/manifest.json: unreadable manifest"):
+        tmp_registry.resolve("quickstart/dpo")
+
+    assert main(["--registry", str(tmp_registry.root), "models", "list"]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert any(line.startswith(good.ref) and " ok " in line for line in out.splitlines()), out
+    bad_line = next(line for line in out.splitlines() if line.startswith(bad.ref))
+    assert "UNREADABLE" in bad_line and str(bad.path / MANIFEST) in bad_line and "unreadable manifest" in bad_line
+
+
+# ------------------------------------------------------------------------------------------ stale staging
+
+
+def _crash_during_commit(root):
+    """A writer killed between writing its staged entry and renaming it into place (no cleanup runs)."""
+    registry = Registry(root)
+    align.registry.os.rename = lambda src, dst: os._exit(1)  # this child process only
+    with registry.create("quickstart/sft", "policy") as draft:
+        (draft.path / "adapter").mkdir()
+        (draft.path / "adapter" / "weights.bin").write_bytes(b"\x00" * 4096)
+
+
+def _write_slowly(root, started, release, queue):
+    registry = Registry(root)
+    with registry.create("quickstart/sft", "policy") as draft:
+        (draft.path / "payload.txt").write_text("live")
+        started.set()
+        release.wait(timeout=30)
+    queue.put(draft.entry.version)
+
+
+def test_stale_staging_of_a_crashed_writer_is_cleaned_and_a_live_writers_is_not(tmp_path):
+    root = tmp_path / "registry"
+    ctx = multiprocessing.get_context("fork")
+    crashed = ctx.Process(target=_crash_during_commit, args=(str(root),))
+    crashed.start()
+    crashed.join(timeout=60)
+    assert crashed.exitcode == 1
+    registry = Registry(root)
+    leaked = [p for p in staging_leftovers(registry) if p.is_dir()]
+    assert len(leaked) == 1 and (leaked[0] / "adapter" / "weights.bin").is_file()  # what used to stay forever
+
+    started, release, queue = ctx.Event(), ctx.Event(), ctx.Queue()
+    live = ctx.Process(target=_write_slowly, args=(str(root), started, release, queue))
+    live.start()
+    assert started.wait(timeout=30)
+    old = root / ".staging" / ("0" * 32)  # lock-less, from an older align: stale once a day old
+    old.mkdir()
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    young = root / ".staging" / ("1" * 32)
+    young.mkdir()
+
+    assert not leaked[0].exists()  # the next writer cleaned it as it started
+    assert registry.clean_staging() == [old]
+    remaining = {p.name for p in staging_leftovers(registry)}
+    assert young.name in remaining and len([n for n in remaining if not n.endswith(".lock")]) == 2  # live + young
+    assert make_entry(registry).version == 1  # a create cleans too, and the live draft is untouched
+    release.set()
+    live.join(timeout=60)
+    assert live.exitcode == 0 and queue.get(timeout=5) == 2
+    assert (root / "quickstart" / "sft" / "v2" / "payload.txt").read_text() == "live"
+    assert {p.name for p in staging_leftovers(registry)} == {young.name}
+
+
+# ------------------------------------------------------------------------------------------ full disk
+
+
+def _enospc(path=None):
+    """What the OS raises on a full disk (with the file's name when the call had one)."""
+    if path is None:
+        return OSError(errno.ENOSPC, "No space left on device")
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def test_a_full_disk_while_writing_an_entry_is_one_clear_error_and_loses_nothing(tmp_registry):
+    from align.errors import DiskFullError
+
+    first = make_entry(tmp_registry, metrics={"loss": 1.0})
+    before = [(e.ref, e.manifest) for e in tmp_registry.list()]
+    with pytest.raises(DiskFullError) as info:
+        with tmp_registry.create("quickstart/sft", "policy") as draft:
+            draft.expected_bytes = 3 * 2**20
+            (draft.path / "adapter").mkdir()
+            (draft.path / "adapter" / "weights.bin").write_bytes(b"x" * 2048)
+            raise _enospc(draft.path / "adapter" / "more.bin")
+    message = str(info.value)
+    assert "no space left on device writing" in message and "adapter/more.bin" in message
+    assert "needs about 3.0 MB" in message and "free there" in message
+    assert "Nothing of quickstart/sft was registered" in message
+    assert [(e.ref, e.manifest) for e in tmp_registry.list()] == before
+    assert (first.path / "adapter" / "weights.bin").read_bytes() == b"\x00" * 16
+    assert staging_leftovers(tmp_registry) == []
+
+
+def test_a_full_disk_while_updating_a_manifest_leaves_it_intact(tmp_registry, monkeypatch):
+    from align.errors import DiskFullError
+
+    entry = make_entry(tmp_registry, metrics={"loss": 1.0})
+    original = (entry.path / MANIFEST).read_text()
+
+    def full(fd):
+        raise _enospc()
+
+    monkeypatch.setattr(align.registry.os, "fsync", full)
+    with pytest.raises(DiskFullError, match=rf"writing {entry.path / MANIFEST}: it needs about \d+ B.*unchanged"):
+        tmp_registry.update(entry, metrics={"accuracy": 0.1})
+    monkeypatch.undo()
+    assert (entry.path / MANIFEST).read_text() == original
+    assert sorted(p.name for p in entry.path.iterdir()) == ["adapter", MANIFEST]

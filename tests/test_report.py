@@ -226,3 +226,16 @@ def test_a_reward_entry_is_not_evaluated_or_chatted_with(trained, capsys):
     for command in (["eval", "tiny/reward", "--prompts", "x.jsonl"], ["chat", "tiny/reward"]):
         assert main(["--registry", str(registry.root), *command]) == 2
         assert "tiny/reward is a reward model" in capsys.readouterr().err
+
+
+def test_align_eval_prints_the_samples_metric_without_json():
+    """`align eval --metrics samples` has no table column: the prompts and responses are printed below it."""
+    from types import SimpleNamespace
+
+    from align.models import ModelSource
+    from align.report import Row, format_eval
+
+    rows = [Row(label="m", source=ModelSource(ref="tiny/sft@1", kind="hub"),
+                metrics={"samples": [{"prompt": "What is 3 + 4?", "response": "3 + 4 = 7"}]})]
+    text = format_eval(rows, SimpleNamespace(checkers=[]))
+    assert "**Prompt:** What is 3 + 4?" in text and "- m: 3 + 4 = 7" in text

@@ -14,6 +14,9 @@ from align.bench.common import lora_config, stage_context, trl_common_args
 from align.bench.measure import peak_memory
 from align.bench.workload import StageWork, Workload
 
+# Per-step figures of the align side kept in its result (benchmarks/gpu_check.py checks them).
+STEP_FIGURES = ("policy_loss", "kl_per_token", "grad_norm", "eos_rate", "response_length", "reward")
+
 
 def _rows(ctx):
     from align.stages.base import start_run
@@ -43,16 +46,18 @@ def run(side: str, work: Workload, stage: StageWork, folder: Path) -> dict:
     torch.manual_seed(work.seed)
     tokenizer, step_prompts = _rows(ctx)
     cfg = ctx.config
+    steps_seen: list[dict] = []  # the align side's per-step figures (STEP_FIGURES)
     if side == "align":
         from align.rl.ppo import PPOTrainer
-        from align.stages.base import build_policy, mixed_precision_args
+        from align.precision import stage_precision
+        from align.stages.base import build_policy
         from align.stages.ppo import build_rewards
 
         rewards, _ = build_rewards(ctx)
         model, _ = build_policy(ctx, tokenizer)
         updates = cfg.max_steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch / cfg.minibatch)
-        bf16 = mixed_precision_args(cfg.mixed_precision, model)["bf16"]
-        trainer = PPOTrainer(cfg, model, tokenizer, rewards, None, None, updates, bf16, None)
+        trainer = PPOTrainer(cfg, model, tokenizer, rewards, None, None, updates, stage_precision(cfg).autocast,
+                             None)
         gen, score, train, tokens, rewards_seen = [], [], [], [], []
         for step, rows in enumerate(step_prompts):
             figures = trainer.step(rows, [r["prompt_ids"] for r in rows], step)
@@ -61,12 +66,16 @@ def run(side: str, work: Workload, stage: StageWork, folder: Path) -> dict:
             train.append(figures["time_train"])
             tokens.append(figures["generated_tokens"])
             rewards_seen.append(figures["reward"])
+            steps_seen.append({key: figures.get(key) for key in STEP_FIGURES})
     else:
         gen, score, train, tokens, rewards_seen = _trl(ctx, work, stage, folder, tokenizer, step_prompts)
     out = _summary(gen, score, train, tokens, cfg.rollout_batch)
     out.update(peak_memory())
     out["mean_reward"] = round(sum(rewards_seen) / len(rewards_seen), 4)
     out["loss_mean"] = None
+    if steps_seen:
+        out["step_figures"] = steps_seen
+        out["step_losses"] = [f["policy_loss"] for f in steps_seen]
     return out
 
 

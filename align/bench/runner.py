@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from align.bench import table
-from align.bench.workload import DEFAULT_STEPS, ROOT, STAGES, real_workload, tiny_workload
+from align.bench.workload import DEFAULT_STEPS, PRECISIONS, ROOT, STAGES, real_workload, tiny_workload
 
 log = logging.getLogger(__name__)
 
@@ -35,22 +35,36 @@ def real_model_ready(registry: str) -> bool:
 
 
 def run_bench(stages: list[str] | None = None, steps: int | None = None, tiny: bool = False,
-              out: str | Path = "bench", registry: str | None = None) -> dict:
+              out: str | Path = "bench", registry: str | None = None, precisions: list[str] | None = None) -> dict:
+    """TRL's side once per stage, then align's side once per precision (`auto` alone by default): a sweep
+    shows whether `auto` picked the fastest choice on this machine."""
+    import dataclasses
+
     stages = list(stages or STAGES)
+    precisions = list(precisions or ["auto"])
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ValueError(f"unknown precision {unknown[0]!r}; choose from {', '.join(PRECISIONS)}")
     per_stage = {s: steps or DEFAULT_STEPS[s] for s in STAGES}
     registry = registry or os.environ.get("ALIGN_REGISTRY") or str(ROOT / "registry")
     with tempfile.TemporaryDirectory(prefix="align-bench-") as tmp:
         tmp = Path(tmp)
         work = (tiny_workload(tmp, per_stage) if tiny or not real_model_ready(registry)
                 else real_workload(registry, per_stage))
-        spec = tmp / "workload.json"
-        spec.write_text(work.to_json())
+        specs = {}
+        for precision in precisions:
+            specs[precision] = tmp / f"workload-{precision}.json"
+            specs[precision].write_text(dataclasses.replace(work, precision=precision).to_json())
         report = {"machine": table.machine(), "workload": work.describe(), "stages": {}}
         for stage in stages:
-            report["stages"][stage] = {}
-            for side in ("trl", "align"):
-                report["stages"][stage][side] = _run_side(stage, side, spec, tmp)
-                print(f"bench {stage}/{side}: {_short(report['stages'][stage][side])}", flush=True)
+            sides = report["stages"][stage] = {}
+            runs = [("trl", "trl", precisions[0])] + [
+                ("align" if precisions == ["auto"] else f"align {p}", "align", p) for p in precisions]
+            for label, side, precision in runs:
+                sides[label] = _run_side(stage, side, specs[precision], tmp)
+                if side == "align":
+                    sides[label]["precision"] = precision
+                print(f"bench {stage}/{label}: {_short(sides[label])}", flush=True)
     md, js = table.write(report, Path(out))
     print(table.markdown(report))
     print(f"written: {md}, {js}")

@@ -22,6 +22,15 @@ def _data(ctx):
     return tokenizer, train, heldout
 
 
+def _trl_quantization(cfg):
+    """QLoRA on the TRL side too: the same 4-bit settings as the stage's, so both sides train alike."""
+    if cfg.method != "qlora":
+        return None
+    from align.models import bnb_config
+
+    return bnb_config(cfg)
+
+
 def run(side: str, work: Workload, stage: StageWork, folder: Path) -> dict:
     import torch
 
@@ -41,11 +50,13 @@ def run(side: str, work: Workload, stage: StageWork, folder: Path) -> dict:
 
         from align.models import load_causal_lm
 
-        model = load_causal_lm(ctx.parent, ctx.registry, dtype="auto")
+        model = load_causal_lm(ctx.parent, ctx.registry, dtype="auto", quantization=_trl_quantization(ctx.config))
         data = Dataset.from_dict({"input_ids": [e.input_ids for e in train], "labels": [e.labels for e in train]})
+        liger = {"use_liger_kernel": True} if work.liger else {}
         trainer = SFTTrainer(model=model, args=SFTConfig(**trl_common_args(stage, work, folder),
-                                                         max_length=stage.max_length),
-                             train_dataset=data, processing_class=tokenizer, peft_config=lora_config(work),
+                                                         max_length=stage.max_length, **liger),
+                             train_dataset=data, processing_class=tokenizer,
+                             peft_config=None if ctx.config.method == "full" else lora_config(work),
                              callbacks=[trainer_clock(clock)])
     trainer.train()
     out = clock.summary()

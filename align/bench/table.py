@@ -20,7 +20,10 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from align.precision import device_facts
+
     out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "device": device_facts().describe(), "native_bf16": device_facts("cpu").bf16,
            "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     try:
         import transformers
@@ -50,8 +53,10 @@ def _ratio(ours, theirs, higher_better: bool = True) -> str:
 def markdown(report: dict) -> str:
     m, w = report["machine"], report["workload"]
     lines = [f"# align bench ({'tiny model' if w['tiny'] else w['model']})", "",
-             f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads"
+             f"- machine: {m['cpu']}, {m['cores']} cores, native bf16 on the CPU: "
+             f"{'yes' if m.get('native_bf16') else 'no'}, torch {m['torch']} with {m['torch_threads']} threads"
              + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"),
+             f"- compute device: {m.get('device', '?')}",
              f"- model: {w['model']}; LoRA {w['lora']}; both sides in their own process, TRL first",
              *[f"- {stage} data: {path}" for stage, path in w["data"].items() if stage in report["stages"]], "",
              "| stage | side | steps | tokens/s | s/step | peak RSS MB | GPU alloc/reserved MB | MFU | train loss (mean) "
@@ -59,8 +64,7 @@ def markdown(report: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for stage, sides in report["stages"].items():
         trl_side = sides.get("trl") or {}
-        for side in ("trl", "align"):
-            r = sides.get(side) or {}
+        for side, r in sides.items():
             if "error" in r:
                 lines.append(f"| {stage} | {side} | failed: {r['error'][:120]} |||||||||")
                 continue
@@ -78,15 +82,17 @@ def markdown(report: dict) -> str:
         lines += ["", "PPO step split (seconds per step; rollout tokens/s is generated tokens over generation time):",
                   "", "| side | generation | scoring | training | rollout tokens/s | responses/step | mean response tokens "
                   "| mean reward |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for side in ("trl", "align"):
-            r = ppo.get(side) or {}
+        for side, r in ppo.items():
             if "error" not in r and r:
                 lines.append(f"| {side} | {_fmt(r.get('generation_seconds'), 2)} | {_fmt(r.get('scoring_seconds'), 2)} | "
                              f"{_fmt(r.get('training_seconds'), 2)} | {_fmt(r.get('rollout_tokens_per_second'))} | "
                              f"{_fmt(r.get('responses_per_step'))} | {_fmt(r.get('mean_response_tokens'))} | "
                              f"{_fmt(r.get('mean_reward'), 3)} |")
+    sweep = [line for stage, sides in report["stages"].items() if (line := sweep_line(stage, sides))]
+    if sweep:
+        lines += ["", "Precision sweep (align side; rate is tokens/s, else steps/s):", "", *sweep]
     extra = [f"- {stage}: {note}" for stage, sides in report["stages"].items()
-             for note in (sides.get("align") or {}).get("notes", [])]
+             for side, r in sides.items() if side.startswith("align") for note in r.get("notes", [])]
     if extra:
         lines += ["", *extra]
     lines += ["", "tokens/s: non-padding tokens over wall time of all steps (one pass over the same examples on both sides, "
@@ -94,6 +100,23 @@ def markdown(report: dict) -> str:
               "train loss is the mean over the steps, which see the same examples on both sides (one pass, "
               "different order); held-out loss is measured after training by the same fp32 function on both sides."]
     return "\n".join(lines) + "\n"
+
+
+def sweep_line(stage: str, sides: dict) -> str | None:
+    """`auto` against the fastest precision of a sweep, or None when the stage ran one precision."""
+    def rate(r: dict) -> float | None:
+        if "error" in r:
+            return None
+        return r.get("tokens_per_second") or (1 / r["seconds_per_step"] if r.get("seconds_per_step") else None)
+
+    rates = {r["precision"]: rate(r) for side, r in sides.items() if side.startswith("align ") and "precision" in r}
+    rates = {p: v for p, v in rates.items() if v}
+    if len(rates) < 2 or "auto" not in rates:
+        return None
+    fastest = max(rates, key=rates.get)
+    figures = ", ".join(f"{p} {v:.3g}" for p, v in rates.items())
+    return (f"- {stage}: {figures}; auto at {rates[fastest] / rates['auto']:.2f}x the time of the fastest "
+            f"({fastest})")
 
 
 def write(report: dict, folder: Path) -> tuple[Path, Path]:

@@ -20,6 +20,9 @@ STAGES = ("sft", "reward", "dpo", "ppo")
 # batch, which length grouping puts first) does not decide the rate, few enough that both sides of all four
 # stages finish in about 20 minutes on 2 CPU cores. With 3 reward steps the first was 69% of align's time.
 DEFAULT_STEPS = {"sft": 6, "reward": 6, "dpo": 5, "ppo": 3}
+# `align bench --precision`: what each choice sets on the align side (dtype, mixed_precision).
+PRECISIONS = {"auto": ("auto", "auto"), "fp32": ("fp32", "no"), "bf16": ("bf16", "bf16"),
+              "bf16-autocast": ("fp32", "bf16"), "fp16": ("fp16", "fp16"), "fp16-autocast": ("fp32", "fp16")}
 HELDOUT = 16  # held-out SFT examples for the loss both sides are measured on after training
 
 
@@ -46,6 +49,11 @@ class Workload:
     registry: str
     tiny: bool
     seed: int = 0
+    precision: str = "auto"  # a key of PRECISIONS, for the align side
+    # Stage keys set on top of the shared ones (`{"method": "qlora"}`); the TRL side reads the method back
+    # from the stage config, so both sides train the same way (benchmarks/gpu_check.py uses this).
+    settings: dict = field(default_factory=dict)
+    liger: bool = False  # TRL side: `use_liger_kernel` (the caller patches Liger's kernels into both sides)
     # PEFT's default dropout (0) on both sides
     lora: dict = field(default_factory=lambda: {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"})
     stages: dict[str, StageWork] = field(default_factory=dict)
@@ -108,7 +116,9 @@ def stage_recipe(work: Workload, stage: StageWork, run_root: Path):
 
     common = {"method": "lora", "lora": work.lora, "seed": work.seed, "lr": stage.lr, "batch_size": stage.batch_size,
               "grad_accum": stage.grad_accum, "max_length": stage.max_length, "max_steps": stage.steps,
-              "scheduler": "linear", "logging_steps": 1, "save_steps": 10_000}
+              "scheduler": "linear", "logging_steps": 1, "save_steps": 10_000,
+              "dtype": PRECISIONS[work.precision][0], "mixed_precision": PRECISIONS[work.precision][1],
+              **work.settings}
     rows = stage.steps * stage.batch_size * stage.grad_accum
     if stage.stage == "sft":
         body = {**common, "data": {"path": stage.data, "limit": rows + HELDOUT}, "eval_split": HELDOUT / (rows + HELDOUT),

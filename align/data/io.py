@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from align.errors import DataError
+from align.errors import DataError, byte_place
 from align.fingerprint import hash_file, hash_json
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -78,16 +78,28 @@ def _read_jsonl(path: Path) -> list[dict]:
                 except json.JSONDecodeError as err:
                     hint = " (the file may be truncated)" if not line.endswith("\n") else ""
                     raise DataError(f"{path}: line {line_no} is not valid JSON: {err.msg}{hint}") from None
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not UTF-8 text (byte {err.start}); is it a binary file?") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: {_undecodable(path)}") from None
     return rows
+
+
+def _undecodable(path: Path) -> str:
+    """Where the first byte that is not UTF-8 sits, by line and column (the text reader's error gives only an
+    offset into its own read buffer)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line, column = byte_place(data, err.start)
+        return f"line {line} is not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); is it a binary file?"
+    return "not UTF-8 text; is it a binary file?"
 
 
 def _read_json(path: Path) -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; is it a binary file?") from None
+        raise DataError(f"{path}: {_undecodable(path)}") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     if isinstance(data, dict):

@@ -85,24 +85,39 @@ def heldout_split(count: int, share: float, seed: int) -> tuple[list[int], list[
 
 
 def tokenize_all(tokenizer, conversations: list[list[dict]], max_length: int, assistant_only: bool,
-                 report: DataReport, where: str) -> list[Encoded]:
+                 report: DataReport, where: str, rows: list[int] | None = None) -> list[Encoded]:
+    """Tokenize each conversation; one with no trainable token left within `max_length` is dropped and named
+    by its row in the file (`rows`: each conversation's file row, as `Conversations.kept_index` holds it;
+    default its position), not by its place after the held-out split."""
     out = []
     for index, messages in enumerate(conversations):
         encoded = encode_conversation(tokenizer, messages, max_length, assistant_only)
         if encoded.trainable == 0:
+            row = rows[index] if rows is not None else index
             report.dropped["no trainable tokens after truncation"] += 1
-            report.examples.append(f"{where}: example {index}: no trainable tokens within max_length {max_length}")
+            report.examples.append(f"{where}: row {row}: no trainable tokens within max_length {max_length}")
             continue
         out.append(encoded)
     return out
 
 
-def check_dropped_share(report: DataReport, limit: float) -> None:
+def dropped_share_problem(report: DataReport, limit: float) -> str | None:
+    """Why `report` dropped more than `max_dropped_share` of its rows, or None. `align plan` asks it about the
+    rows it sees dropped, the stages about every row they dropped: a plan that is OK does not fail on it later."""
     dropped = sum(report.dropped.values())
     if report.rows and dropped / report.rows > limit:
         reasons = ", ".join(f"{n} {why}" for why, n in report.dropped.items())
-        raise DataError(f"{report.source}: dropped {dropped} of {report.rows} rows ({reasons}), more than the "
-                        f"allowed share {limit:.0%} (max_dropped_share)")
+        return (f"{report.source}: dropped {dropped} of {report.rows} rows ({reasons}), more than the allowed "
+                f"share {limit:.0%} (max_dropped_share)")
+    return None
+
+
+def check_dropped_share(report: DataReport, limit: float) -> None:
+    """Stop a stage that dropped too many rows (`dropped_share_problem`); else log what it dropped."""
+    why = dropped_share_problem(report, limit)
+    if why:
+        raise DataError(why)
+    dropped = sum(report.dropped.values())
     if dropped:
         log.warning("%s: dropped %d of %d rows: %s", report.source, dropped, report.rows, dict(report.dropped))
 

@@ -95,6 +95,11 @@ def export_model(ref: str, registry: Registry, fmt: str, dtype: str | None = Non
     out = Path(out) if out is not None else Path("exports") / f"{name}-{fmt}-{dtype}"
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it, or --out to write elsewhere")
+    if out.exists():
+        why = not_an_export(out)
+        if why:
+            raise ExportError(f"{out}: --force replaces only an earlier export (a folder with align's export.json), "
+                              f"and this {why}; remove it yourself or pass --out to write elsewhere")
 
     loaded = load_source(source, registry)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +118,24 @@ def export_model(ref: str, registry: Registry, fmt: str, dtype: str | None = Non
     report["path"] = str(out)
     log.info("exported %s to %s (%s)", ref, out, human_size(report["total_bytes"]))
     return report
+
+
+def not_an_export(folder: Path) -> str | None:
+    """Why `folder` is not one align exported (and so must not be deleted by `--force`), or None. An empty
+    folder holds nothing to lose, so it counts as replaceable."""
+    import json
+
+    if not folder.is_dir():
+        return "is not a folder"
+    if not any(folder.iterdir()):
+        return None
+    try:
+        record = json.loads((folder / "export.json").read_text())
+    except (OSError, ValueError):
+        return "folder has no readable export.json"
+    if not (isinstance(record, dict) and {"format", "source", "verification"} <= record.keys()):
+        return "folder's export.json was not written by align export"
+    return None
 
 
 def _write_and_verify(loaded: Loaded, staging: Path, fmt: str, dtype: str, name: str) -> dict:

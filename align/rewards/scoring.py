@@ -20,8 +20,8 @@ from align.data.sampling import length_sorted_chunks, pad_right, pair_chunks
 from align.data.tokenize import IGNORE, EncodedPair, encode_conversation
 from align.errors import RegistryError
 from align.losses import pairwise_accuracy
-from align.models import (ModelSource, adapter_parent, full_weights_folder, inference_autocast,
-                          load_sequence_classifier, load_tokenizer)
+from align.models import ModelSource, adapter_parent, full_weights_folder, load_sequence_classifier, load_tokenizer
+from align.precision import inference_autocast
 from align.registry import Registry
 from align.shared_prompt import pair_groups, shared_prompt_states
 

@@ -77,13 +77,17 @@ class PPOTrainer:
     """Holds the policy, critic, optimizer, KL controller and reward mix; `step` does one PPO iteration."""
 
     def __init__(self, cfg, model, tokenizer, rewards, value_head=None, reference=None, total_updates: int = 1,
-                 bf16: bool = False, critic_adapter: str | None = None):
+                 autocast: str | None = None, critic_adapter: str | None = None):
         from transformers import get_scheduler
 
         self.cfg, self.model, self.tokenizer, self.rewards = cfg, model, tokenizer, rewards
-        self.value_head, self.reference, self.bf16 = value_head, reference, bf16
+        self.value_head, self.reference = value_head, reference
+        # Training passes' autocast dtype (`align.precision`); fp16 brings a gradient scaler (its small
+        # gradients underflow otherwise), bf16 and fp32 need none.
+        self.autocast = autocast
         self.critic_adapter = critic_adapter  # the name of the critic's LoRA adapter, or None (head on policy)
         self.device = next(model.parameters()).device
+        self.scaler = torch.amp.GradScaler(self.device.type) if autocast == "fp16" else None
         self.kl = AdaptiveKL(cfg.kl.coef, cfg.kl.target if cfg.kl.adaptive else None, cfg.kl.horizon)
         params = [p for p in model.parameters() if p.requires_grad]
         if value_head is not None:
@@ -118,18 +122,21 @@ class PPOTrainer:
         # fine-tuning and QLoRA.
         self.sampling = None
         if reference is None and cfg.method == "lora":
-            from align.models import bf16_inference
+            from align.precision import inference_dtype, torch_dtype
             from align.rl.sampling_copy import build
 
-            self.sampling = build(model, dtype=torch.bfloat16 if bf16_inference(model) else None)
+            half = inference_dtype(model)
+            self.sampling = build(model, dtype=torch_dtype(half) if half else None)
         self.skip_uniform = cfg.skip_uniform_groups and cfg.estimator != "gae" and cfg.kl.penalty == "loss"
 
     # -------------------------------------------------------------------------------------- passes
 
     def _autocast(self):
-        if not self.bf16:
+        if self.autocast is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        from align.precision import torch_dtype
+
+        return torch.autocast(self.device.type, dtype=torch_dtype(self.autocast))
 
     @contextlib.contextmanager
     def reference_model(self):
@@ -365,16 +372,23 @@ class PPOTrainer:
                     if cfg.kl.penalty == "loss":
                         kl_loss = masked_mean(kl_per_token(out["logps"], ref, "k3"), mask)
                         loss = loss + self.kl.coef * kl_loss
-                    (loss * share).backward()
+                    scaled = loss * share
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                     if not math.isfinite(float(loss.detach())):
                         # `step` counts from 0 here; the history and checkpoints count from 1.
                         raise TrainingError(f"PPO loss became {float(loss.detach())} at step {step + 1}; stopping "
                                             "before the optimizer step, no checkpoint written after it. Lower the "
                                             "learning rate or check the rewards.")
                 distributed.sum_gradients(trainable)
+                if self.scaler:
+                    self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 add("grad_norm", grad_norm, 1.0)
-                self.optimizer.step()
+                if self.scaler:  # skips the step where the scaled gradients overflowed, then adjusts the scale
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
                 self.scheduler.step()
         if distributed.is_distributed():
             return distributed.combine_weighted(sums, weights)
@@ -445,7 +459,8 @@ class PPOTrainer:
         return {"trainable": trainable,
                 "value_head": self.value_head.state_dict() if self.value_head is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "kl": self.kl.state_dict(), "rewards": self.rewards.state_dict()}
+                "kl": self.kl.state_dict(), "rewards": self.rewards.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def load_state_dict(self, state: dict) -> None:
         params = dict(self.model.named_parameters())
@@ -462,3 +477,5 @@ class PPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl.load_state_dict(state["kl"])
         self.rewards.load_state_dict(state["rewards"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

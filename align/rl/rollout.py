@@ -59,7 +59,7 @@ def sample_rollouts(model, tokenizer, rows: list[dict], prompt_ids: list[list[in
     """One response per entry of `prompt_ids` (repeat a prompt to sample it several times), from our
     sampling loop (finished rows leave the batch) in batches of `batch_size`, else from `generate` (when the
     settings ask for something only `generate` implements: penalties, min_new_tokens)."""
-    from align.models import inference_autocast
+    from align.precision import inference_autocast
     from align.rl.sampler import sample
 
     generated: list = []

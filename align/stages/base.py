@@ -4,7 +4,9 @@ callbacks that make a run safe to interrupt.
 Lifecycle: setup -> train (resumable) -> save -> evaluate -> register. A run folder
 `runs/<recipe>/<stage>/` holds checkpoints and `run.json`, the fingerprint of what the run trains
 (config, data, parent, seed). A later run with the same fingerprint resumes from the last complete
-checkpoint; a different fingerprint is refused unless `--force`, which starts the run afresh.
+checkpoint; a different fingerprint is refused unless `--force`, which starts the run afresh. Once the stage
+has registered its entry, `registered.json` names it with the fingerprint: a later run of the same stage is
+finished already and reports that entry (unless `--force`, which trains it again from the start).
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from align.budget import StageBudget
 from align.distributed import all_max, main_only
 from align.errors import TrainingError
 from align.fingerprint import hash_json, library_versions, tokenizer_facts
-from align.models import ModelSource, cpu_has_bf16, load_tokenizer
+from align.models import ModelSource, load_tokenizer
+from align.precision import mark, stage_precision
 from align.plots import training_curve_png
-from align.registry import Registry, write_json_atomic
+from align.recipe import recipe_record
+from align.registry import Entry, Registry, write_json_atomic
+from align.stages.resume import (changed_settings, checkpoint_bytes, checkpoint_problems, free_space_hint,
+                                 resumed_step, set_aside, whole_run_loss, write_settings)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,14 @@ class StageContext:
     runs_root: Path = Path("runs")
     force: bool = False
     extra: dict = field(default_factory=dict)
+    started: float = field(default_factory=lambda: __import__("time").monotonic())  # the stage's clock
+
+    @property
+    def budget(self) -> StageBudget:
+        """The stage's end-to-end time budget (`time_limit_minutes`, counted from `started`)."""
+        if "budget" not in self.extra:
+            self.extra["budget"] = StageBudget(getattr(self.config, "time_limit_minutes", None), started=self.started)
+        return self.extra["budget"]
 
     @property
     def entry_name(self) -> str:
@@ -108,7 +123,7 @@ def start_run(ctx: StageContext, prepare):
     """The start every preference stage shares: seed, parent entry, the checked tokenizer, the stage's data
     (`prepare(tokenizer)` -> (train, held-out, report), raising on bad data before any weights load), and
     the run folder keyed by the run's fingerprint. Returns (tokenizer, prepared, config dump, fingerprint,
-    checkpoint to resume from or None)."""
+    (finished entry or None, checkpoint to resume from or None)): see `open_run`."""
     import torch
 
     from align.models import materialize
@@ -122,7 +137,50 @@ def start_run(ctx: StageContext, prepare):
     fingerprint = {"config": hash_json(config_dump), "data": prepared[2].fingerprint, "seed": cfg.seed,
                    "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                    "parent": ctx.parent.lineage(), "tokenizer": tokenizer_facts(tokenizer)["hash"]}
-    return tokenizer, prepared, config_dump, fingerprint, prepare_run_dir(ctx.run_dir, fingerprint, ctx.force)
+    return tokenizer, prepared, config_dump, fingerprint, open_run(ctx, fingerprint)
+
+
+def check_trainable(ctx: StageContext, model) -> tuple[int, int]:
+    """(trainable, total) parameters of the stage's model, refused when none would train: such a run fails at
+    its first backward pass, or (PPO) registers an untouched copy of its parent as a trained entry."""
+    from align.models import count_parameters
+
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise TrainingError(f"stages.{ctx.name}: method {ctx.config.method} on {ctx.parent.describe()} leaves 0 of "
+                            f"{total:,} parameters trainable, so there is nothing to train and nothing is registered")
+    return trainable, total
+
+
+def parent_baseline(ctx: StageContext, model, tokenizer, examples, resume_from: Path | None) -> dict | None:
+    """The evaluation hook on the stage's model before its first step, which is the parent (a fresh LoRA adapter
+    is the identity; full fine-tuning starts from the parent's weights), measured like the entry will be, so
+    the manifest shows the change the stage made. Kept in the run folder: a resumed run compares against the
+    same numbers (None when a resumed folder predates that)."""
+    from align.distributed import is_main
+    from align.evaluate import evaluate_model
+
+    import time
+
+    path, timing = ctx.run_dir / "baseline.json", ctx.run_dir / "baseline_seconds.json"
+    if resume_from is not None:
+        if timing.is_file():  # the evaluation after training is the same work: keep it its time
+            ctx.budget.reserve(json.loads(timing.read_text())["seconds"])
+        return json.loads(path.read_text()) if path.is_file() else None
+    log.info("evaluating the parent before training")
+    started = time.monotonic()
+    baseline = evaluate_model(ctx.recipe, model, tokenizer, examples)
+    seconds = time.monotonic() - started
+    ctx.budget.reserve(seconds)
+    if is_main():
+        write_json_atomic(path, baseline)
+        write_json_atomic(timing, {"seconds": round(seconds, 2)})
+    return baseline
+
+
+def baseline_record(ctx: StageContext, baseline: dict | None) -> dict | None:
+    """How a manifest records the parent's `baseline`: what was measured and its metrics."""
+    return {"of": ctx.parent.lineage(), "metrics": baseline} if baseline else None
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -135,37 +193,40 @@ def build_policy(ctx: StageContext, tokenizer):
     from align.models import bnb_config, freeze_bottom, load_causal_lm, lora_config, use_attention
 
     cfg = ctx.config
-    quant = bnb_config(cfg.quant) if cfg.method == "qlora" else None
-    model = use_attention(load_causal_lm(ctx.parent, ctx.registry, dtype=cfg.dtype, quantization=quant),
+    precision = stage_precision(cfg)
+    log.info("stages.%s precision: %s", ctx.name, precision.describe())
+    quant = bnb_config(cfg) if cfg.method == "qlora" else None
+    model = use_attention(load_causal_lm(ctx.parent, ctx.registry, dtype=precision.weights, quantization=quant),
                           cfg.attention)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.method == "full":
         freeze_bottom(model, cfg.freeze_layers)
-        return model, None
+        return mark(model, precision), None
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_cfg = lora_config(cfg.lora, model=model, freeze_layers=cfg.freeze_layers)
-    return get_peft_model(model, peft_cfg), peft_cfg
+    return mark(get_peft_model(model, peft_cfg), precision), peft_cfg
 
 
 # ------------------------------------------------------------------------------------------ run folder
 
 
-def prepare_run_dir(run_dir: Path, fingerprint: dict, force: bool) -> Path | None:
+def prepare_run_dir(run_dir: Path, fingerprint: dict, force: bool, settings: dict | None = None) -> Path | None:
     """Create or reuse the run folder; returns the checkpoint to resume from, or None for a fresh start.
     The fingerprint records the number of processes (`world_size`): checkpoints hold per-process state and
-    batch shards, so a run resumes only under as many processes as it started with. Only the main process
-    reads and writes the folder; the others wait and get its answer."""
+    batch shards, so a run resumes only under as many processes as it started with. `settings` (the stage's
+    config values) are kept beside it, so a refused resume names the config keys that changed. Only the main
+    process reads and writes the folder; the others wait and get its answer."""
     from align import distributed
 
     fingerprint = {**fingerprint, "world_size": distributed.world_size()}
-    return distributed.on_main(lambda: _prepare_run_dir(run_dir, fingerprint, force))
+    return distributed.on_main(lambda: _prepare_run_dir(run_dir, fingerprint, force, settings))
 
 
-def _prepare_run_dir(run_dir: Path, fingerprint: dict, force: bool) -> Path | None:
+def _prepare_run_dir(run_dir: Path, fingerprint: dict, force: bool, settings: dict | None = None) -> Path | None:
     meta = run_dir / "run.json"
     if meta.is_file():
         previous = {"world_size": 1, **json.loads(meta.read_text())}  # folders from before it was recorded
@@ -176,29 +237,98 @@ def _prepare_run_dir(run_dir: Path, fingerprint: dict, force: bool) -> Path | No
                 f"{previous['world_size']}, or pass --force to discard it and start afresh.")
         # A part the folder did not record (it predates that part) is not compared: the config hash covers it.
         changed = sorted(k for k in previous if previous.get(k) != fingerprint.get(k))
+        keys = changed_settings(run_dir, settings) if "config" in changed else ""
+        detail = f" (config: {keys})" if keys else ""
         if changed and not force:
             raise TrainingError(
-                f"{run_dir} holds a run with different {', '.join(changed)}; resuming it would mix two runs. "
-                "Pass --force to discard it and start afresh.")
+                f"{run_dir} holds a run with different {', '.join(changed)}{detail}; resuming it would mix two "
+                "runs. Pass --force to discard it and start afresh.")
         if changed:
-            log.warning("discarding %s (changed: %s)", run_dir, ", ".join(changed))
+            log.warning("discarding %s (changed: %s%s)", run_dir, ", ".join(changed), detail)
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(meta, fingerprint)
-    return _check_world_size(latest_checkpoint(run_dir), fingerprint["world_size"])
+    write_settings(run_dir, settings)
+    return _check_world_size(latest_checkpoint(run_dir, on_damaged=set_aside), fingerprint["world_size"])
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint. Complete means its `trainer_state.json` parses and names its own step:
-    transformers' `Trainer._save_checkpoint` writes that file after the weights, optimizer, scheduler and RNG
-    states (PPO writes its checkpoints whole under a hidden name and renames them), so a save that crashed
-    midway leaves either no such file or a truncated one, and that folder is passed over."""
-    best = None
-    for child in run_dir.glob("checkpoint-*"):
-        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
-        if match and (best is None or int(match.group(1)) > best[0]) and _complete(child, int(match.group(1))):
-            best = (int(match.group(1)), child)
-    return best[1] if best else None
+FINISHED_FILE = "registered.json"
+
+
+def open_run(ctx: StageContext, fingerprint: dict) -> tuple[Entry | None, Path | None]:
+    """(entry, None) when this very run finished already: its folder recorded the entry it registered, which
+    is still in the registry. Re-running it would resume from its last checkpoint, train past its end and
+    register a copy, so the stage reports that entry instead. Otherwise (None, checkpoint to resume or None),
+    the folder prepared by `prepare_run_dir`; a finished run trains again from the start under `--force`, or
+    when its entry is gone from the registry."""
+    from align import distributed
+
+    ref = distributed.on_main(lambda: _finished_ref(ctx, fingerprint))
+    if ref is not None:
+        entry = ctx.registry.resolve(ref)
+        log.info("stages.%s finished already: %s registered %s (config %s); nothing to train (--force trains it "
+                 "again)", ctx.name, ctx.run_dir, entry.ref, entry.manifest.get("config_hash"))
+        return entry, None
+    return None, prepare_run_dir(ctx.run_dir, fingerprint, ctx.force, settings=ctx.config.model_dump(by_alias=True))
+
+
+def _finished_ref(ctx: StageContext, fingerprint: dict) -> str | None:
+    """The ref a finished run of this fingerprint registered; a finished folder that is to train again is
+    discarded here. A folder of another fingerprint is left to `prepare_run_dir` (refused, or `--force`)."""
+    record = _read_finished(ctx.run_dir)
+    if record is None or _without_world(record.get("fingerprint")) != _without_world(fingerprint):
+        return None
+    entry = ctx.registry.find(record.get("entry", ""))
+    if entry is not None and entry.manifest.get("config_hash") == record.get("config_hash") and not ctx.force:
+        return entry.ref
+    why = "--force" if ctx.force else f"its entry {record.get('entry')} is no longer in registry {ctx.registry.root}"
+    log.warning("stages.%s: %s finished before; training it again from the start (%s)", ctx.name, ctx.run_dir, why)
+    shutil.rmtree(ctx.run_dir)
+    return None
+
+
+def _read_finished(run_dir: Path) -> dict | None:
+    try:
+        record = json.loads((run_dir / FINISHED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _without_world(fingerprint) -> dict | None:
+    """A fingerprint without its process count: a finished run is finished under any number of processes."""
+    return {k: v for k, v in fingerprint.items() if k != "world_size"} if isinstance(fingerprint, dict) else None
+
+
+def record_finished(ctx: StageContext, entry: Entry) -> None:
+    """Write `registered.json`: the entry this run registered, its config hash and the run's fingerprint."""
+    meta = ctx.run_dir / "run.json"
+    fingerprint = json.loads(meta.read_text()) if meta.is_file() else None
+    record = {"entry": entry.ref, "config_hash": entry.manifest.get("config_hash"), "fingerprint": fingerprint}
+    write_json_atomic(ctx.run_dir / FINISHED_FILE, record)
+
+
+def latest_checkpoint(run_dir: Path, on_damaged=None) -> Path | None:
+    """The newest complete checkpoint whose files are whole. Complete means its `trainer_state.json` parses and
+    names its own step: transformers' `Trainer._save_checkpoint` writes that file after the weights, optimizer,
+    scheduler and RNG states (PPO writes its checkpoints whole under a hidden name and renames them), so a
+    save that crashed midway leaves either no such file or a truncated one, and that folder is passed over.
+    Whole means its safetensors, torch and JSON files are not truncated (`align.integrity`): a complete
+    checkpoint damaged later is passed over too, for the one before it; `on_damaged(checkpoint, problems)` is
+    told (default: a warning naming the files)."""
+    found = [(int(m.group(1)), c) for c in run_dir.glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", c.name))]
+    for step, child in sorted(found, reverse=True):
+        if not _complete(child, step):
+            continue
+        problems = checkpoint_problems(child)
+        if not problems:
+            return child
+        if on_damaged is not None:
+            on_damaged(child, problems)
+        else:
+            log.warning("%s is damaged (%s); passing over it", child, "; ".join(problems))
+    return None
 
 
 def _complete(checkpoint: Path, step: int) -> bool:
@@ -242,7 +372,7 @@ class StopRequest:
         self._previous = {}
 
 
-def safety_callbacks(time_limit_minutes: float | None = None):
+def safety_callbacks(time_limit: StageBudget | float | None = None):
     """Callbacks for HF/TRL trainers: [graceful stop, time limit]. The graceful stop's `requested` flag
     tells the caller the run was interrupted (SIGTERM/SIGINT: checkpoint saved, stop); the time limit's
     `reached` flag says training ended early at the recipe's `time_limit_minutes` (checkpoint saved, the
@@ -252,20 +382,24 @@ def safety_callbacks(time_limit_minutes: float | None = None):
     from transformers import TrainerCallback
 
     class TimeLimit(TrainerCallback):
-        def __init__(self, minutes: float | None):
-            self.seconds = minutes * 60 if minutes else None
+        """Stops training when the rest of the stage (final evaluation, save, register) would no longer fit
+        in its end-to-end budget (`align.budget`)."""
+
+        def __init__(self, budget: StageBudget):
+            self.budget = budget
             self.reached = False
-            self.started = time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
+            self.budget.step_started()
 
         def on_step_end(self, args, state, control, **kwargs):
-            over = bool(self.seconds) and not self.reached and time.perf_counter() - self.started > self.seconds
+            self.budget.step_done()
+            over = not self.reached and self.budget.over()
             if all_max(int(over)):  # decided together: a process stopping alone would leave the others waiting
                 self.reached = True
-                log.warning("time limit of %.1f minutes reached at step %d: saving and finishing",
-                            self.seconds / 60, state.global_step)
+                log.warning("time limit of %.1f minutes for the whole stage: stopping training at step %d after "
+                            "%.0f s, keeping %.0f s for the evaluation and the entry", self.budget.minutes,
+                            state.global_step, self.budget.elapsed(), self.budget.still_to_come())
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -301,7 +435,16 @@ def safety_callbacks(time_limit_minutes: float | None = None):
             if state.is_world_process_zero:
                 record_world_size(Path(args.output_dir) / f"checkpoint-{state.global_step}", args.world_size)
 
-    return [GracefulStop(), TimeLimit(time_limit_minutes), RecordWorldSize()]
+    class LogAtSave(TrainerCallback):
+        """Log the loss at every save and at the last step (after the callbacks above asked for a save), so a
+        checkpoint's log history covers each of its steps and a resumed run's `train_loss` is exact."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save or state.global_step >= state.max_steps:
+                control.should_log = True
+
+    budget = time_limit if isinstance(time_limit, StageBudget) else StageBudget(time_limit)
+    return [GracefulStop(), TimeLimit(budget), RecordWorldSize(), LogAtSave()]
 
 
 WORLD_FILE = "world.json"
@@ -323,25 +466,6 @@ def _check_world_size(checkpoint: Path | None, world_size: int) -> Path | None:
     return checkpoint
 
 
-def mixed_precision_args(setting: str, model) -> dict:
-    """`bf16`/`fp16` flags for TrainingArguments. `auto`: bf16 autocast over fp32 master weights where the
-    hardware has bf16 (recent GPUs; CPUs with AVX512-BF16/AMX), else plain fp32; weights already loaded in
-    bf16 train in bf16."""
-    import torch
-
-    weights = next(model.parameters()).dtype
-    if setting == "no":
-        return {"bf16": weights == torch.bfloat16, "fp16": False}
-    if setting == "bf16":
-        return {"bf16": True, "fp16": False}
-    if setting == "fp16":
-        return {"bf16": False, "fp16": True}
-    if torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported()
-        return {"bf16": bf16, "fp16": not bf16}
-    return {"bf16": weights == torch.bfloat16 or cpu_has_bf16(), "fp16": False}
-
-
 def training_arguments(ctx: StageContext, model, eval_strategy: str, eval_steps: int | None) -> dict:
     """The `TrainingArguments` every stage shares, from its typed config: batch, schedule, checkpoints every
     `save_steps` (two kept), seeds, mixed precision, token counting; CPU unless a GPU is there."""
@@ -360,7 +484,7 @@ def training_arguments(ctx: StageContext, model, eval_strategy: str, eval_steps:
         dataloader_num_workers=0, logging_first_step=True,
         # Several processes: every trainable weight (LoRA, heads, unfrozen blocks) takes part in every step, so
         # DDP need not search the graph for unused ones each step (its default for PEFT models).
-        ddp_find_unused_parameters=False, **mixed_precision_args(cfg.mixed_precision, model),
+        ddp_find_unused_parameters=False, **stage_precision(cfg).trainer_flags(),
         gradient_checkpointing=getattr(cfg, "gradient_checkpointing", False),
         gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -373,12 +497,22 @@ def train_and_time(ctx: StageContext, trainer, resume_from: Path | None, callbac
     import torch
 
     stopper, time_limit = callbacks[:2]
+    time_limit.budget.heldout_rows = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
+    time_limit.budget.rows_per_step = (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+                                       * max(1, trainer.args.world_size))
+    resumed_at = resumed_step(resume_from)  # read now: the Trainer's rotation may delete that checkpoint
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except Exception as err:
+        _raise_if_disk_full(err, ctx, trainer)
+        raise
     finally:
         stopper.release()  # the previous signal handlers come back even when training raised
     seconds = time.perf_counter() - started
+    # Trainer's mean covers this process's steps only (0.0 resuming from the last checkpoint): the whole run's.
+    result = result._replace(training_loss=whole_run_loss(trainer.state.log_history, resumed_at,
+                                                          trainer.state.global_step, result.training_loss))
     if stopper.requested:
         raise TrainingError(f"interrupted at step {trainer.state.global_step}; a checkpoint is in {ctx.run_dir}. "
                             "Run the same command again to resume.")
@@ -388,13 +522,27 @@ def train_and_time(ctx: StageContext, trainer, resume_from: Path | None, callbac
                "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
                "peak_rss_mb": round(peak_rss_mb(), 1), "steps": trainer.state.global_step,
                "resumed_from": str(resume_from) if resume_from else None,
-               "stopped_at_time_limit": time_limit.reached,
+               "stopped_at_time_limit": time_limit.reached, "budget": time_limit.budget.describe(),
                "mixed_precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "no")}
     if torch.cuda.is_available():
         timings["peak_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     log.info("trained %d steps in %.1fs: %s tokens/s, peak RSS %.0f MB", trainer.state.global_step, seconds,
              timings["tokens_per_second"], timings["peak_rss_mb"])
     return result, timings
+
+
+def _raise_if_disk_full(err: Exception, ctx: StageContext, trainer) -> None:
+    """A checkpoint save that found the disk full becomes one error naming the checkpoint, the space it
+    needs and free, and the last complete checkpoint (intact: the failed save never touches it)."""
+    from align.diskspace import disk_full_error, is_disk_full
+
+    try:
+        needed = checkpoint_bytes(ctx.run_dir, trainer.model)
+    except Exception:  # noqa: BLE001 - a figure for the message only
+        needed = None
+    if is_disk_full(err, ctx.run_dir, needed):
+        path = ctx.run_dir / f"checkpoint-{trainer.state.global_step}"
+        raise disk_full_error(path, needed, free_space_hint(ctx.run_dir), err) from err
 
 
 class PassesMixin:
@@ -470,6 +618,11 @@ def lora_targets(peft_cfg) -> str | list[str] | None:
     return targets if isinstance(targets, str) else sorted(targets)
 
 
+def _saved_bytes(model, adapter: bool) -> int:
+    """About what saving `model` writes: its trainable weights (an adapter's) or all of them."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not adapter)
+
+
 @main_only  # the other processes wait, then get the same Entry
 def register_entry(ctx: StageContext, kind: str, model, tokenizer, peft_cfg, *, report, config_dump: dict,
                    history: list[dict], timings: dict, metrics: dict, artifact_extra: dict | None = None,
@@ -479,6 +632,7 @@ def register_entry(ctx: StageContext, kind: str, model, tokenizer, peft_cfg, *, 
     manifest with its lineage. Every stage registers through here, so every manifest has the same shape."""
     cfg = ctx.config
     with ctx.registry.create(ctx.entry_name, kind) as draft:
+        draft.expected_bytes = _saved_bytes(model, adapter=peft_cfg is not None)  # told if the disk fills up
         if peft_cfg is not None:
             model.save_pretrained(draft.path / "adapter")
             artifact = {"type": "adapter", "path": "adapter", "applies_to": ctx.parent.lineage()}
@@ -494,7 +648,7 @@ def register_entry(ctx: StageContext, kind: str, model, tokenizer, peft_cfg, *, 
             write(draft.path)
         draft.manifest.update({
             "stage": {"name": ctx.name, "kind": cfg.kind},
-            "recipe": {"name": ctx.recipe.name, "source": ctx.recipe.source},
+            "recipe": recipe_record(ctx.recipe),
             "artifact": artifact,
             "parent": ctx.parent.lineage(),
             "base": base_lineage(ctx),
@@ -511,4 +665,5 @@ def register_entry(ctx: StageContext, kind: str, model, tokenizer, peft_cfg, *, 
         })
     entry = draft.entry
     log.info("registered %s", entry.ref)
+    record_finished(ctx, entry)
     return entry

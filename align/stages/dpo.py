@@ -40,10 +40,11 @@ from align.fingerprint import hash_json
 from align.logprobs import mean_nll, sequence_logps
 from align.shared_prompt import pair_groups
 from align.losses import dpo_loss, orpo_loss, pairwise_accuracy, simpo_loss
-from align.models import count_parameters, inference_autocast
+from align.precision import inference_autocast
 from align.plots import margin_histogram_png
-from align.stages.base import (PairBatchesMixin, StageContext, build_policy, check_finite, register_entry, safety_callbacks,
-                               lora_targets, start_run, train_and_time, training_arguments)
+from align.stages.base import (PairBatchesMixin, StageContext, baseline_record, build_policy, check_finite,
+                               check_trainable, lora_targets, parent_baseline, register_entry, safety_callbacks,
+                               start_run, train_and_time, training_arguments)
 from align.stages.sharded import trained_model
 
 log = logging.getLogger(__name__)
@@ -270,10 +271,13 @@ def run(ctx: StageContext):
     from transformers import TrainingArguments
 
     cfg = ctx.config
-    tokenizer, (train, heldout, report), config_dump, fingerprint, resume_from = start_run(
+    tokenizer, (train, heldout, report), config_dump, fingerprint, (finished, resume_from) = start_run(
         ctx, lambda tokenizer: prepare_pairs(ctx.recipe, cfg, tokenizer))
+    if finished is not None:
+        return finished
 
     model, peft_cfg = build_policy(ctx, tokenizer)
+    trainable, total = check_trainable(ctx, model)
     if torch.cuda.is_available() and cfg.method != "qlora":  # the reference pass runs before the Trainer moves it
         model.to(distributed.device())
     mode = reference_mode(cfg)
@@ -286,13 +290,13 @@ def run(ctx: StageContext):
         with (model.disable_adapter() if mode == "adapter_disabled" else contextlib.nullcontext()):
             reference["heldout"] = sharded_pair_logps(ref_model or model, heldout, tokenizer.pad_token_id,
                                                       cfg.batch_size * 2)
-    trainable, total = count_parameters(model)
+    baseline = parent_baseline(ctx, model, tokenizer, [p.chosen for p in heldout], resume_from)
     log.info("%s: %d train / %d held-out pairs; %s trainable of %s parameters; loss %s, reference %s",
              ctx.entry_name, len(train), len(heldout), f"{trainable:,}", f"{total:,}", cfg.loss, mode or "none")
 
     args = TrainingArguments(**training_arguments(ctx, model, "steps" if heldout and cfg.eval_steps else "no",
                                                   cfg.eval_steps), label_names=[])
-    callbacks = safety_callbacks(cfg.time_limit_minutes)
+    callbacks = safety_callbacks(ctx.budget)
     trainer = make_trainer(cfg, mode, ref_model, model=model, args=args,
                            train_dataset=as_dataset(train, reference["train"]),
                            eval_dataset=as_dataset(heldout, reference["heldout"]) if heldout else None,
@@ -312,16 +316,18 @@ def run(ctx: StageContext):
     metrics.update(evaluate_model(ctx.recipe, model, tokenizer, [p.chosen for p in heldout]))
     metrics["train_loss"] = result.training_loss
     history = [h for h in trainer.state.log_history if h.get("step", 0) > 0 or "loss" in h]
-    return register(ctx, model, tokenizer, peft_cfg, report, config_dump, history, timings, metrics, margins)
+    return register(ctx, model, tokenizer, peft_cfg, report, config_dump, history, timings, metrics, margins,
+                    baseline)
 
 
 def register(ctx: StageContext, model, tokenizer, peft_cfg, report, config_dump: dict, history: list[dict],
-             timings: dict, metrics: dict, margins: list[float]):
+             timings: dict, metrics: dict, margins: list[float], baseline: dict | None):
     title = (f"{ctx.entry_name}: held-out reward margins (accuracy {metrics.get('preference_accuracy', 0):.3f})")
     extra_files = [lambda folder: margin_histogram_png(margins, folder / "margin_histogram.png", title)]
     return register_entry(
         ctx, "policy", model, tokenizer, peft_cfg, report=report, config_dump=config_dump, history=history,
         timings=timings, metrics=metrics, adapter_extra={"targets": lora_targets(peft_cfg)},
-        manifest_extra={"preference": {"loss": ctx.config.loss, "beta": ctx.config.beta,
+        manifest_extra={"baseline": baseline_record(ctx, baseline),
+                        "preference": {"loss": ctx.config.loss, "beta": ctx.config.beta,
                                        "reference": reference_mode(ctx.config)}},
         extra_files=extra_files)

@@ -34,17 +34,19 @@ from align import distributed
 from align.data.prepare import DataReport, heldout_split
 from align.data.prompts import load_prompts
 from align.data.tokenize import encode_prompt
+from align.diskspace import disk_guard
 from align.errors import RegistryError, TrainingError
 from align.evaluate import evaluate_model
 from align.losses import kl_per_token, masked_mean
-from align.models import count_parameters
 from align.plots import reward_histogram_png, rl_curves_png
 from align.registry import write_json_atomic
 from align.rewards.checkers import fields_needed
 from align.rewards.mix import RewardMix, checker_term, reward_model_term, term_names
 from align.rl.ppo import PPOTrainer
 from align.rl.rollout import sample_rollouts
-from align.stages.base import (StageContext, StopRequest, build_policy, lora_targets, mixed_precision_args,
+from align.stages.resume import checkpoint_bytes, free_space_hint
+from align.precision import stage_precision
+from align.stages.base import (StageContext, StopRequest, baseline_record, build_policy, check_trainable, lora_targets,
                                peak_rss_mb, record_world_size, register_entry, start_run)
 
 log = logging.getLogger(__name__)
@@ -176,12 +178,17 @@ def parent_heldout(ctx: StageContext, trainer: PPOTrainer, rows: list[dict]) -> 
     path = ctx.run_dir / "heldout_before.json"
     if path.is_file():
         saved = json.loads(path.read_text())
+        ctx.budget.reserve(saved.get("seconds", 0.0))  # the same measurement follows training: keep it its time
         return saved["figures"], saved["rewards"], saved["baseline"]
     log.info("measuring the parent on the held-out prompts and the evaluation hook")
+    started = time.monotonic()
     with trainer.reference_model() as reference:
         figures, rewards = heldout_figures(trainer, rows, reference)
         baseline = evaluate_model(ctx.recipe, reference, trainer.tokenizer)
-    write_json_atomic(path, {"figures": figures, "rewards": rewards, "baseline": baseline})
+    seconds = time.monotonic() - started
+    ctx.budget.reserve(seconds)
+    write_json_atomic(path, {"figures": figures, "rewards": rewards, "baseline": baseline,
+                             "seconds": round(seconds, 2)})
     return figures, rewards, baseline
 
 
@@ -194,10 +201,13 @@ def save_checkpoint(ctx: StageContext, trainer: PPOTrainer, step: int, history: 
     final = ctx.run_dir / f"checkpoint-{step}"
     partial = ctx.run_dir / f".checkpoint-{step}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    torch.save(trainer.state_dict(), partial / STATE_FILE)
-    record_world_size(partial, distributed.world_size())  # before trainer_state.json, which marks it complete
-    (partial / "trainer_state.json").write_text(json.dumps({"global_step": step, "history": history}))
+    # A full disk is one error naming the checkpoint, its size and the intact previous one (`align.diskspace`).
+    with disk_guard(final, lambda: checkpoint_bytes(ctx.run_dir, trainer.model),
+                    lambda: free_space_hint(ctx.run_dir)):
+        partial.mkdir(parents=True)
+        torch.save(trainer.state_dict(), partial / STATE_FILE)
+        record_world_size(partial, distributed.world_size())  # before trainer_state.json, which marks it complete
+        (partial / "trainer_state.json").write_text(json.dumps({"global_step": step, "history": history}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     kept = sorted((p for p in ctx.run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
@@ -259,8 +269,10 @@ def run(ctx: StageContext):
 
     cfg = ctx.config
     process_cfg = per_process_config(cfg, ctx.name)
-    tokenizer, (train, heldout, report), config_dump, fingerprint, resume_from = start_run(
+    tokenizer, (train, heldout, report), config_dump, _, (finished, resume_from) = start_run(
         ctx, lambda tokenizer: prepare_prompts(ctx, tokenizer))
+    if finished is not None:  # re-running it would register a copy without training a step
+        return finished
     rewards, recorded_sources = build_rewards(ctx)
     model, peft_cfg = build_policy(ctx, tokenizer)
     if torch.cuda.is_available() and cfg.method != "qlora":
@@ -275,9 +287,9 @@ def run(ctx: StageContext):
                 param.requires_grad_(True)
     steps = total_steps(cfg, len(train))
     updates = steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch / cfg.minibatch)
-    bf16 = mixed_precision_args(cfg.mixed_precision, model)["bf16"]
-    trainer = PPOTrainer(process_cfg, model, tokenizer, rewards, value_head, reference, updates, bf16, critic)
-    trainable, total = count_parameters(model)
+    trainer = PPOTrainer(process_cfg, model, tokenizer, rewards, value_head, reference, updates,
+                         stage_precision(cfg).autocast, critic)
+    trainable, total = check_trainable(ctx, model)
     log.info("%s: %d train / %d held-out prompts, %d steps of %d responses; %s trainable of %s parameters; "
              "estimator %s", ctx.entry_name, len(train), len(heldout), steps, cfg.rollout_batch,
              f"{trainable:,}", f"{total:,}", cfg.estimator)
@@ -286,6 +298,7 @@ def run(ctx: StageContext):
     start, history = (load_checkpoint(trainer, resume_from) if resume_from else (0, []))
     prompts_per_step = cfg.rollout_batch // cfg.samples_per_prompt
     started = time.perf_counter()
+    ctx.budget.step_started()
     stopped_at_time_limit = False
     with StopRequest() as stop, tqdm(total=steps, initial=start, desc=f"ppo {ctx.entry_name}",
                                      disable=None) as bar:
@@ -300,10 +313,9 @@ def run(ctx: StageContext):
                             len=f"{figures['response_length']:.0f}")
             if (step + 1) % cfg.logging_steps == 0 or step == start:
                 log.info("step %d: %s", step + 1, _log_line(figures))
-            elapsed = time.perf_counter() - started
+            ctx.budget.step_done()
             # Decided together: a process that stopped alone would leave the others waiting for it.
-            at_limit = bool(distributed.all_max(int(bool(cfg.time_limit_minutes)
-                                                    and elapsed > cfg.time_limit_minutes * 60)))
+            at_limit = bool(distributed.all_max(int(ctx.budget.over())))
             interrupted = bool(distributed.all_max(int(stop.requested)))
             if (step + 1) % cfg.save_steps == 0 or step + 1 == steps or at_limit or interrupted:
                 save_checkpoint(ctx, trainer, step + 1, history)
@@ -312,15 +324,17 @@ def run(ctx: StageContext):
                                     "Run the same command again to resume.")
             if at_limit:
                 stopped_at_time_limit = True
-                log.warning("time limit of %.1f minutes reached at step %d: finishing", cfg.time_limit_minutes,
-                            step + 1)
+                log.warning("time limit of %.1f minutes for the whole stage: stopping training at step %d, keeping "
+                            "%.0f s for the evaluation and the entry", cfg.time_limit_minutes, step + 1,
+                            ctx.budget.still_to_come())
                 break
     seconds = time.perf_counter() - started
     done = len(history)
     timings = {"train_seconds": round(seconds, 2), "steps": done, "steps_this_run": done - start,
                "steps_per_minute": round((done - start) / seconds * 60, 2) if seconds and done > start else None,
-               "stopped_at_time_limit": stopped_at_time_limit, "peak_rss_mb": round(peak_rss_mb(), 1),
-               "resumed_from": str(resume_from) if resume_from else None, "mixed_precision": "bf16" if bf16 else "no",
+               "stopped_at_time_limit": stopped_at_time_limit, "budget": ctx.budget.describe(),
+               "peak_rss_mb": round(peak_rss_mb(), 1),
+               "resumed_from": str(resume_from) if resume_from else None, "mixed_precision": trainer.autocast or "no",
                **_time_split(history[start:])}
 
     after, after_rewards = distributed.on_main(lambda: heldout_figures(trainer, heldout))
@@ -346,7 +360,7 @@ def run(ctx: StageContext):
                                                     title),
                 lambda folder: write_json_atomic(folder / "heldout_rewards.json",
                                                  {"before": before_rewards, "after": after_rewards})]
-    manifest_extra = {"baseline": {"of": ctx.parent.lineage(), "metrics": baseline}, "rl": {"estimator": cfg.estimator, "rewards": recorded_sources,
+    manifest_extra = {"baseline": baseline_record(ctx, baseline), "rl": {"estimator": cfg.estimator, "rewards": recorded_sources,
                              "kl": {**cfg.kl.model_dump(), "final_coef": trainer.kl.coef},
                              "value": cfg.value if cfg.estimator == "gae" else None}}
     if value_head is not None:

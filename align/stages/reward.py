@@ -27,13 +27,13 @@ from align.data.tokenize import EncodedPair
 from align.distributed import call_through
 from align.evaluate import evaluate_reward_model
 from align.losses import pairwise_accuracy, reward_ranking_loss
-from align.models import (bnb_config, count_parameters, freeze_bottom, load_sequence_classifier, lora_config,
-                          use_attention)
+from align.models import bnb_config, freeze_bottom, load_sequence_classifier, lora_config, use_attention
 from align.plots import score_histogram_png
+from align.precision import mark, stage_precision
 from align.rewards.scoring import score_batch
 from align.shared_prompt import pair_groups
-from align.stages.base import (PairBatchesMixin, StageContext, check_finite, register_entry, safety_callbacks, start_run,
-                               train_and_time, training_arguments)
+from align.stages.base import (PairBatchesMixin, StageContext, check_finite, check_trainable, register_entry,
+                               safety_callbacks, start_run, train_and_time, training_arguments)
 from align.stages.sharded import trained_model
 
 log = logging.getLogger(__name__)
@@ -42,19 +42,22 @@ log = logging.getLogger(__name__)
 def build_model(ctx: StageContext, tokenizer):
     """The sequence classifier on the parent's weights, with LoRA/QLoRA and a fully trained score head."""
     cfg = ctx.config
-    quant = bnb_config(cfg.quant) if cfg.method == "qlora" else None
-    model = use_attention(load_sequence_classifier(ctx.parent, ctx.registry, dtype=cfg.dtype, quantization=quant,
+    precision = stage_precision(cfg)
+    log.info("stages.%s precision: %s", ctx.name, precision.describe())
+    quant = bnb_config(cfg) if cfg.method == "qlora" else None
+    model = use_attention(load_sequence_classifier(ctx.parent, ctx.registry, dtype=precision.weights,
+                                                   quantization=quant,
                                                    pad_token_id=tokenizer.pad_token_id), cfg.attention)
     if cfg.method == "full":
         freeze_bottom(model, cfg.freeze_layers)
-        return model, None
+        return mark(model, precision), None
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_cfg = lora_config(cfg.lora, task_type="SEQ_CLS", modules_to_save=["score"], model=model,
                            freeze_layers=cfg.freeze_layers)
-    return get_peft_model(model, peft_cfg), peft_cfg
+    return mark(get_peft_model(model, peft_cfg), precision), peft_cfg
 
 
 class PairCollator:
@@ -128,17 +131,19 @@ def run(ctx: StageContext):
     from transformers import TrainingArguments
 
     cfg = ctx.config
-    tokenizer, (train, heldout, report), config_dump, fingerprint, resume_from = start_run(
+    tokenizer, (train, heldout, report), config_dump, _, (finished, resume_from) = start_run(
         ctx, lambda tokenizer: prepare_pairs(ctx.recipe, cfg, tokenizer))
+    if finished is not None:
+        return finished
 
     model, peft_cfg = build_model(ctx, tokenizer)
     model.reward_pooling = cfg.pooling
-    trainable, total = count_parameters(model)
+    trainable, total = check_trainable(ctx, model)
     log.info("%s: %d train / %d held-out pairs; %s trainable of %s parameters", ctx.entry_name, len(train),
              len(heldout), f"{trainable:,}", f"{total:,}")
     args = TrainingArguments(**training_arguments(ctx, model, "steps" if heldout and cfg.eval_steps else "no",
                                                   cfg.eval_steps), label_names=[])
-    callbacks = safety_callbacks(cfg.time_limit_minutes)
+    callbacks = safety_callbacks(ctx.budget)
     trainer = make_trainer(cfg.loss, cfg.center_coef, cfg.group_by_length, cfg.max_pass_tokens, model=model,
                            args=args,
                            train_dataset=as_dataset(train),

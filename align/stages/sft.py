@@ -14,22 +14,16 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import json
 import logging
-
-import torch
 
 from align.data.prepare import (DataReport, apply_row_policy, check_dropped_share, heldout_split,
                                 load_demonstrations, tokenize_all)
-from align.distributed import is_main
 from align.errors import TrainingError
 from align.evaluate import evaluate_model
-from align.fingerprint import hash_json, tokenizer_facts
-from align.models import count_parameters, materialize
-from align.registry import write_json_atomic
 from align.stages.sft_trainer import SFT_ARGS, make_sft_trainer
-from align.stages.base import (StageContext, build_policy, prepare_run_dir, register_entry,
-                               lora_targets, safety_callbacks, stage_tokenizer, train_and_time, training_arguments)
+from align.stages.base import (StageContext, baseline_record, build_policy, check_trainable, parent_baseline,
+                               register_entry, lora_targets, safety_callbacks, start_run, train_and_time,
+                               training_arguments)
 from align.stages.sharded import trained_model
 
 log = logging.getLogger(__name__)
@@ -44,13 +38,17 @@ def prepare_data(ctx: StageContext, tokenizer):
     if cfg.eval_data is not None:
         eval_conv, eval_report = load_demonstrations(recipe, cfg.eval_data)
         apply_row_policy(eval_conv, eval_report, cfg.on_bad_rows)
+        check_dropped_share(eval_report, cfg.max_dropped_share)  # each file on its own, as plan checks them
         train_rows, eval_rows = rows, eval_conv.rows
+        train_at, eval_at, eval_where = conversations.kept_index, eval_conv.kept_index, str(cfg.eval_data.path)
     else:
         train_idx, eval_idx = heldout_split(len(rows), cfg.eval_split, cfg.seed)
         train_rows, eval_rows = [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
-    train = tokenize_all(tokenizer, train_rows, cfg.max_length, cfg.assistant_only_loss, report, str(cfg.data.path))
-    heldout = tokenize_all(tokenizer, eval_rows, cfg.max_length, cfg.assistant_only_loss, report,
-                           f"{cfg.data.path} (held-out)")
+        train_at = [conversations.kept_index[i] for i in train_idx]  # file rows, to name a dropped one
+        eval_at, eval_where = [conversations.kept_index[i] for i in eval_idx], f"{cfg.data.path} (held-out)"
+    train = tokenize_all(tokenizer, train_rows, cfg.max_length, cfg.assistant_only_loss, report, str(cfg.data.path),
+                         train_at)
+    heldout = tokenize_all(tokenizer, eval_rows, cfg.max_length, cfg.assistant_only_loss, report, eval_where, eval_at)
     report.kept = len(train) + len(heldout)
     check_dropped_share(report, cfg.max_dropped_share)
     if not train:
@@ -61,37 +59,22 @@ def prepare_data(ctx: StageContext, tokenizer):
 def run(ctx: StageContext):
     """Train, evaluate and register one SFT entry; returns the registry `Entry`."""
     cfg = ctx.config
-    torch.manual_seed(cfg.seed)
-    ctx.parent = materialize(ctx.parent, ctx.registry)
-    tokenizer = stage_tokenizer(ctx)
-    train, heldout, report = prepare_data(ctx, tokenizer)
-    config_dump = cfg.model_dump(by_alias=True)
-    fingerprint = {"config": hash_json(config_dump), "data": report.fingerprint, "seed": cfg.seed,
-                   "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-                   "parent": ctx.parent.lineage(), "tokenizer": tokenizer_facts(tokenizer)["hash"]}
-    resume_from = prepare_run_dir(ctx.run_dir, fingerprint, ctx.force)
+    tokenizer, (train, heldout, report), config_dump, _, (finished, resume_from) = start_run(
+        ctx, lambda tokenizer: prepare_data(ctx, tokenizer))
+    if finished is not None:
+        return finished
 
     model, peft_cfg = build_policy(ctx, tokenizer)
-    trainable, total = count_parameters(model)
+    trainable, total = check_trainable(ctx, model)
     log.info("%s: %d train / %d held-out examples; %s trainable of %s parameters", ctx.entry_name,
              len(train), len(heldout), f"{trainable:,}", f"{total:,}")
 
-    callbacks = safety_callbacks(cfg.time_limit_minutes)
+    callbacks = safety_callbacks(ctx.budget)
     trainer = build_trainer(ctx, model, tokenizer, train, heldout, callbacks)
     history = []
-    baseline = None
-    if resume_from is None:
-        # LoRA starts as the identity and full fine-tuning from the parent's weights: this is the parent,
-        # measured by the same hook, so the manifest shows the change the stage made.
-        log.info("evaluating the parent before training")
-        baseline = evaluate_model(ctx.recipe, model, tokenizer, heldout)
-        if is_main():
-            write_json_atomic(ctx.run_dir / "baseline.json", baseline)
-    elif (ctx.run_dir / "baseline.json").is_file():
-        baseline = json.loads((ctx.run_dir / "baseline.json").read_text())
-    if baseline is not None:
-        if heldout:
-            history.append({"step": 0, "eval_loss": baseline.get("eval_loss")})
+    baseline = parent_baseline(ctx, model, tokenizer, heldout, resume_from)
+    if baseline is not None and heldout:
+        history.append({"step": 0, "eval_loss": baseline.get("eval_loss")})
     result, timings = train_and_time(ctx, trainer, resume_from, callbacks)
     history += [h for h in trainer.state.log_history if h.get("step", 0) > 0 or "loss" in h]
 
@@ -108,7 +91,7 @@ def register(ctx: StageContext, model, tokenizer, peft_cfg, report: DataReport, 
     return register_entry(
         ctx, "policy", model, tokenizer, peft_cfg, report=report, config_dump=config_dump, history=history,
         timings=timings, metrics=metrics, adapter_extra={"targets": lora_targets(peft_cfg)},
-        manifest_extra={"baseline": {"of": ctx.parent.lineage(), "metrics": baseline} if baseline else None})
+        manifest_extra={"baseline": baseline_record(ctx, baseline)})
 
 
 def build_trainer(ctx: StageContext, model, tokenizer, train, heldout, callbacks):

@@ -128,11 +128,12 @@ def test_python_tests_caps_memory():
 
 
 def test_python_tests_has_no_network():
-    row = {"tests": "import socket\nsocket.create_connection(('example.com', 80), timeout=2)"}
-    assert score("python_tests", ADD_ONE, row) == 0.0
-    guarded = ("import socket\ntry:\n    socket.create_connection(('example.com', 80), timeout=2)\n"
-               "except OSError as err:\n    assert 'network disabled' in str(err)\nelse:\n    assert False")
-    assert score("python_tests", ADD_ONE, {"tests": guarded}) == 1.0
+    add_one = "def add_one(x):\n    return x + 1\n"
+    reach = "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\n"
+    assert score("python_tests", reach + add_one, {"tests": "assert add_one(1) == 2"}) == 0.0
+    guarded = ("import socket\ntry:\n    socket.create_connection(('1.1.1.1', 80), timeout=2)\n"
+               "except OSError:\n    refused = True\nelse:\n    refused = False\n")
+    assert score("python_tests", guarded + add_one, {"tests": "assert refused is True\nassert add_one(1) == 2"}) == 1.0
 
 
 def test_partial_scores_the_share_of_tests_that_pass():

@@ -173,6 +173,74 @@ def test_resuming_with_a_changed_seed_batch_or_data_is_refused_unless_forced(kin
     assert latest_checkpoint(run_json.parent) is not None  # nothing discarded without --force
 
 
+# ------------------------------------------------------------------------------------------ finished runs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rerunning_a_finished_stage_reports_its_entry_and_registers_nothing(kind, straight, tmp_path, tiny_base):
+    """A finished run's folder records the entry it registered, with the config hash, so running the same stage
+    again reports that entry: it used to resume from the last checkpoint, train one step past max_steps and
+    register a copy. `--force` trains it again from the start."""
+    import shutil
+
+    _, entry = straight(kind)
+    source, folder = entry.path.parents[3], tmp_path / "rerun"
+    shutil.copytree(source / "runs", folder / "runs")
+    shutil.copytree(source / "registry", folder / "registry")
+    recipe = validate_recipe(_raw(source, tiny_base, kind), [], source=str(source / "r.yaml"))
+    registry = Registry(folder / "registry")
+
+    again = run_recipe(recipe, registry, runs_root=folder / "runs")[kind]
+    assert again.ref == entry.ref and registry.versions(f"tiny/{kind}") == [entry.version]
+    record = json.loads((folder / "runs" / "tiny" / kind / "registered.json").read_text())
+    assert record["entry"] == entry.ref and record["config_hash"] == entry.manifest["config_hash"]
+
+    forced = run_recipe(recipe, registry, runs_root=folder / "runs", force=True)[kind]
+    assert forced.version == entry.version + 1
+    assert forced.manifest["timings"]["steps"] == COMMON["max_steps"]
+    assert forced.manifest["timings"]["resumed_from"] is None
+
+
+def test_a_finished_run_whose_entry_is_gone_trains_again_from_the_start(straight, tmp_path, tiny_base):
+    """Its run folder in hand but not its entry (another registry): the run trains afresh to max_steps, not on
+    from its final checkpoint."""
+    import shutil
+
+    _, entry = straight("sft")
+    source = entry.path.parents[3]
+    shutil.copytree(source / "runs", tmp_path / "runs")
+    recipe = validate_recipe(_raw(source, tiny_base, "sft"), [], source=str(source / "r.yaml"))
+    fresh = run_recipe(recipe, Registry(tmp_path / "registry"), runs_root=tmp_path / "runs")["sft"]
+    assert fresh.ref == "tiny/sft@1" and fresh.manifest["timings"]["steps"] == COMMON["max_steps"]
+    assert fresh.manifest["timings"]["resumed_from"] is None
+
+
+# ------------------------------------------------------------------------------------------ nothing to train
+
+
+@pytest.mark.parametrize("kind", ["sft", "reward", "dpo", "ppo"])
+def test_a_stage_that_would_train_no_parameters_is_refused_before_training(kind, tmp_path, tiny_base, monkeypatch):
+    """Every stage counts its trainable parameters before its first step: none is an error naming the stage, and
+    nothing is registered (SFT and DPO failed at step 1 on autograd; PPO registered an untouched copy)."""
+    module = importlib.import_module(f"align.stages.{kind}")
+    builder = "build_model" if kind == "reward" else "build_policy"
+    real = getattr(module, builder)
+
+    def frozen(ctx, tokenizer):
+        model, peft_cfg = real(ctx, tokenizer)
+        return model.requires_grad_(False), peft_cfg
+
+    monkeypatch.setattr(module, builder, frozen)
+    stage = {"method": "full", "max_steps": 2}
+    if kind == "ppo":
+        stage.update(rollout_batch=4, minibatch=4, batch_size=4, generation={"max_new_tokens": 4})
+    ctx = _context(tmp_path, tiny_base, kind, stage)
+    with pytest.raises(TrainingError, match=rf"stages\.{kind}: method full on .* leaves 0 of [\d,]+ parameters "
+                                            "trainable"):
+        module.run(ctx)
+    assert ctx.registry.list() == []
+
+
 def test_prepare_run_dir_names_each_changed_part(tmp_path):
     fingerprint = {"config": "c", "data": "d", "seed": 0, "batch_size": 8, "grad_accum": 1}
     assert prepare_run_dir(tmp_path, fingerprint, force=False) is None

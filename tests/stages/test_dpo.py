@@ -104,6 +104,39 @@ def test_variants_learn(tmp_path, tiny_base, stage):
     assert metrics["reward_margin"] > 0
 
 
+def test_full_fine_tuning_from_a_lora_entry_trains_the_merged_weights(tmp_path, tiny_base):
+    """`method: full` (with a frozen `reference: copy`) from a LoRA entry trains every merged weight; it used to
+    fail at step 1 on 0 trainable parameters, PEFT having loaded the adapter frozen."""
+    from tiny_entries import register_adapter, unmerged
+
+    parent = register_adapter(Registry(tmp_path / "registry"), tiny_base, name="tiny/lora")
+    _, _, entry = _train(tmp_path, tiny_base, {"from": parent.ref, "method": "full", "reference": "copy",
+                                               "max_steps": 4, "lr": 1e-3})
+    assert entry.artifact["type"] == "full" and entry.manifest["parent"] == {"source": "registry", "ref": parent.ref}
+    merged = unmerged(parent).merge_and_unload().state_dict()
+    trained = load_file(str(entry.file("model", "model.safetensors")))
+    unchanged = [k for k in trained if torch.equal(trained[k], merged[k])]
+    assert not unchanged, f"not trained: {unchanged}"
+
+
+def test_the_manifest_holds_the_parents_baseline_measured_by_the_same_hook(lora_run, tiny_base):
+    """As SFT and PPO entries do: the parent through the same evaluation hook as the entry (held-out chosen
+    responses), so the manifest, and `align run`'s summary, show what the stage changed."""
+    from align.evaluate import evaluate_model
+
+    recipe, registry, entry = lora_run
+    baseline, metrics = entry.manifest["baseline"], entry.manifest["metrics"]
+    parent = ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base))
+    assert baseline["of"] == parent.lineage()
+    assert baseline["metrics"]["eval_fingerprint"] == metrics["eval_fingerprint"]
+    tokenizer = load_tokenizer(parent, registry)
+    _, heldout, _ = prepare_pairs(recipe, recipe.stages["dpo"], tokenizer)
+    measured = evaluate_model(recipe, load_causal_lm(parent, registry, dtype="fp32").eval(), tokenizer,
+                              [p.chosen for p in heldout])
+    assert baseline["metrics"]["eval_loss"] == pytest.approx(measured["eval_loss"], rel=1e-3)
+    assert baseline["metrics"]["eval_loss"] != pytest.approx(metrics["eval_loss"], rel=1e-3)
+
+
 def test_adapter_disabled_reference_is_the_parent(tmp_path, tiny_base):
     """With the adapter switched off the policy computes the parent's log-probs, before and after training."""
     recipe, registry, entry = _train(tmp_path, tiny_base, {"reference": "adapter_disabled", "max_steps": 8})
@@ -162,6 +195,7 @@ def test_interrupted_run_resumes_to_the_same_result(lora_run, tmp_path):
     shutil.copytree(Path(recipe.source).parent / "runs", runs_root)
     run_dir = runs_root / "tiny" / "dpo"
     shutil.rmtree(run_dir / "checkpoint-24")  # as if stopped after the checkpoint at step 12
+    (run_dir / "registered.json").unlink()  # and so never registered
     saved = (run_dir / "reference_logps.pt").stat().st_mtime_ns
     registry = Registry(tmp_path / "registry")
     run_recipe(recipe, registry, runs_root=runs_root)
@@ -173,6 +207,7 @@ def test_interrupted_run_resumes_to_the_same_result(lora_run, tmp_path):
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
     assert resumed["metrics"]["reward_margin"] == pytest.approx(original.manifest["metrics"]["reward_margin"],
                                                                 abs=1e-3)
+    assert resumed["baseline"] == original.manifest["baseline"]  # measured once, kept in the run folder
 
 
 def test_exploding_loss_stops_and_registers_nothing(tmp_path, tiny_base):

@@ -256,6 +256,40 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_base, monkey
         assert all(torch.allclose(x[k], y[k], atol=1e-6, rtol=0) for k in x), name
 
 
+def test_full_fine_tuning_from_a_lora_entry_trains_the_merged_weights(tmp_path, tiny_base):
+    """`method: full` from a LoRA entry trains every merged weight; it used to log 0 trainable parameters, run,
+    and register weights equal to the merged parent's (PEFT loads an adapter frozen)."""
+    from safetensors.torch import load_file
+
+    from tiny_entries import register_adapter, unmerged
+
+    parent = register_adapter(Registry(tmp_path / "registry"), tiny_base, name="tiny/lora")
+    _, _, entry = _train(tmp_path, tiny_base, {"from": parent.ref, "method": "full", "max_steps": 2, "lr": 1e-3})
+    assert entry.artifact["type"] == "full" and entry.manifest["parent"] == {"source": "registry", "ref": parent.ref}
+    merged = unmerged(parent).merge_and_unload().state_dict()
+    trained = load_file(str(entry.file("model", "model.safetensors")))
+    moved = [k for k in trained if not torch.equal(trained[k], merged[k])]
+    assert len(moved) > len(trained) // 2, f"{len(moved)} of {len(trained)} tensors trained"
+
+
+def test_a_rerun_recipe_reports_its_finished_stages_and_goes_on(tmp_path, tiny_base):
+    """After `--stage sft` (as after a later stage failed), running the whole recipe reports the finished SFT
+    entry and trains PPO from it; running it once more reports both. Nothing is registered twice: PPO used to
+    register a copy without training, and SFT a copy trained one step past max_steps."""
+    from conftest import FAST_STAGE, SFT_ROWS
+
+    sft = {"data": str(write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)), **FAST_STAGE, "max_steps": 2}
+    recipe = _recipe(tmp_path, tiny_base, {"from": "sft", "max_steps": 2}, extra_stages={"sft": sft})
+    registry, runs = Registry(tmp_path / "registry"), tmp_path / "runs"
+    assert run_recipe(recipe, registry, only=["sft"], runs_root=runs)["sft"].ref == "tiny/sft@1"
+    entries = run_recipe(recipe, registry, runs_root=runs)
+    assert entries["sft"].ref == "tiny/sft@1"
+    assert entries["ppo"].manifest["parent"] == {"source": "registry", "ref": "tiny/sft@1"}
+    again = run_recipe(recipe, registry, runs_root=runs)
+    assert {name: entry.ref for name, entry in again.items()} == {"sft": "tiny/sft@1", "ppo": "tiny/ppo@1"}
+    assert [e.ref for e in registry.list()] == ["tiny/ppo@1", "tiny/sft@1"]
+
+
 def test_plan_time_settings_errors_are_named(tmp_path, tiny_base):
     from align.errors import ConfigError
 

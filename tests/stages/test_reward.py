@@ -194,6 +194,7 @@ def test_interrupted_run_resumes_to_the_same_result(lora_run, tmp_path, tiny_bas
     shutil.copytree(lora_run.folder / "runs", runs_root)
     run_dir = runs_root / "tiny" / "reward"
     shutil.rmtree(run_dir / "checkpoint-30")  # as if stopped after the checkpoint at step 20
+    (run_dir / "registered.json").unlink()  # and so never registered
     registry = Registry(tmp_path / "registry")
     run_recipe(lora_run.recipe, registry, runs_root=runs_root)
     resumed, original = registry.resolve("tiny/reward").manifest, lora_run.entry.manifest

@@ -183,6 +183,26 @@ def test_full_finetune_registers_full_weights_that_changed(full_run, tiny_base):
     assert torch.equal(loaded["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_full_finetune_from_an_adapter_entry_trains_the_merged_weights(method, tiny_raw_recipe, tiny_base, tmp_path):
+    """`method: full` from a LoRA or QLoRA entry: every merged weight trains (PEFT loads the adapter frozen, and
+    the stage used to fail at step 1 on 0 trainable parameters), and the entry's full weights moved away from
+    the merged parent."""
+    from tiny_entries import register_adapter, unmerged
+
+    registry = Registry(tmp_path / "registry")
+    parent = register_adapter(registry, tiny_base, name="tiny/adapter", method=method)
+    raw = tiny_raw_recipe(tmp_path, {"method": "full", "from": parent.ref, "max_steps": 3})
+    recipe = validate_recipe(raw, [], source=str(tmp_path / "r.yaml"))
+    entry = run_recipe(recipe, registry, runs_root=tmp_path / "runs")["sft"]
+    assert entry.artifact["type"] == "full" and entry.manifest["timings"]["steps"] == 3
+    assert entry.manifest["parent"] == {"source": "registry", "ref": parent.ref}
+    merged = unmerged(parent).merge_and_unload().state_dict()
+    trained = load_file(str(entry.file("model", "model.safetensors")))
+    unchanged = [k for k in trained if torch.equal(trained[k], merged[k])]
+    assert not unchanged, f"not trained: {unchanged}"
+
+
 # ------------------------------------------------------------------------------------------ run folder
 
 
@@ -232,6 +252,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(lora_run, tmp_path):
     shutil.copytree(lora_run.runs_root, runs_root)
     run_dir = runs_root / "tiny" / "sft"
     shutil.rmtree(run_dir / "checkpoint-8")  # as if stopped after the checkpoint at step 5
+    (run_dir / "registered.json").unlink()  # and so never registered
     registry = Registry(tmp_path / "registry")
     recipe = validate_recipe(lora_run.raw, [], source=lora_run.recipe.source)
 
