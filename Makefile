@@ -12,7 +12,7 @@ NPROC  ?= 1
 ENGINE ?=
 SCALE  := $(if $(filter-out 1,$(NPROC)),--nproc $(NPROC)) $(if $(ENGINE),--engine $(ENGINE))
 
-.PHONY: setup test quickstart plan sft rm ppo dpo models eval report chat clean
+.PHONY: setup test quickstart plan sft rm ppo dpo models recipes eval report chat clean
 
 $(BIN)/align: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ dpo: setup  ## run the DPO stage of RECIPE
 models: setup  ## list registry entries
 	$(BIN)/align models list
 
+recipes: setup  ## list the shipped recipes with what each is for
+	$(BIN)/align recipes
+
 eval: setup  ## evaluate REF (eval settings of the recipe in its manifest; ARGS="--against REF2 --limit 20")
 	@test -n "$(REF)" || (echo "usage: make eval REF=quickstart/sft [ARGS=...]" && exit 2)
 	$(BIN)/align eval $(REF) $(ARGS)
@@ -74,6 +77,11 @@ STEPS ?=
 
 bench: setup  ## align vs plain TRL + PEFT on the same work, every stage (STEPS=N per stage; ARGS="--tiny" or "--stage sft")
 	$(BIN)/align bench $(if $(STEPS),--steps $(STEPS)) $(ARGS)
+
+.PHONY: gpu-check
+
+gpu-check: setup  ## every stage on a GPU, with TRL + PEFT on the same work, into gpu_check/ (ARGS="--dry-run" on a CPU)
+	$(BIN)/python benchmarks/gpu_check.py $(ARGS)
 
 clean:  ## remove run folders (checkpoints); the registry is kept
 	rm -rf runs

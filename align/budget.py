@@ -1,8 +1,8 @@
 """A stage's time budget, end to end: `time_limit_minutes` counts from the stage's start (loading, the
 reference pass, the parent's baseline evaluation) to its registry entry, not from its first training step.
 
-Why: a limit on training alone let the HH DPO stage run 45 minutes on a CPU without native bf16 (a
-21-minute reference pass, then 20 minutes of training, then the evaluation) under a 20-minute limit.
+Why: a limit on training alone let a DPO stage run twice its limit on a slower CPU (a long reference pass
+before training, then the evaluation after it).
 Training stops early enough to leave the final evaluation its time: the parent's baseline evaluation is
 the same work and is measured, and the held-out pass is estimated from the training steps' own pace.
 """

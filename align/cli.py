@@ -67,7 +67,7 @@ def cmd_run(args) -> int:
     registry = _registry(args, recipe)
     if distributed.is_main():
         registry.clean_staging()  # entries half-written by a run that crashed while registering
-    produced = run_recipe(recipe, registry, args.stage, force=args.force)
+    produced = run_recipe(recipe, registry, args.stage, force=args.force, continue_run=args.continue_run)
     if not distributed.is_main():
         return 0
     for name, entry in produced.items():
@@ -84,7 +84,9 @@ def cmd_run(args) -> int:
 def cmd_models(args) -> int:
     registry = _registry(args)
     if args.models_cmd == "list":
-        return _models_list(registry)
+        return _models_list(registry, recipe=args.recipe, kind=args.kind, name=args.name)
+    if args.models_cmd == "rm":
+        return _models_rm(registry, args.ref, args.force)
     if args.models_cmd == "verify":
         return _models_verify(registry, args.ref)
     if args.models_cmd == "show":
@@ -103,14 +105,20 @@ def cmd_models(args) -> int:
     raise AssertionError(args.models_cmd)
 
 
-def _models_list(registry) -> int:
+def _models_list(registry, recipe: str | None = None, kind: str | None = None, name: str | None = None) -> int:
     """Every entry with the state of its files (sizes and headers, cheap), and each manifest that does not
-    read named on its own line: one damaged entry never hides the others."""
+    read named on its own line: one damaged entry never hides the others. `recipe`, `kind`, `name` keep the
+    entries that match all three (an unreadable manifest is shown whenever its ref matches `name`)."""
     from align.integrity import entry_problems
 
     entries, unreadable = registry.scan()
     if not entries and not unreadable:
         print(f"registry {registry.root} is empty")
+        return 0
+    entries = [e for e in entries if _entry_matches(e, recipe, kind, name)]
+    unreadable = [u for u in unreadable if _name_matches(u[0].split("@")[0], name)]
+    if not entries and not unreadable:
+        print(f"no entry of registry {registry.root} matches {_filters_text(recipe, kind, name)}")
         return 0
     print(f"{'ref':40} {'kind':8} {'artifact':8} {'files':8} {'parent':34} created")
     for e in entries:
@@ -123,6 +131,37 @@ def _models_list(registry) -> int:
             print(f"    damaged: {problem}")
     for ref, path, why in unreadable:
         print(f"{ref:40} {'?':8} {'?':8} {'UNREADABLE':8} {path}: {why}")
+    return 0
+
+
+def _entry_matches(entry, recipe: str | None, kind: str | None, name: str | None) -> bool:
+    """`models list` filters: the recipe that made the entry (or its name's first part), its kind, its name."""
+    made_by = (entry.manifest.get("recipe") or {}).get("name")
+    if recipe is not None and recipe not in (made_by, entry.name.split("/")[0]):
+        return False
+    return (kind is None or entry.kind == kind) and _name_matches(entry.name, name)
+
+
+def _name_matches(entry_name: str, pattern: str | None) -> bool:
+    """A glob (`quickstart/*`) when the pattern has wildcards, else a substring of the name."""
+    import fnmatch
+
+    if pattern is None:
+        return True
+    return fnmatch.fnmatchcase(entry_name, pattern) if any(c in pattern for c in "*?[") else pattern in entry_name
+
+
+def _filters_text(recipe, kind, name) -> str:
+    return ", ".join(f"--{key} {value}" for key, value in (("recipe", recipe), ("kind", kind), ("name", name))
+                     if value is not None)
+
+
+def _models_rm(registry, ref: str, force: bool) -> int:
+    """`align models rm REF`: one entry out of the registry, whole (see `Registry.remove`)."""
+    entry, dependents = registry.remove(ref, force=force)
+    print(f"removed {entry.ref} ({entry.kind}, was {entry.path})")
+    if dependents:
+        print(f"    still naming it (--force): {', '.join(d.ref for d in dependents)}")
     return 0
 
 
@@ -323,11 +362,55 @@ def _positive(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    """The installed package's version, with the library versions a bug report needs."""
+    from importlib import metadata
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"{installed('align')} (python {sys.version.split()[0]}, torch {installed('torch')}, transformers "
+            f"{installed('transformers')}, trl {installed('trl')}, peft {installed('peft')})")
+
+
+class _PrintVersion(argparse.Action):
+    """`align --version`: one unwrapped line (argparse's own version action wraps it to the terminal)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"align {_version()}")
+        parser.exit()
+
+
+def cmd_recipes(args) -> int:
+    from pathlib import Path
+
+    from align.catalog import RECIPES_DIR, format_table, shipped_recipes
+
+    folder = Path(args.folder) if args.folder else RECIPES_DIR
+    if not folder.is_dir():
+        print(f"error: {folder}: no such folder", file=sys.stderr)
+        return 2
+    recipes = shipped_recipes(folder)
+    if not recipes:
+        print(f"no recipes in {folder}")
+        return 0
+    print(format_table(recipes, root=Path.cwd()))  # paths as `align run` takes them from here
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="Post-training alignment: SFT, reward models, PPO, DPO.")
     parser.add_argument("--registry", help="registry folder (default: $ALIGN_REGISTRY or ./registry)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action=_PrintVersion, nargs=0, help="print the versions of align and its "
+                        "main libraries, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("recipes", help="list the shipped recipes with what each is for")
+    p.add_argument("folder", nargs="?", help="list the recipes in this folder instead")
+    p.set_defaults(fn=cmd_recipes)
 
     def recipe_args(p):
         p.add_argument("recipe", help="recipe YAML file")
@@ -339,8 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("run", help="run a recipe's stages")
     recipe_args(p)
-    p.add_argument("--force", action="store_true", help="discard an incompatible unfinished run instead of refusing, "
-                   "and train a finished stage again instead of reporting its entry")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--force", action="store_true", help="discard an incompatible unfinished run instead of refusing, "
+                      "and train a finished stage again instead of reporting its entry")
+    mode.add_argument("--continue", dest="continue_run", action="store_true", help="train a finished stage on for "
+                      "more steps (with a higher max_steps or epochs) from its last checkpoint, optimizer state "
+                      "and schedule position kept; registers a new version that records the entry it continues")
     scale = p.add_argument_group("several processes (re-runs this command under `accelerate launch`)")
     scale.add_argument("--nproc", type=_positive, default=1, help="processes in all (all machines together)")
     scale.add_argument("--engine", help="ddp (default with --nproc), fsdp, zero2, zero3 (DeepSpeed), or an accelerate "
@@ -423,7 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list, show, verify or pull registry entries")
     msub = p.add_subparsers(dest="models_cmd", required=True)
-    msub.add_parser("list", help="all entries, with the state of their files")
+    listing = msub.add_parser("list", help="all entries, with the state of their files")
+    listing.add_argument("--recipe", help="only entries made by this recipe (its `name:`)")
+    listing.add_argument("--kind", choices=["base", "policy", "reward", "merged", "exported"], help="only this kind")
+    listing.add_argument("--name", help="only names containing this text, or matching this glob (quickstart/s*)")
+    remove = msub.add_parser("rm", help="remove an entry (refused while other entries descend from it)")
+    remove.add_argument("ref", help="NAME@VERSION (NAME alone: its latest version)")
+    remove.add_argument("--force", action="store_true", help="remove it even though other entries name it")
     verify = msub.add_parser("verify", help="check entries' files against the hashes recorded at registration")
     verify.add_argument("ref", nargs="*", help="entries to check (default: all)")
     show = msub.add_parser("show", help="one entry's manifest")
@@ -446,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries(args.verbose)
     try:
         code = args.fn(args)
         sys.stdout.flush()  # a reader that went away (`| head -1`) shows up here, not at interpreter exit
@@ -460,6 +554,20 @@ def main(argv: list[str] | None = None) -> int:
         return _reader_gone()
     except Exception as err:
         return _disk_full(err)
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """The console shows align's own lines: the libraries' deprecation notices (transformers' renamed
+    arguments, torch's) and bitsandbytes' note about an optional CPU kernel package say nothing a user of
+    align can act on. `--verbose` shows them."""
+    import warnings
+
+    if verbose:
+        return
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|torch|peft|trl|accelerate)\b")
+    warnings.filterwarnings("ignore", message=r".*(is deprecated|will be removed).*", category=UserWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _reader_gone() -> int:

@@ -334,14 +334,14 @@ def _mean_nll(model, data: list[Encoded], pad_id: int, batch_size: int) -> float
 
 def load_eval_prompts(recipe) -> tuple[list[dict], str | None]:
     """Rows of the recipe's `eval.prompts`, each with `messages` (the prompt as chat) and its other fields."""
-    from align.data.io import fingerprint, read_rows
+    from align.data.io import fingerprint, read_rows, spec_options
     from align.data.prompts import prompt_messages
 
     spec = recipe.eval.prompts
     if spec is None:
         return [], None
     path = recipe.resolve_path(spec.path) if not spec.path.startswith("hf:") else spec.path
-    rows = read_rows(path, split=spec.split, limit=spec.limit)[: recipe.eval.limit]
+    rows = read_rows(path, **spec_options(spec))[: recipe.eval.limit]
     return [{**row, "messages": prompt_messages(row)} for row in rows], fingerprint(path, rows)
 
 

@@ -2,9 +2,8 @@
 
 Why our own: preference losses need log p(response | prompt), i.e. the vocabulary projection at response
 positions only. Projecting every position (as `model(...).logits` does, and as TRL's fused head does on
-devices without Triton, CPUs included) spends most of the head's work on prompt tokens: measured on
-SmolLM2-135M with HH pairs on 2 CPU cores, TRL's `DPOTrainer` took 28.7 s per step of 8 pairs where this
-path, with the same LoRA and reference, took 10.8 s. The head runs in fp32 even under bf16 autocast: bf16
+devices without Triton, CPUs included) spends most of the head's work on prompt tokens (TRL's
+`DPOTrainer` against this path: docs/results.md). The head runs in fp32 even under bf16 autocast: bf16
 logits are rounded to ~0.4%, which over a 50-token response is ~0.5 nats of noise in a DPO log-ratio.
 """
 
@@ -48,15 +47,19 @@ def head_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return torch.cat(parts)
 
 
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                   groups: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                   groups: list[list[int]] | None = None,
+                   position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probs of the labelled tokens [B], number of labelled tokens [B]) for right-padded rows.
     `labels` is `input_ids` with unscored positions set to -100; position t is predicted from t - 1.
     `groups`: rows sharing their prompt (the unlabelled start), run once per group where they do
-    (`align.shared_prompt`; e.g. `pair_groups` for a batch of chosen then rejected rows)."""
+    (`align.shared_prompt`; e.g. `pair_groups` for a batch of chosen then rejected rows). `position_ids`
+    without an attention mask: packed rows (`align.data.packing`), sums per row, not per conversation."""
     trunk, head = causal_parts(model)
     hidden = _shared_hidden(model, input_ids, attention_mask, labels, groups) if groups else None
-    if hidden is None:
+    if hidden is None and position_ids is not None:
+        hidden = trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    elif hidden is None:
         hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     targets = labels[:, 1:].to(hidden.device)
     scored = targets != IGNORE
@@ -127,6 +130,31 @@ def trunk_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
         return trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     with _blocks(trunk, start, None, final_norm=True):
         return trunk(inputs_embeds=prefix, attention_mask=attention_mask).last_hidden_state
+
+
+def labelled_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The final hidden states that predict each labelled token, [N, H] in row-major order of `labels[:, 1:]`."""
+    hidden = trunk_hidden(model, input_ids, attention_mask)[:, :-1]
+    return hidden[labels[:, 1:].to(hidden.device) != IGNORE]
+
+
+KL_CHUNK = 256  # positions per exact-KL chunk: two [KL_CHUNK, vocab] fp32 log-softmaxes held at once
+
+
+def distribution_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Exact KL(p || q) at each position [N], summed over the whole vocabulary, between the next-token
+    distributions p = softmax(hidden W^T / T) and q = softmax(ref_hidden W_ref^T / T). Unlike the k1
+    estimate log p(x) - log q(x) of the sampled token, it has no sampling noise and is never negative (a
+    fp32 rounding below zero is clamped), so a mean over a few held-out responses means what it says."""
+    parts = []
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        for start in range(0, hidden.size(0), KL_CHUNK):
+            stop = start + KL_CHUNK
+            logp = torch.log_softmax(hidden[start:stop].float() @ weight.float().t() / temperature, dim=-1)
+            logq = torch.log_softmax(ref_hidden[start:stop].float() @ ref_weight.float().t() / temperature, dim=-1)
+            parts.append((logp.exp() * (logp - logq)).sum(dim=-1).clamp_min(0.0))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------ shared prompts

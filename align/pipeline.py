@@ -22,7 +22,12 @@ RUNNERS = {"sft": "align.stages.sft", "reward": "align.stages.reward",
 
 
 def run_recipe(recipe, registry: Registry | None = None, only: list[str] | None = None,
-               force: bool = False, runs_root: Path = Path("runs")) -> dict[str, Entry]:
+               force: bool = False, runs_root: Path = Path("runs"), continue_run: bool = False) -> dict[str, Entry]:
+    """Run the recipe's stages (`only`: these); each logs into its run folder's `log.txt` (`align.runlog`).
+    `continue_run`: a finished stage whose length grew trains on from its last checkpoint
+    (`align.stages.continuing`)."""
+    from align.runlog import stage_log
+
     plan = make_plan(recipe, registry, only)
     for warning in plan.warnings():
         log.warning("%s", warning)
@@ -33,10 +38,11 @@ def run_recipe(recipe, registry: Registry | None = None, only: list[str] | None 
             parent = ModelSource(ref=entry.ref, kind="registry", entry=entry)
         else:
             parent = stage.parent_source
-        log.info("stage %s [%s] from %s", stage.name, stage.kind, parent.describe())
         ctx = StageContext(recipe=recipe, name=stage.name, config=recipe.stages[stage.name], registry=plan.registry,
-                           parent=parent, runs_root=runs_root, force=force)
+                           parent=parent, runs_root=runs_root, force=force, continue_run=continue_run)
         runner = importlib.import_module(RUNNERS[stage.kind])
-        with evaluation_registry(plan.registry):  # the hook resolves eval.reward_model / eval.against here
-            produced[stage.name] = runner.run(ctx)
+        with stage_log(ctx.run_dir, stage.name):
+            log.info("stage %s [%s] from %s", stage.name, stage.kind, parent.describe())
+            with evaluation_registry(plan.registry):  # the hook resolves eval.reward_model / eval.against here
+                produced[stage.name] = runner.run(ctx)
     return produced

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.data.formats import load_conversations
-from align.data.io import check_source, is_hub_dataset, read_rows
+from align.data.io import check_source, is_hub_dataset, read_rows, spec_options
 from align.data.preference import load_pairs
 from align.data.prompts import prompt_problems
 from align.data.prepare import (DataReport, apply_pair_policy, apply_row_policy, dropped_share_problem,
@@ -285,7 +285,7 @@ def _longest_sft_row(recipe, cfg, tokenizer, limit: int = 5000) -> int | None:
     if tokenizer is None or is_hub_dataset(cfg.data.path):
         return None
     try:
-        rows = read_rows(recipe.resolve_path(cfg.data.path), split=cfg.data.split, limit=cfg.data.limit or limit)
+        rows = read_rows(recipe.resolve_path(cfg.data.path), **{**spec_options(cfg.data), "limit": cfg.data.limit or limit})
         conversations = load_conversations(rows[:limit], cfg.data.format, str(cfg.data.path))
         if cfg.chat_template is not None:
             from align.stages.base import read_chat_template
@@ -417,14 +417,15 @@ def _check_data(recipe, spec, where: str, cfg, problems: list[Problem], bad: set
     the checkers' fields) are left out, the file and format checks still run."""
     policy_ok = not bad & {"on_bad_rows", "max_dropped_share"}
     if is_hub_dataset(spec.path):
-        return [f"{where.split('.')[-1]}: hub dataset {spec.path[3:]} (checked when loaded)"]
+        pinned = "".join(f", {key} {getattr(spec, key)}" for key in ("config", "revision") if getattr(spec, key))
+        return [f"{where.split('.')[-1]}: hub dataset {spec.path[3:]} (split {spec.split}{pinned}; checked when loaded)"]
     path = recipe.resolve_path(spec.path)
     why = check_source(path)
     if why:
         problems.append(Problem(where, f"{spec.path}: {why}"))
         return []
     try:
-        rows = read_rows(path, split=spec.split, limit=spec.limit)
+        rows = read_rows(path, **spec_options(spec))
     except AlignError as err:
         problems.append(Problem(where, str(err)))
         return []
@@ -505,7 +506,7 @@ def _check_eval(recipe, problems: list[Problem], bad: set[str] = frozenset()) ->
         problems.append(Problem("eval.prompts", f"{spec.path}: {why}"))
         return
     try:
-        rows = read_rows(path, split=spec.split, limit=spec.limit)
+        rows = read_rows(path, **spec_options(spec))
     except AlignError as err:
         problems.append(Problem("eval.prompts", str(err)))
         return

@@ -50,8 +50,7 @@ def raise_conflicts(messages: list[str]) -> None:
 
 class LoraSettings(Strict):
     """LoRA shape. Dropout defaults to 0 (PEFT's own default): on a CPU the random masks cost more than the
-    adapter's matmuls (measured, reward model at 16 x 384 tokens on 2 cores: 26.8 s a step with 0.05, 16.7 s
-    without), and on the short runs this framework targets it regularises little."""
+    adapter's matmuls (docs/results.md), and on the short runs this framework targets it regularises little."""
 
     r: int = Field(16, gt=0)
     alpha: float = Field(32, gt=0)
@@ -68,17 +67,34 @@ class QuantSettings(Strict):
 
 
 class DataSpec(Strict):
-    """Where rows come from: a local JSONL/JSON/parquet file or a hub dataset id (`hf:org/name`)."""
+    """Where rows come from: a local JSONL/JSON/parquet file or a hub dataset id (`hf:org/name`). A hub dataset
+    may need its `config` (subset: `hf:openai/gsm8k` has "main" and "socratic") and can be pinned to a
+    `revision` (branch, tag or commit). `columns` ({new: old}) renames a dataset's fields to those of a known
+    format, e.g. {prompt: question, completion: answer}; a row without a named field is an error."""
 
     path: str
     format: Literal["auto", "messages", "prompt_completion", "alpaca", "preference", "prompts"] = "auto"
     split: str = "train"
     limit: int | None = Field(None, gt=0)
+    config: str | None = Field(None, min_length=1)
+    revision: str | None = Field(None, min_length=1)
+    columns: dict[str, str] = {}
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataSpec":
+        hub_only = [key for key in ("config", "revision") if getattr(self, key) is not None]
+        if hub_only and not self.path.startswith("hf:"):
+            raise ValueError(f"{' and '.join(hub_only)} appl{'y' if len(hub_only) > 1 else 'ies'} to hub datasets "
+                             f"(path: hf:org/name) only, not to {self.path}")
+        empty = [f"{new!r}: {old!r}" for new, old in self.columns.items() if not new.strip() or not old.strip()]
+        if empty:
+            raise ValueError(f"columns: names must not be empty ({', '.join(empty)}); write columns as {{new: old}}")
+        return self
 
 
 class GenerationSettings(Strict):
@@ -154,9 +170,8 @@ class StageBase(Strict):
     seed: int = 0
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # The attention kernel: `auto` keeps transformers' choice (SDPA). On a CPU with short rows `eager` (plain
-    # matmuls and softmax) is faster but keeps the T x T attention weights for the backward pass: measured on
-    # a reward step, 8 HH pairs at max 256 tokens with 12 frozen blocks on 2 cores, 5.31 s and 5.8 GB against
-    # SDPA's 5.93 s and 4.9 GB; at max 384 with no frozen blocks 8.99 against 9.26 s, 9.8 against 7.9 GB.
+    # matmuls and softmax) is faster but keeps the T x T attention weights for the backward pass (more
+    # memory; docs/results.md has the figures).
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "auto"
     lr: float = Field(2e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
@@ -189,17 +204,15 @@ class TrainerPasses(Strict):
     """For the stages trained by a transformers `Trainer` (SFT, reward, DPO): how a batch's forward and
     backward passes run."""
 
-    # Recompute each block's activations in the backward pass instead of keeping them: ~40% more compute, a
-    # fraction of the memory (reward model, 16 x 384 tokens on 2 cores: 4.0 GB and 20.7 s a step against
-    # 10.1 GB and 14.9 s). Off by default: with memory to spare, speed is learning quality. Prompts shared
+    # Recompute each block's activations in the backward pass instead of keeping them: more compute, a
+    # fraction of the memory (docs/results.md). Off by default: with memory to spare, speed is learning
+    # quality. Prompts shared
     # by a pair's two sides then run once per row (a checkpointed block keeps no KV cache to share).
     gradient_checkpointing: bool = False
     # A batch over this many padded tokens (rows x width) trains in several forward/backward passes of about
     # this size (whole rows; both rows of a pair together), with the same gradient: faster on a CPU and less
-    # memory, as a big pass's fresh activations cost more than the extra passes. `align bench`'s align side
-    # on 2 cores, 1024 against one pass: SFT (4 x 512) 311 against 227-251 tokens/s, peak 3.1 against 4.4
-    # GB; reward (8 pairs x 384) 323 against 298 (4096) tokens/s, 3.5 against 6.1 GB; DPO 290 against 257
-    # (4096), 4.1 against 6.9 GB. None: one pass.
+    # memory, as a big pass's fresh activations cost more than the extra passes (docs/results.md). None:
+    # one pass.
     max_pass_tokens: int | None = Field(1024, gt=0)
 
 
@@ -209,6 +222,9 @@ class SFTStage(StageBase, TrainerPasses):
     eval_data: DataSpec | None = None
     eval_split: float = Field(0.1, ge=0, lt=1)
     assistant_only_loss: bool = True
+    # Each batch's `batch_size` conversations packed several to a row of at most `max_length` tokens, position
+    # ids restarting per conversation so none attends to another (`align.data.packing`); batches then come in
+    # seeded random order instead of grouped by length. Same steps and the same loss as unpacked.
     packing: bool = False
     on_bad_rows: Literal["drop", "error"] = "error"
     max_dropped_share: float = Field(0.1, ge=0, le=1)
@@ -391,6 +407,8 @@ class EvalSettings(Strict):
 
 class Recipe(Strict):
     name: str = Field(..., pattern=NAME_PATTERN)
+    # One line saying what the recipe is for (`align recipes` lists it).
+    description: str | None = None
     base: str
     registry: str | None = None
     defaults: Defaults = Defaults()
@@ -515,6 +533,9 @@ def validate_recipe(raw: Any, overrides: list[str], source: str | None = None,
         raise ConfigError([Problem("", f"a recipe must be a YAML mapping, got {got}")], source)
     problems: list[Problem] = []
     raw = apply_overrides(raw, overrides, problems)
+    for key in ("source", "workdir"):  # fields align sets itself; from the YAML they would be overwritten unseen
+        if key in raw:
+            problems.append(Problem(key, "unknown key (align records where the recipe came from itself)"))
     names = list(raw["stages"]) if isinstance(raw.get("stages"), dict) else []
     inherited: dict[str, set[tuple]] = {}
     raw = _merge_defaults_and_kinds(raw, problems, inherited)
@@ -864,5 +885,6 @@ def _problem_from_pydantic(error: dict, raw: dict) -> Problem:
 __all__ = [
     "Recipe", "SFTStage", "RewardStage", "PPOStage", "DPOStage", "StageBase", "EvalSettings", "DataSpec",
     "LoraSettings", "QuantSettings", "GenerationSettings", "RewardSource", "STAGE_KINDS", "load_recipe",
-    "validate_recipe", "apply_overrides", "broken_keys", "eval_record", "recipe_record", "read_recipe_file", "CrossFieldProblems",
+    "validate_recipe", "apply_overrides", "broken_keys", "eval_record", "recipe_record", "read_recipe_file",
+    "CrossFieldProblems",
 ]

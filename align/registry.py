@@ -45,6 +45,7 @@ from align.integrity import FILES_KEY, record_files
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+REMOVED = "removed.json"  # left in a removed version's folder, so its number is never reused
 SCHEMA_VERSION = 1
 ENTRY_KINDS = ("base", "policy", "reward", "merged", "exported")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
@@ -136,6 +137,9 @@ class Registry:
         if entry is not None:
             return entry
         name, version = parse_ref(ref)
+        removed = self.removed_record(name, version)
+        if removed is not None:
+            raise RegistryError(f"{ref}: {removed['ref']} was removed from registry {self.root} on {removed['removed']}")
         if version is not None and self.versions(name):
             raise RegistryError(f"{ref}: no version {version} of {name} (has {', '.join(map(str, self.versions(name)))})")
         names = [e.name for e in self.list()]
@@ -286,6 +290,65 @@ class Registry:
                     manifest[key] = value
             write_json_atomic(entry.path / MANIFEST, manifest)
         return Entry(entry.name, entry.version, entry.path, manifest)
+
+    # ------------------------------------------------------------------------------------- removing
+
+    def dependents(self, entry: Entry) -> list[Entry]:
+        """The other entries whose manifest names `entry` by ref: as parent, base, the model an adapter applies
+        to, a merge's source, a PPO reward model. Removing it would leave their lineage pointing at nothing
+        (and an adapter on it without the weights it applies to)."""
+        return [other for other in self.list() if other.ref != entry.ref and entry.ref in _refs_in(other.manifest)]
+
+    def remove(self, ref: str, force: bool = False) -> tuple[Entry, list[Entry]]:
+        """Remove one entry; returns it with the entries that named it. Refused while other entries name it
+        unless `force`. All or nothing: under the registry lock the version folder leaves the registry with
+        one `rename(2)` (into `.staging/`, deleted after), and a `removed.json` in its place keeps the version
+        number from being handed out again, so a ref recorded in some lineage never names a different entry."""
+        with self.lock():
+            entry = self.resolve(ref)
+            dependents = self.dependents(entry)
+            if dependents and not force:
+                names = ", ".join(d.ref for d in dependents[:6]) + (" ..." if len(dependents) > 6 else "")
+                raise RegistryError(f"{entry.ref}: {len(dependents)} other entr{'y names' if len(dependents) == 1 else 'ies name'}"
+                                    f" it ({names}); remove those first, or pass --force to remove it anyway "
+                                    "(their lineage would then point at a removed entry)")
+            trash = self.root / ".staging" / f"{uuid.uuid4().hex}.removed"
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(entry.path, trash)
+            entry.path.mkdir()
+            write_json_atomic(entry.path / REMOVED, {"ref": entry.ref, "kind": entry.kind,
+                                                     "removed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                                                     "dependents": [d.ref for d in dependents]})
+            _fsync_dir(entry.path.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+        return entry, dependents
+
+    def removed_record(self, name: str, version: int | None) -> dict | None:
+        """What `removed.json` says of a removed version (the newest removed one when `version` is None and no
+        version of `name` is left), or None."""
+        if not _NAME.match(name):
+            return None
+        if version is None:
+            if self.versions(name):
+                return None
+            folder = self.root / name
+            marks = sorted(folder.glob(f"v*/{REMOVED}"), key=lambda p: int(p.parent.name[1:])) if folder.is_dir() else []
+            path = marks[-1] if marks else None
+        else:
+            path = self.root / name / f"v{version}" / REMOVED
+        try:
+            return json.loads(path.read_text()) if path is not None else None
+        except (OSError, ValueError):
+            return None
+
+
+def _refs_in(value: Any) -> set[str]:
+    """Every string anywhere in a manifest (refs are `name@version` strings)."""
+    if isinstance(value, dict):
+        return set().union(*(_refs_in(v) for k, v in value.items() if k != "history"))
+    if isinstance(value, list):
+        return set().union(*(_refs_in(v) for v in value)) if value else set()
+    return {value} if isinstance(value, str) else set()
 
 
 @dataclass

@@ -70,9 +70,9 @@ SIZES = {
                                    prompts_per_step=8, samples_per_prompt=4, max_new_tokens=64),
             ("sft", "large"): dict(steps=6, batch_size=16, max_length=1024, lr=1e-3, data="long"),
             ("dpo", "large"): dict(steps=5, batch_size=8, max_length=1024, lr=5e-4, data="long")},
-    "dry": {("sft", "small"): dict(steps=2, batch_size=2, max_length=64, lr=1e-3, data="quickstart"),
-            ("reward", "small"): dict(steps=2, batch_size=2, max_length=96, lr=1e-3, data="quickstart"),
-            ("dpo", "small"): dict(steps=2, batch_size=2, max_length=96, lr=1e-3, data="quickstart"),
+    "dry": {("sft", "small"): dict(steps=2, batch_size=2, max_length=128, lr=1e-3, data="quickstart"),
+            ("reward", "small"): dict(steps=2, batch_size=2, max_length=128, lr=1e-3, data="quickstart"),
+            ("dpo", "small"): dict(steps=2, batch_size=2, max_length=128, lr=1e-3, data="quickstart"),
             ("ppo", "small"): dict(steps=1, batch_size=4, max_length=96, lr=1e-4, data="quickstart",
                                    prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8),
             ("sft", "large"): dict(steps=2, batch_size=2, max_length=96, lr=1e-3, data="long"),
@@ -80,7 +80,6 @@ SIZES = {
 }
 DECODE = {"gpu": {"prompts": 16, "samples": 4, "max_new_tokens": 128},
           "dry": {"prompts": 2, "samples": 2, "max_new_tokens": 8}}
-EOS_RATE = 1 / 64  # per decoding step in the varied-length decode: responses of about 64 tokens on average
 DEFAULT_BUDGET = {"gpu": 450.0, "dry": 240.0}
 SECTION_CAP = {"gpu": 150.0, "dry": 120.0}  # the alarm for one section
 MIN_START = {"gpu": 15.0, "dry": 2.0}  # a section starts only with this much budget left
@@ -230,10 +229,16 @@ def run_section(c: Check, section: Section) -> dict:
     record["seconds"] = round(time.monotonic() - started, 1)
     c.report["sections"][section.name] = record
     write_report(c)
-    c.say(f"[{c.budget - c.remaining():6.1f}s] {section.name}: {record['status']}"
-          f"{' (' + (record.get('note') or record.get('error') or '') + ')' if record['status'] != 'ok' else ''}"
-          f" in {record['seconds']} s")
+    c.say(status_line(c, section.name, record))
     return record
+
+
+def status_line(c: Check, name: str, record: dict) -> str:
+    """`[ 12.3s] sft_lora: ok in 4.1 s`, with the reason of a failure or skip, or the checks that failed."""
+    why = record.get("note") or record.get("error") if record["status"] != "ok" else None
+    failed = [k for k, v in (record.get("checks") or {}).items() if v is False]
+    detail = f" ({why})" if why else (f" (checks failed: {', '.join(failed)})" if failed else "")
+    return f"[{c.budget - c.remaining():6.1f}s] {name}: {record['status']}{detail} in {record['seconds']} s"
 
 
 # ------------------------------------------------------------------------------------------ env
@@ -262,18 +267,35 @@ def import_problem(module: str) -> str | None:
         return f"{module} cannot be imported ({type(err).__name__}: {str(err)[:200]})"
 
 
-def machine_facts(c: Check) -> dict:
-    """What this machine can run; sections that need a missing piece are skipped with its reason."""
+def bnb_problem() -> str | None:
+    """Why 4-bit layers cannot run here: align's own check, then (on a GPU, where that only imports
+    bitsandbytes) one quantize/dequantize round trip through its CUDA library."""
     from align.models import four_bit_problem
 
+    problem = four_bit_problem()
+    if problem or not torch.cuda.is_available():
+        return problem
+    try:
+        import bitsandbytes.functional as F
+
+        packed, state = F.quantize_4bit(torch.randn(64, 64, device="cuda", dtype=torch.bfloat16), quant_type="nf4")
+        F.dequantize_4bit(packed, state)
+        return None
+    except Exception as err:  # noqa: BLE001 - no usable CUDA library in the wheel, for one
+        return f"bitsandbytes 4-bit on CUDA failed ({type(err).__name__}: {str(err)[:200]})"
+
+
+def machine_facts(c: Check) -> dict:
+    """What this machine can run; sections that need a missing piece are skipped with its reason."""
     cuda = torch.cuda.is_available()
     facts = {"cuda_problem": None if cuda else "no CUDA device",
              "trl_problem": import_problem("trl"),
-             "bnb_problem": four_bit_problem(),
+             "bnb_problem": bnb_problem(),
              "liger_problem": import_problem("liger_kernel.transformers")}
     if not cuda and not facts["liger_problem"]:
         facts["liger_problem"] = "Liger's Triton kernels need a GPU"
     c.facts.update(facts)
+    c.trl = c.trl and facts["trl_problem"] is None
     return facts
 
 
@@ -285,11 +307,22 @@ def gpu_facts() -> dict:
         return {"gpu": None}
     props = torch.cuda.get_device_properties(0)
     name = torch.cuda.get_device_name()
-    return {"gpu": name, "capability": f"{props.major}.{props.minor}", "memory_gib": round(props.total_memory / 2**30, 1),
+    return {"gpu": name, "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1),
             "cuda": torch.version.cuda, "peak_bf16_flops": peak_of(GPU_PEAK_BF16, name),
             "bandwidth_bytes_per_s": peak_of(GPU_BANDWIDTH, name),
-            "measured_copy_bytes_per_s": measured_copy(), "measured_bf16_matmul_flops": measured_matmul(),
+            "measured_copy_bytes_per_s": measured(measured_copy),
+            "measured_bf16_matmul_flops": measured(measured_matmul),
             "flash_sdp": torch.backends.cuda.flash_sdp_enabled()}
+
+
+def measured(fn) -> float | None:
+    """A ceiling measured here, or None if measuring failed (the datasheet figure still serves)."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - a figure for the report, not a check
+        log.warning("measuring %s failed: %s", fn.__name__, err)
+        return None
 
 
 def peak_of(table: dict, name: str | None):
@@ -338,7 +371,7 @@ def resolved_precision() -> dict:
 def env(c: Check) -> dict:
     facts = machine_facts(c)
     return {"python": platform.python_version(), "versions": package_versions(), **gpu_facts(),
-            "precision": resolved_precision(), "torch_threads": torch.get_num_threads(),
+            "precision": resolved_precision(), "torch_threads": torch.get_num_threads(), "trl_comparison": c.trl,
             "can_run": {k.removesuffix("_problem"): v is None for k, v in facts.items()},
             "problems": {k.removesuffix("_problem"): v for k, v in facts.items() if v}}
 
@@ -388,12 +421,23 @@ def build_model(c: Check, role: str, tokenizer) -> dict:
     folder = c.tmp / f"model-{role}"
     started = time.monotonic()
     model = shaped_model(tokenizer, shape, device, dtype)
+    if device == "cuda":
+        warm_up(model)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     facts = model_facts(model, shape, folder)
     facts["build_seconds"] = round(time.monotonic() - started, 1)
     del model
     return facts
+
+
+def warm_up(model, rows: int = 4, length: int = 256) -> None:
+    """One forward and backward pass, so CUDA's lazy set-up (kernels, cuBLAS and SDPA handles) is paid here
+    and not by whichever side of the first comparison runs first."""
+    ids = torch.randint(0, model.config.vocab_size, (rows, length), device=model.device)
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+    sync()
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -410,23 +454,28 @@ def worked_lines(rng, count: int) -> tuple[str, str]:
     return question, answer
 
 
-def lines_for(tokenizer, tokens: float) -> int:
-    """How many worked lines make about `tokens` tokens (question and answer together)."""
-    question, answer = worked_lines(__import__("random").Random(0), 8)
-    per_line = len(tokenizer(question + answer, add_special_tokens=False)["input_ids"]) / 8
-    return max(1, int(tokens / per_line))
+def tokens_per_line(tokenizer, rng) -> float:
+    """About how many tokens one worked line makes, question and answer together."""
+    question, answer = worked_lines(rng, 8)
+    return len(tokenizer(question + answer, add_special_tokens=False)["input_ids"]) / 8
 
 
 def long_data(c: Check, tokenizer, max_length: int, rows: int = 256) -> dict:
-    """SFT rows and preference pairs of 40-85% of `max_length` tokens, for throughput at realistic lengths."""
+    """SFT rows and preference pairs (prompt and one response) of 40-85% of `max_length` tokens, for
+    throughput at realistic lengths; a rejected response differs from its chosen one in the final answer."""
     import random
 
     rng = random.Random(0)
+    per_line = tokens_per_line(tokenizer, rng)
+
+    def lines() -> int:
+        return max(1, int(max_length * rng.uniform(0.4, 0.85) / per_line))
+
     sft, pairs = [], []
     for _ in range(rows):
-        question, answer = worked_lines(rng, lines_for(tokenizer, max_length * rng.uniform(0.4, 0.85)))
+        question, answer = worked_lines(rng, lines())
         sft.append({"prompt": question, "completion": answer})
-        question, answer = worked_lines(rng, lines_for(tokenizer, max_length * rng.uniform(0.2, 0.42)))
+        question, answer = worked_lines(rng, lines())
         wrong = answer.rsplit("#### ", 1)[0] + "#### 0"
         pairs.append({"prompt": question, "chosen": answer, "rejected": wrong})
     folder = c.tmp / "data"
@@ -480,11 +529,9 @@ def run_side(c: Check, stage: str, side: str, work: Workload) -> dict:
     try:
         with tempfile.TemporaryDirectory(prefix=f"{stage}-{side.replace(':', '-')}-", dir=c.tmp) as folder:
             result = runner.run(base, work, work.stages[stage], Path(folder))
-    except SectionTimeout:
-        raise
-    except Exception as err:  # noqa: BLE001 - one side failing leaves the other side's figures
+    except Exception as err:  # noqa: BLE001 - one side failing (or the alarm) leaves the other sides' figures
         log.error("%s/%s failed:\n%s", stage, side, error_record(err)["traceback"])
-        result = error_record(err)
+        result = {**error_record(err), "timed_out": isinstance(err, SectionTimeout)}
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     result["allocated_before_mb"] = leftover
     return result
@@ -504,10 +551,12 @@ def mfu(c: Check, role: str, method: str, tokens_per_second) -> float | None:
 
 
 def loss_checks(result: dict, expect_fall: bool = True) -> dict:
-    """Losses finite, and (two steps or more) lower at the last step than at the first."""
+    """Losses finite, and (two steps or more) lower over the second half of the steps than over the first:
+    each step sees other rows, so one step against another is noisier than half against half."""
     losses = [x for x in (result.get("step_losses") or []) if x is not None]
     finite = bool(losses) and all(math.isfinite(x) for x in losses)
-    falls = (losses[-1] < losses[0]) if expect_fall and finite and len(losses) >= 2 else None
+    half = len(losses) // 2
+    falls = (mean(losses[-half:]) < mean(losses[:half])) if expect_fall and finite and half else None
     return {"losses_finite": finite, "loss_falls": falls}
 
 
@@ -536,6 +585,8 @@ def bench_pair(c: Check, stage: str, role: str, settings: dict | None = None, li
     sides = {}
     for side in side_names(c, extra_sides):
         sides[side] = run_side(c, stage, side, work)
+        if sides[side].get("timed_out"):
+            break  # the section's alarm has fired: no time for the other sides
         if "error" not in sides[side] and stage != "ppo":
             sides[side]["mfu"] = mfu(c, role, method, sides[side].get("tokens_per_second"))
     align_side = sides["align"]
@@ -601,9 +652,14 @@ def liger_sft_1b(c: Check) -> dict:
                                 fused_linear_cross_entropy=False)
     record = bench_pair(c, "sft", "large", {"method": "lora"}, liger=True)
     plain = c.report["sections"].get("sft_lora_1b", {}).get("sides", {})
-    record["liger_vs_plain"] = {side: ratio(r.get("tokens_per_second"), (plain.get(side) or {}).get("tokens_per_second"))
+    record["liger_vs_plain"] = {side: ratio(r.get("tokens_per_second"),
+                                            (plain.get(side) or {}).get("tokens_per_second"))
                                 for side, r in record["sides"].items()}
     return record
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def ratio(a, b) -> float | None:
@@ -774,7 +830,8 @@ def decoding_bound(facts: dict, rows: int, context: float, bandwidth: float | No
 
 def decode_1b(c: Check) -> dict:
     """Decoding tokens/s at batch 64 on the 1B shape at the resolved width: fixed length (no EOS) against
-    the bandwidth bound, and lengths spread like rollouts' (EOS at 1/64 a step), sampler against generate."""
+    the bandwidth bound, and lengths spread like rollouts' (EOS at 1/64 a step at 128 new tokens), sampler
+    against generate."""
     from align.recipe import GenerationSettings
 
     size = DECODE[c.mode]
@@ -785,7 +842,8 @@ def decode_1b(c: Check) -> dict:
     warm = GenerationSettings(max_new_tokens=4, temperature=1.0)
     decode_variant(model, tokenizer, ids, warm, size["samples"], no_eos_rule(eos))  # kernels, cache, autotune
     fixed = decode_variant(model, tokenizer, ids, settings, size["samples"], no_eos_rule(eos))
-    varied = decode_variant(model, tokenizer, ids, settings, size["samples"], rate_rule(eos, EOS_RATE))
+    rate = 2 / settings.max_new_tokens  # responses of about half the longest allowed, on average (1/64 at 128)
+    varied = decode_variant(model, tokenizer, ids, settings, size["samples"], rate_rule(eos, rate))
     context = sum(len(p) for p in ids) / len(ids) + settings.max_new_tokens / 2
     bandwidth = c.report["sections"].get("env", {}).get("bandwidth_bytes_per_s")
     bound = decoding_bound(c.models["large"], len(ids), context, bandwidth)
@@ -863,6 +921,8 @@ def md_header(c: Check) -> list[str]:
             f"- measured: copy {fmt((env_record.get('measured_copy_bytes_per_s') or 0) / 1e12 or None, 2)} TB/s, "
             f"bf16 matmul {fmt((env_record.get('measured_bf16_matmul_flops') or 0) / 1e12 or None, 0)} TFLOP/s "
             f"(MFU is against the datasheet {fmt((env_record.get('peak_bf16_flops') or 0) / 1e12 or None, 0)})",
+            f"- TRL + PEFT on the same work: {'yes' if c.trl else 'no'}"
+            + ("" if c.trl else f" ({c.facts.get('trl_problem') or ('dry run' if c.dry else '--no-trl')})"),
             f"- versions: {shown}", f"- Python {env_record.get('python', '?')}", ""]
 
 
@@ -888,7 +948,8 @@ def md_bench(c: Check) -> list[str]:
             loss = f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "–"
             rel = record.get("vs_trl") if side == "align" else None
             versus = f"{fmt((rel or {}).get('speed'), 2)}x, {fmt((rel or {}).get('memory'), 2)}x" if rel else ""
-            lines.append(f"| {name} | {side} | {fmt(r.get('steps'))} | {fmt(r.get('tokens_per_second') or r.get('rollout_tokens_per_second'))} "
+            rate = r.get("tokens_per_second") or r.get("rollout_tokens_per_second")
+            lines.append(f"| {name} | {side} | {fmt(r.get('steps'))} | {fmt(rate)} "
                          f"| {fmt(r.get('seconds_per_step'), 3)} | {fmt(r.get('peak_gpu_allocated_mb'), 0)} / "
                          f"{fmt(r.get('peak_gpu_reserved_mb'), 0)} | {fmt(r.get('mfu'), 3)} | {loss} | {versus} |")
     return lines
@@ -906,7 +967,8 @@ def md_decode(c: Check) -> list[str]:
     for variant in ("fixed_length", "varied_length"):
         v = record[variant]
         lines.append(f"| {variant.replace('_', ' ')} | {fmt(v['generate']['tokens_per_second'])} | "
-                     f"{fmt(v['sampler']['tokens_per_second'])} | {fmt(v['speedup'], 2)}x | {fmt(v.get('bound_share'), 3)} |")
+                     f"{fmt(v['sampler']['tokens_per_second'])} | {fmt(v['speedup'], 2)}x | "
+                     f"{fmt(v.get('bound_share'), 3)} |")
     return lines
 
 
@@ -919,8 +981,9 @@ def md_targets(c: Check) -> list[str]:
 
 
 def markdown(c: Check) -> str:
-    notes = ["", "MFU: model FLOPs (6N full, 4N LoRA/QLoRA, N = matmul weights, attention excluded) x tokens/s over "
-             "the datasheet bf16 peak; tokens/s counts non-padding tokens over all steps of the same work on both sides."]
+    notes = ["", "MFU: model FLOPs (6N full, 4N LoRA/QLoRA, N = matmul weights, attention excluded) x tokens/s "
+             "over the datasheet bf16 peak; tokens/s counts non-padding tokens over all steps of the same work on "
+             "both sides (PPO: rollout tokens/s)."]
     failed = failed_checks(c)
     if failed:
         notes.append(f"Failed checks: {', '.join(failed)}")
@@ -948,6 +1011,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=None, help="seconds for all sections (default 450; dry 240)")
     parser.add_argument("--sections", default=None, help="comma-separated subset (env and models always run)")
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL + PEFT side")
+    parser.add_argument("--trl", action="store_true", help="run the TRL + PEFT side in a dry run too")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU, 2 steps a stage, no TRL")
     parser.add_argument("--list", action="store_true", help="list the sections and exit")
     return parser.parse_args(argv)
@@ -964,27 +1028,51 @@ def chosen_sections(names: str | None) -> list[Section]:
 
 
 def new_check(args: argparse.Namespace, tmp: Path, log_file=None, console=None) -> Check:
-    """The run's state. A dry run hides the GPU, so it is the same CPU run on any machine."""
+    """The run's state (a report with no sections yet)."""
     dry = args.dry_run
     budget = args.budget or DEFAULT_BUDGET["dry" if dry else "gpu"]
-    c = Check(out=Path(args.out), tmp=tmp, dry=dry, budget=budget, trl=not (dry or args.no_trl),
+    c = Check(out=Path(args.out), tmp=tmp, dry=dry, budget=budget, trl=(args.trl or not dry) and not args.no_trl,
               console=console or sys.stdout, log_file=log_file)
     c.report = {"mode": "dry-run" if dry else "gpu", "command": sys.argv, "budget_seconds": budget,
                 "started_at": time.strftime("%Y-%m-%d %H:%M:%S"), "sections": {}}
     return c
 
 
-def hide_gpu_for_dry_run(dry: bool) -> None:
-    if dry:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA starts; on a GPU machine the dry run stays on the CPU
+@contextlib.contextmanager
+def dry_run_device(dry: bool):
+    """A dry run hides the GPU (before CUDA starts), so it is the same CPU run on any machine, and uses one
+    thread: tiny models gain nothing from more, and on a busy small CPU contention slows them many times.
+    Both are put back afterwards (the test suite runs the dry run in its own process)."""
+    if not dry:
+        yield
+        return
+    visible, threads = os.environ.get("CUDA_VISIBLE_DEVICES"), torch.get_num_threads()
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
 
 
-def setup_logging(log_file) -> None:
+@contextlib.contextmanager
+def logging_to(log_file):
+    """Library and align logs (INFO and up) into the log file, for this run only."""
     handler = logging.StreamHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
+    level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -993,12 +1081,11 @@ def main(argv: list[str] | None = None) -> int:
         for s in SECTIONS:
             print(f"{s.name:14s} {s.about}" + (f" (needs {', '.join(s.needs)})" if s.needs else ""))
         return 0
-    hide_gpu_for_dry_run(args.dry_run)
     sections = chosen_sections(args.sections)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp, (out / "gpu_check.log").open("w") as log_file:
-        setup_logging(log_file)
+    with (dry_run_device(args.dry_run), tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp,
+          (out / "gpu_check.log").open("w") as log_file, logging_to(log_file)):
         c = new_check(args, Path(tmp), log_file)
         c.say(f"gpu_check: {len(sections)} sections, budget {c.budget:.0f} s, out {out}")
         for section in sections:

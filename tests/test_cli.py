@@ -22,12 +22,15 @@ def test_plan_of_a_bad_recipe_prints_all_problems_and_returns_2(tiny_raw_recipe,
     raw["eval"]["checkers"] = ["no_such_checker"]
     recipe = write_recipe(tmp_path / "bad.yaml", raw)
 
-    # Schema problems are reported first (the recipe cannot be planned until it validates).
+    # Schema problems and the plan's problems (refs, files, checkers) come in one report.
     assert main(["--registry", str(tmp_path / "registry"), "plan", recipe]) == 2
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     assert "plan OK" not in out
     assert "stages.sft.lr: expected a number, got \"fast\"" in err
+    assert "4 problems found" in err
+    for where in ("base: ", "stages.sft.data: ", "eval.checkers[0]: "):
+        assert f"  - {where}" in err, err
 
     raw["stages"]["sft"]["lr"] = 1e-2
     write_recipe(tmp_path / "bad.yaml", raw)
@@ -38,6 +41,20 @@ def test_plan_of_a_bad_recipe_prints_all_problems_and_returns_2(tiny_raw_recipe,
     assert "3 problems found" in err
     for where in ("base: ", "stages.sft.data: ", "eval.checkers[0]: "):
         assert f"  - {where}" in err, err
+
+
+def test_run_reports_the_readmes_three_errors_at_once(tiny_raw_recipe, tmp_path, capsys):
+    """The README's example: a wrong type, an unknown key and a missing data file, in one report from `align
+    run` (before, the missing file came only in a second round), and nothing is trained."""
+    raw = tiny_raw_recipe(tmp_path)
+    raw["stages"]["sft"].update({"lr": "fast", "epoch": 1, "data": "data/missing.jsonl"})
+    recipe = write_recipe(tmp_path / "x.yaml", raw)
+    assert main(["--registry", str(tmp_path / "registry"), "run", recipe]) == 2
+    _, err = capsys.readouterr()
+    assert err.splitlines()[1:] == ['  - stages.sft.lr: expected a number, got "fast"',
+                                    '  - stages.sft.epoch: unknown key (did you mean "epochs"?)',
+                                    "  - stages.sft.data: data/missing.jsonl: file not found"], err
+    assert not (tmp_path / "registry").exists() or not any((tmp_path / "registry").iterdir())
 
 
 def test_plan_of_a_good_recipe_returns_0(tiny_raw_recipe, tmp_path, capsys):
@@ -165,3 +182,112 @@ def test_a_full_disk_no_narrower_handler_named_is_one_clear_error(tmp_path, caps
     assert main(["--registry", str(tmp_path / "registry"), "models", "list"]) == 2
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err and err.startswith("error: no space left on device writing "), err
+
+
+# ------------------------------------------------------------------------------------------ models rm, filters
+
+
+def _entries(registry: Registry):
+    """A base, quickstart's sft on it, a reward entry of another recipe: three names, two recipes, three kinds."""
+    refs = []
+    for name, kind, recipe, parent in [("base-model", "base", None, None), ("quickstart/sft", "policy", "quickstart",
+                                        "base-model@1"), ("hh/reward", "reward", "hh", None)]:
+        with registry.create(name, kind) as draft:
+            draft.manifest.update({"artifact": {"type": "full", "path": "model"},
+                                   **({"recipe": {"name": recipe}} if recipe else {}),
+                                   **({"parent": {"source": "registry", "ref": parent}} if parent else {})})
+        refs.append(draft.entry.ref)
+    return refs
+
+
+def _listed(capsys) -> list[str]:
+    out, _ = capsys.readouterr()
+    return [line.split()[0] for line in out.splitlines()[1:] if not line.startswith(" ")]  # not "damaged:" notes
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], ["base-model@1", "hh/reward@1", "quickstart/sft@1"]),
+    (["--recipe", "quickstart"], ["quickstart/sft@1"]),
+    (["--kind", "reward"], ["hh/reward@1"]),
+    (["--name", "sft"], ["quickstart/sft@1"]),
+    (["--name", "*e*"], ["base-model@1", "hh/reward@1"]),
+    (["--recipe", "hh", "--kind", "policy"], []),
+])
+def test_models_list_filters(flags, expected, tmp_path, capsys):
+    registry = Registry(tmp_path / "registry")
+    _entries(registry)
+    assert main(["--registry", str(registry.root), "models", "list", *flags]) == 0
+    if expected:
+        assert _listed(capsys) == expected
+    else:
+        assert "no entry of registry" in capsys.readouterr()[0]
+
+
+def test_models_rm_refuses_a_parent_then_removes_with_force(tmp_path, capsys):
+    registry = Registry(tmp_path / "registry")
+    _entries(registry)
+    assert main(["--registry", str(registry.root), "models", "rm", "base-model@1"]) == 2
+    _, err = capsys.readouterr()
+    assert "base-model@1: 1 other entry names it (quickstart/sft@1)" in err and "--force" in err
+    assert registry.find("base-model@1") is not None
+
+    assert main(["--registry", str(registry.root), "models", "rm", "hh/reward@1"]) == 0
+    assert capsys.readouterr()[0].startswith("removed hh/reward@1 (reward")
+    assert main(["--registry", str(registry.root), "models", "rm", "base-model@1", "--force"]) == 0
+    out, _ = capsys.readouterr()
+    assert "removed base-model@1" in out and "still naming it (--force): quickstart/sft@1" in out
+    assert main(["--registry", str(registry.root), "models", "list"]) == 0
+    assert _listed(capsys) == ["quickstart/sft@1"]
+    assert main(["--registry", str(registry.root), "models", "show", "base-model@1"]) == 2
+    assert "base-model@1 was removed from registry" in capsys.readouterr()[1]
+
+
+# ------------------------------------------------------------------------------------------ --version, recipes
+
+
+def test_version_prints_align_and_its_libraries(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr()[0]
+    assert out.startswith(f"align {metadata.version('align')} (python ") and "transformers" in out
+    assert len(out.splitlines()) == 1
+
+
+def test_recipes_lists_every_shipped_recipe_with_its_description(capsys):
+    from conftest import REPO_ROOT
+
+    shipped = sorted(p for p in (REPO_ROOT / "recipes").glob("**/*.yaml") if "accelerate" not in p.parts)
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr()[0].splitlines()
+    assert len(lines) == len(shipped) >= 5
+    for path, line in zip(shipped, lines):
+        raw = yaml.safe_load(path.read_text())
+        assert line.split()[0].endswith(str(path.relative_to(REPO_ROOT)))
+        assert raw["description"] and line.endswith(raw["description"])
+    assert any("quickstart.yaml" in line and "sft, reward, ppo, dpo" in line for line in lines)
+
+
+def test_recipes_in_a_folder_fall_back_to_the_first_comment_sentence(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text("# Teaches the answer format. More words here.\nname: a\nbase: x\n"
+                                     "stages: {sft: {data: d.jsonl}}\n")
+    (tmp_path / "not_a_recipe.yaml").write_text("compute_environment: LOCAL_MACHINE\n")
+    assert main(["recipes", str(tmp_path)]) == 0
+    lines = capsys.readouterr()[0].splitlines()
+    assert len(lines) == 1 and lines[0].endswith("sft  Teaches the answer format.")
+
+
+def test_run_continue_reaches_the_stages_and_excludes_force(tiny_raw_recipe, tmp_path, capsys, monkeypatch):
+    import align.pipeline
+
+    seen = {}
+    monkeypatch.setattr(align.pipeline, "run_recipe", lambda *args, **kwargs: seen.update(kwargs) or {})
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_raw_recipe(tmp_path))
+    assert main(["--registry", str(tmp_path / "registry"), "run", recipe, "--continue",
+                 "--set", "stages.sft.max_steps=20"]) == 0
+    assert seen == {"force": False, "continue_run": True}
+    with pytest.raises(SystemExit) as info:
+        main(["run", recipe, "--continue", "--force"])
+    assert info.value.code == 2 and "not allowed with argument" in capsys.readouterr()[1]

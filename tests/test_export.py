@@ -247,6 +247,30 @@ def test_an_existing_export_is_replaced_only_with_force(setup):
     assert not _leftovers(out.parent)
 
 
+@pytest.mark.parametrize("content", ["user files", "a foreign export.json", "a file"])
+def test_force_replaces_only_an_earlier_export(setup, content):
+    """`--force` must not delete a folder align did not write (a typo in --out could name any folder)."""
+    out = setup["root"] / f"mine-{content.replace(' ', '-')}"
+    if content == "a file":
+        out.write_text("notes")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("keep me")
+        if content == "a foreign export.json":
+            (out / "export.json").write_text(json.dumps({"name": "someone else's"}))
+    with pytest.raises(ExportError, match="--force replaces only an earlier export"):
+        export_model(setup["policy"].ref, setup["registry"], "gguf", dtype="q8_0", out=out, force=True)
+    assert out.read_text() == "notes" if content == "a file" else (out / "notes.txt").read_text() == "keep me"
+    assert not _leftovers(out.parent)
+
+
+def test_force_replaces_an_empty_folder(setup):
+    out = setup["root"] / "empty"
+    out.mkdir()
+    export_model(setup["policy"].ref, setup["registry"], "gguf", dtype="q8_0", out=out, force=True)
+    assert (out / "export.json").is_file()
+
+
 def test_gguf_refuses_a_reward_model_and_unknown_dtypes(setup):
     with pytest.raises(ExportError, match="reward model; GGUF export writes causal LMs.*--format hf"):
         export_model(setup["reward"].ref, setup["registry"], "gguf")

@@ -52,3 +52,27 @@ def test_rows_that_do_not_share_a_prompt_are_refused():
     ids, mask, labels = pack([[5, 6, 7], [5, 6, 8]], [[9, 10], [11]], pad_id=0)
     with pytest.raises(ValueError, match="do not form groups of 2 sharing a prompt"):
         token_logps(make_model(tokenizer), ids, mask, labels, group=2)
+
+
+def test_exact_kl_matches_the_full_distributions_and_is_never_negative():
+    """`distribution_kl` at the labelled positions equals KL(p || q) summed over the vocabulary from the two
+    models' full logits (at temperature 0.7), is 0 for a model against itself, and > 0 per position for two
+    different models, where the k1 estimate on the same tokens is negative at some positions."""
+    from align.logprobs import causal_parts, distribution_kl, labelled_hidden
+
+    tokenizer = make_tokenizer("chatml")
+    policy, reference = make_model(tokenizer, seed=1, layers=2), make_model(tokenizer, seed=2, layers=2)
+    ids, mask, labels = _rows(3)
+    scored = labels[:, 1:] != IGNORE
+    with torch.no_grad():
+        hidden, ref_hidden = (labelled_hidden(m, ids, mask, labels) for m in (policy, reference))
+        weight, ref_weight = (causal_parts(m)[1].weight for m in (policy, reference))
+        kl = distribution_kl(hidden, weight, ref_hidden, ref_weight, temperature=0.7)
+        logp = torch.log_softmax(policy(ids, attention_mask=mask).logits[:, :-1][scored].float() / 0.7, dim=-1)
+        logq = torch.log_softmax(reference(ids, attention_mask=mask).logits[:, :-1][scored].float() / 0.7, dim=-1)
+        same = distribution_kl(hidden, weight, hidden, weight, temperature=0.7)
+        k1 = token_logps(policy, ids, mask, labels, 0.7)["logps"] - token_logps(reference, ids, mask, labels, 0.7)["logps"]
+        k1 = k1[scored]
+    assert torch.allclose(kl, (logp.exp() * (logp - logq)).sum(-1), atol=1e-5)
+    assert float(kl.min()) > 0.0 and float(same.abs().max()) == 0.0
+    assert float(k1.min()) < 0.0  # what a k1 mean over few tokens can add up to

@@ -284,3 +284,101 @@ def test_a_flash_attention_kernel_this_machine_cannot_run_is_named(tiny_raw_reci
     assert "flash_attention_2 needs a CUDA GPU" in problems["stages.sft.attention"]
     raw["stages"]["sft"]["attention"] = "eager"
     assert make_plan(validate(raw, tmp_path), Registry(tmp_path / "registry")).stages
+
+
+# ------------------------------------------------------------------------------------------ issue 31.3, 32.8
+
+
+def all_problems(raw: dict, tmp_path: Path, only=None) -> dict[str, str]:
+    """Schema, cross-field and plan problems of a recipe in one report, as `align plan` gives them."""
+    from align.plan import add_plan_problems
+
+    with pytest.raises(ConfigError) as info:
+        validate(raw, tmp_path)
+    report = add_plan_problems(info.value, Registry(tmp_path / "registry"), only)
+    return {p.where: p.message for p in report.problems}
+
+
+def test_schema_and_file_problems_come_in_one_report(tiny_raw_recipe, tmp_path, no_weights):
+    """The README's three-error example: a wrong type, an unknown key and a missing data file, all at once
+    (before, the missing file was named only once the schema was clean)."""
+    raw = tiny_raw_recipe(tmp_path)
+    raw["stages"]["sft"].update({"lr": "fast", "epoch": 1, "data": "data/missing.jsonl"})
+    assert all_problems(raw, tmp_path) == {
+        "stages.sft.lr": 'expected a number, got "fast"',
+        "stages.sft.epoch": 'unknown key (did you mean "epochs"?)',
+        "stages.sft.data": "data/missing.jsonl: file not found",
+    }
+
+
+def test_every_stage_is_checked_beside_a_stage_with_schema_errors(tiny_raw_recipe, tmp_path, no_weights):
+    raw = tiny_raw_recipe(tmp_path)
+    good = raw["stages"]["sft"]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 1 + 1?"}])
+    raw["stages"] = {
+        "sft": {**good, "batch_size": "big"},
+        "odd": {"kind": "rlhf"},
+        "ppo": {"from": "sfft", "prompts": str(prompts), "rollout_batch": 4, "minibatch": 8,
+                "rewards": [{"checker": "math_answer", "args": {"tolerance": "x"}}]},
+        "dpo": {"from": "odd", "data": str(tmp_path / "missing_pairs.jsonl")},
+    }
+    raw["eval"]["metrics"] = ["loss", "nope"]
+    problems = all_problems(raw, tmp_path)
+    assert set(problems) == {"stages.sft.batch_size", "stages.odd.kind", "stages.ppo", "stages.ppo.from",
+                             "stages.ppo.rewards[0].args", "stages.ppo.prompts", "stages.dpo.data",
+                             "eval.metrics[1]"}, problems
+    assert "missing_pairs.jsonl: file not found" in problems["stages.dpo.data"]
+    assert "needs field(s) answer" in problems["stages.ppo.prompts"]
+
+
+def test_a_broken_key_skips_only_the_checks_that_read_it(tiny_raw_recipe, tmp_path, no_weights):
+    """`on_bad_rows: dorp` is reported once; the bad row is not judged by the default policy (error), but the
+    missing eval file is still named."""
+    raw = tiny_raw_recipe(tmp_path)
+    data = Path(raw["stages"]["sft"]["data"])
+    lines = data.read_text().splitlines()
+    lines[2] = '{"prompt": "What is 5 + 6?"}'
+    data.write_text("\n".join(lines) + "\n")
+    raw["stages"]["sft"].update({"on_bad_rows": "dorp", "eval_data": str(tmp_path / "gone.jsonl")})
+    problems = all_problems(raw, tmp_path)
+    assert set(problems) == {"stages.sft.on_bad_rows", "stages.sft.eval_data"}, problems
+
+
+def test_checker_argument_values_are_checked_at_plan_time(tiny_raw_recipe, tmp_path, no_weights):
+    """A value a checker cannot use would score every completion 0.0 at run time; the plan names it."""
+    raw = tiny_raw_recipe(tmp_path)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q", "answer": "2", "tests": ["assert True"]}])
+    raw["stages"]["ppo"] = {"prompts": str(prompts), "rewards": [
+        {"checker": "math_answer", "args": {"tolerance": "x"}},
+        {"checker": "python_tests", "args": {"timeout": -1, "memory_mb": 0, "partial": True}},
+        {"checker": "math_answer", "args": {"tolerance": 0.01}},
+        {"checker": "regex", "args": {"pattern": "^#", "full": "maybe"}}]}
+    recipe = validate(raw, tmp_path)
+    with pytest.raises(ConfigError) as info:
+        make_plan(recipe, Registry(tmp_path / "registry"))
+    assert [str(p) for p in info.value.problems] == [
+        "stages.ppo.rewards[0].args: checker 'math_answer': tolerance: expected a number, got 'x'",
+        "stages.ppo.rewards[1].args: checker 'python_tests': timeout: must be greater than 0, got -1",
+        "stages.ppo.rewards[1].args: checker 'python_tests': memory_mb: must be greater than 0, got 0",
+        "stages.ppo.rewards[3].args: checker 'regex': full: expected true or false, got 'maybe'",
+    ]
+
+
+def test_a_from_typo_is_told_the_recipes_own_stage_names(tiny_raw_recipe, tmp_path, no_weights):
+    raw = tiny_raw_recipe(tmp_path)
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    raw["stages"]["dpo"] = {"from": "sfft", "data": str(prefs)}
+    problems = plan_problems(raw, tmp_path)
+    assert problems["stages.dpo.from"].endswith('(did you mean "sft", a stage of this recipe?)'), problems
+
+
+def test_plan_names_a_mapped_column_missing_from_the_data(tiny_raw_recipe, tmp_path, no_weights):
+    """`columns: {new: old}` is checked at plan time on the rows: a column the file lacks is named with the file,
+    the key and the row, before any weights load."""
+    raw = tiny_raw_recipe(tmp_path)
+    raw["stages"]["sft"]["data"] = {"path": raw["stages"]["sft"]["data"], "columns": {"prompt": "question"}}
+    recipe = validate_recipe(raw, [], source=str(tmp_path / "r.yaml"))
+    with pytest.raises(ConfigError) as info:
+        make_plan(recipe, Registry(tmp_path / "registry"))
+    assert "stages.sft.data" in str(info.value)
+    assert "sft.jsonl: row 0: no column 'question' for columns.prompt" in str(info.value)

@@ -260,3 +260,87 @@ def test_missing_recipe_file(tmp_path):
         load_recipe(path)
     assert [p.where for p in info.value.problems] == [str(path)]
     assert "not found" in info.value.problems[0].message
+
+
+# ------------------------------------------------------------------------------------------ issue 31.3, 32.8
+
+
+def test_every_conflict_of_a_stage_comes_in_one_report():
+    """A stage's checks between fields are all reported, not only the first (one recipe needed a round for
+    minibatch, then one for num_beams)."""
+    raw = {"name": "q", "base": "m", "stages": {
+        "ppo": {"prompts": "p.jsonl", "rewards": [{"checker": "math_answer"}], "rollout_batch": 6,
+                "samples_per_prompt": 4, "minibatch": 8, "generation": {"num_beams": 2}},
+        "dpo": {"data": "d.jsonl", "loss": "cdpo", "reference": "copy"}}}
+    problems = [str(p) for p in problems_of(raw)]
+    assert sorted(problems) == sorted([
+        "stages.ppo: rollout_batch (6) must be a multiple of samples_per_prompt (4)",
+        "stages.ppo: minibatch (8) is larger than rollout_batch (6)",
+        "stages.ppo: generation.num_beams is 2, but PPO needs responses sampled from the policy (beam search "
+        "picks high-likelihood sequences, not samples): use num_beams: 1 with temperature > 0",
+        "stages.dpo: loss cdpo needs label_smoothing > 0 (the assumed share of flipped labels)",
+    ])
+
+
+def test_every_conflict_also_comes_beside_key_errors():
+    raw = {"name": "q", "base": "m", "stages": {
+        "ppo": {"prompts": "p.jsonl", "rewards": [{"checker": "math_answer"}], "rollout_batch": 4,
+                "minibatch": 8, "generation": {"num_beams": 2}, "lrr": 1}}}
+    problems = sorted(str(p) for p in problems_of(raw))
+    assert len(problems) == 3
+    assert problems[0].startswith("stages.ppo.lrr: unknown key")
+    assert problems[1].startswith("stages.ppo: generation.num_beams is 2")
+    assert problems[2] == "stages.ppo: minibatch (8) is larger than rollout_batch (4)"
+
+
+def test_a_typo_inside_defaults_is_reported_once_where_it_was_written():
+    raw = {"name": "q", "base": "m", "defaults": {"lora": {"rr": 3}, "max_length": "long"},
+           "stages": {"sft": {"data": "a.jsonl"}, "dpo": {"data": "d.jsonl"}}}
+    assert [str(p) for p in problems_of(raw)] == [
+        'defaults.lora.rr: unknown key (did you mean "r"?)',
+        'defaults.max_length: expected an integer, got "long"',
+    ]
+
+
+def test_a_stage_that_sets_the_key_itself_is_not_blamed_on_defaults():
+    raw = {"name": "q", "base": "m", "defaults": {"lora": {"r": 8}},
+           "stages": {"sft": {"data": "a.jsonl", "lora": {"alpah": 3}}}}
+    assert [p.where for p in problems_of(raw)] == ["stages.sft.lora.alpah"]
+
+
+def test_a_key_defaults_does_not_accept_is_merged_nowhere():
+    raw = {"name": "q", "base": "m", "defaults": {"lr": "fast"}, "stages": {"sft": {"data": "a.jsonl"}}}
+    assert [p.where for p in problems_of(raw)] == ["defaults.lr"]
+
+
+def test_a_schema_error_carries_the_recipe_as_far_as_it_validates():
+    from align.recipe import broken_keys
+
+    raw = {"name": "q", "base": "m", "stages": {
+        "sft": {"data": "a.jsonl", "lr": "fast", "on_bad_rows": "drop"},
+        "odd": {"kind": "rlhf"}, "dpo": {"data": "d.jsonl"}}, "eval": {"limit": "x", "checkers": ["math_answer"]}}
+    with pytest.raises(ConfigError) as info:
+        validate_recipe(raw, [])
+    partial = info.value.partial
+    assert partial.base == "m" and list(partial.stages) == ["sft", "dpo"]
+    assert broken_keys(partial, "stages.sft") == {"lr"} and broken_keys(partial, "stages.dpo") == set()
+    assert partial.stages["sft"].on_bad_rows == "drop" and partial.stages["sft"].data.path == "a.jsonl"
+    assert broken_keys(partial, "stages") == {"odd"}
+    assert broken_keys(partial, "eval") == {"limit"} and partial.eval.checkers == ["math_answer"]
+
+
+def test_a_duplicate_key_is_refused_with_its_line_and_path(tmp_path):
+    path = write(tmp_path, MINIMAL + "    lr: 1.0e-4\n    lr: 2.0e-4\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}:7: duplicate key `stages.sft.lr` (first at line 6); YAML would silently keep only the last"]
+
+
+def test_a_non_utf8_byte_in_a_recipe_is_named_by_line_and_column(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(MINIMAL.encode() + b"    # caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert [p.where for p in info.value.problems] == [f"{path}:6:10"]
+    assert "not UTF-8 text (byte 0xe9)" in info.value.problems[0].message

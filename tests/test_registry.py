@@ -362,3 +362,64 @@ def test_a_full_disk_while_updating_a_manifest_leaves_it_intact(tmp_registry, mo
     monkeypatch.undo()
     assert (entry.path / MANIFEST).read_text() == original
     assert sorted(p.name for p in entry.path.iterdir()) == ["adapter", MANIFEST]
+
+
+# ------------------------------------------------------------------------------------------ removing
+
+
+def _lineage_chain(registry: Registry):
+    base = make_entry(registry, "base-model", "base")
+    sft = make_entry(registry, "quickstart/sft", parent={"source": "registry", "ref": base.ref},
+                     base={"source": "registry", "ref": base.ref})
+    dpo = make_entry(registry, "quickstart/dpo", parent={"source": "registry", "ref": sft.ref},
+                     artifact={"type": "adapter", "path": "adapter", "applies_to": {"source": "registry", "ref": sft.ref}})
+    return base, sft, dpo
+
+
+def test_remove_refuses_an_entry_others_descend_from_and_changes_nothing(tmp_path):
+    registry = Registry(tmp_path / "r")
+    base, sft, dpo = _lineage_chain(registry)
+    with pytest.raises(RegistryError, match=r"quickstart/sft@1: 1 other entry names it \(quickstart/dpo@1\).*--force"):
+        registry.remove("quickstart/sft@1")
+    assert [e.ref for e in registry.list()] == ["base-model@1", "quickstart/dpo@1", "quickstart/sft@1"]
+    assert registry.dependents(base) == [sft]
+
+
+def test_remove_a_leaf_takes_the_whole_entry_and_never_reuses_its_version(tmp_path):
+    registry = Registry(tmp_path / "r")
+    _, sft, dpo = _lineage_chain(registry)
+    removed, dependents = registry.remove("quickstart/dpo")
+    assert removed.ref == "quickstart/dpo@1" and dependents == []
+    assert registry.find("quickstart/dpo@1") is None
+    assert not (dpo.path / MANIFEST).exists() and not (dpo.path / "adapter").exists()
+    assert staging_leftovers(registry) == []
+    with pytest.raises(RegistryError, match="quickstart/dpo@1 was removed from registry"):
+        registry.resolve("quickstart/dpo@1")
+    assert make_entry(registry, "quickstart/dpo").ref == "quickstart/dpo@2"  # @1 keeps naming the removed one
+    assert registry.dependents(sft) == []  # the removed dpo@1 no longer counts; the new dpo@2 names no parent
+    assert registry.remove(sft.ref)[0].ref == sft.ref
+
+
+def test_remove_with_force_reports_who_named_it(tmp_path):
+    registry = Registry(tmp_path / "r")
+    _, sft, dpo = _lineage_chain(registry)
+    removed, dependents = registry.remove(sft.ref, force=True)
+    assert removed.ref == sft.ref and [d.ref for d in dependents] == [dpo.ref]
+    assert json.loads((sft.path / "removed.json").read_text())["dependents"] == [dpo.ref]
+
+
+def test_a_failed_remove_leaves_the_entry_whole(tmp_path, monkeypatch):
+    """The entry leaves the registry by one rename: if that fails, every file is still in place."""
+    registry = Registry(tmp_path / "r")
+    _, _, dpo = _lineage_chain(registry)
+    before = sorted(p.relative_to(dpo.path) for p in dpo.path.rglob("*"))
+
+    def failing_rename(src, dst):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(align.registry.os, "rename", failing_rename)
+    with pytest.raises(OSError):
+        registry.remove(dpo.ref)
+    monkeypatch.undo()
+    assert sorted(p.relative_to(dpo.path) for p in dpo.path.rglob("*")) == before
+    assert registry.resolve(dpo.ref).manifest == dpo.manifest

@@ -167,6 +167,34 @@ def test_align_eval_against_another_model(trained, capsys):
     assert "win rate of tiny/dpo@1 against tiny/sft@1: " in out
 
 
+def test_align_eval_uses_the_recorded_recipe_from_any_folder(tiny_base, tmp_path, monkeypatch, capsys):
+    """The manifest records the recipe's absolute path, the folder the run started in and the eval settings
+    as used: `align eval REF` from another folder evaluates the same way (before: "no eval settings"), and
+    still does once the recipe file is gone."""
+    from conftest import recipe_dict
+
+    work, elsewhere, registry = tmp_path / "work", tmp_path / "elsewhere", str(tmp_path / "registry")
+    (work / "recipes").mkdir(parents=True)
+    elsewhere.mkdir()
+    raw = recipe_dict(work, tiny_base, stage={"max_steps": 2, "save_steps": 2})
+    raw["stages"]["sft"]["data"], raw["eval"]["prompts"] = "sft.jsonl", "eval_prompts.jsonl"  # as users write them
+    (work / "recipes" / "r.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.chdir(work)
+    assert main(["--registry", registry, "run", "recipes/r.yaml"]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(elsewhere)
+    code = main(["--registry", registry, "eval", "tiny/sft", "--json", str(elsewhere / "o.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    metrics = json.loads((elsewhere / "o.json").read_text())["rows"][0]["metrics"]
+    assert {"eval_loss", "math_answer_pass_rate"} <= metrics.keys(), metrics  # the SFT split and the prompts
+    (work / "recipes" / "r.yaml").unlink()
+    code = main(["--registry", registry, "eval", "tiny/sft", "--metrics", "checkers"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "math_answer" in out
+
+
 def test_align_eval_refuses_win_rate_without_a_judge(tiny_base, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     code = main(["--registry", str(tmp_path / "reg"), "eval", str(tiny_base), "--prompts", str(prompts),

@@ -30,6 +30,10 @@ def run(side: str, work: Workload, stage: StageWork, folder: Path) -> dict:
 
         cfg = ctx.config
         model, _ = build_policy(ctx, tokenizer)
+        if torch.cuda.is_available() and cfg.method != "qlora":  # as the stage does, before the reference pass
+            from align import distributed
+
+            model.to(distributed.device())
         mode = dpo.reference_mode(cfg)
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()

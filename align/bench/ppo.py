@@ -55,6 +55,10 @@ def run(side: str, work: Workload, stage: StageWork, folder: Path) -> dict:
 
         rewards, _ = build_rewards(ctx)
         model, _ = build_policy(ctx, tokenizer)
+        if torch.cuda.is_available() and cfg.method != "qlora":  # as the stage does: PPO has no Trainer to move it
+            from align import distributed
+
+            model.to(distributed.device())
         updates = cfg.max_steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch / cfg.minibatch)
         trainer = PPOTrainer(cfg, model, tokenizer, rewards, None, None, updates, stage_precision(cfg).autocast,
                              None)

@@ -34,10 +34,13 @@ def check_source(path: Path | str) -> str | None:
     return None
 
 
-def read_rows(path: Path | str, split: str = "train", limit: int | None = None) -> list[dict]:
+def read_rows(path: Path | str, split: str = "train", limit: int | None = None, config: str | None = None,
+              revision: str | None = None, columns: dict[str, str] | None = None) -> list[dict]:
+    """Rows of a file or hub dataset (`config`: the hub dataset's subset, `revision`: its branch, tag or commit),
+    with `columns` ({new: old}) renamed (`rename_columns`)."""
     text = str(path)
     if is_hub_dataset(text):
-        rows = _read_hub(text[3:], split)
+        rows = _read_hub(text[3:], split, config, revision)
     else:
         problem = check_source(path)
         if problem:
@@ -52,7 +55,32 @@ def read_rows(path: Path | str, split: str = "train", limit: int | None = None) 
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {index} is a {type(row).__name__}, expected an object with fields")
-    return rows[:limit] if limit else rows
+    rows = rows[:limit] if limit else rows
+    return rename_columns(rows, columns, text) if columns else rows
+
+
+def spec_options(spec) -> dict:
+    """The `read_rows` arguments a recipe's data spec (`align.recipe.DataSpec`) sets besides its path."""
+    return {"split": spec.split, "limit": spec.limit, "config": getattr(spec, "config", None),
+            "revision": getattr(spec, "revision", None), "columns": getattr(spec, "columns", None) or None}
+
+
+def rename_columns(rows: list[dict], columns: dict[str, str], where: str) -> list[dict]:
+    """Each row with its column `old` under the name `new`, for every `new: old` of `columns` (the other
+    columns kept as they are), so a dataset's own field names (gsm8k's question/answer) read as a known
+    format's (prompt/completion). A row without a named column is an error naming the file, key and row."""
+    olds = set(columns.values())
+    out = []
+    for index, row in enumerate(rows):
+        missing = [(new, old) for new, old in columns.items() if old not in row]
+        if missing:
+            new, old = missing[0]
+            has = ", ".join(sorted(map(str, row))[:12]) or "none"
+            raise DataError(f"{where}: row {index}: no column {old!r} for columns.{new} (the row's columns: {has})")
+        renamed = {k: v for k, v in row.items() if k not in olds}
+        renamed.update({new: row[old] for new, old in columns.items()})
+        out.append(renamed)
+    return out
 
 
 def fingerprint(path: Path | str, rows: list[dict] | None = None) -> str:
@@ -121,11 +149,13 @@ def _read_parquet(path: Path) -> list[dict]:
         raise DataError(f"{path}: cannot read parquet ({type(err).__name__}: {err})") from None
 
 
-def _read_hub(name: str, split: str) -> list[dict]:
+def _read_hub(name: str, split: str, config: str | None = None, revision: str | None = None) -> list[dict]:
+    where = ", ".join(part for part in (f"config {config}" if config else "", f"split {split}",
+                                        f"revision {revision}" if revision else "") if part)
     try:
         from datasets import load_dataset
 
-        return list(load_dataset(name, split=split))
+        return list(load_dataset(name, config, split=split, revision=revision))
     except Exception as err:  # noqa: BLE001
-        raise DataError(f"hf:{name} (split {split}): cannot load ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:200]})") from None
+        raise DataError(f"hf:{name} ({where}): cannot load ({type(err).__name__}: "
+                        f"{(str(err).splitlines() or [''])[0][:200]})") from None

@@ -1,9 +1,8 @@
 """Split a batch of preference pairs (or of SFT rows) into several forward/backward passes under a token budget.
 
 Why: on a CPU a pass over 16 rows of 384 tokens is slower per token than two passes over 8 rows each (the
-activations of the big pass, ~9 GB here, are freshly faulted in every step and fall out of every cache):
-measured on the default model, the three longest 8-pair HH batches took 18.6 s a batch in one pass, 14.7 s
-in two (peak 9.4 -> 6.1 GB). The optimizer step is unchanged: each pass's loss is weighted by its share of
+activations of the big pass are freshly faulted in every step and fall out of every cache; figures in
+docs/results.md). The optimizer step is unchanged: each pass's loss is weighted by its share of
 the batch's pairs and the gradients add up to the whole batch's (the losses are means over pairs).
 
 Pairs are laid out as the collators make them: rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}],

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from align.data.formats import Conversations, load_conversations
-from align.data.io import fingerprint, read_rows
+from align.data.io import fingerprint, read_rows, spec_options
 from align.data.preference import PairSet, load_pairs
 from align.data.tokenize import Encoded, EncodedPair, encode_conversation, encode_pair
 from align.errors import DataError, Problem
@@ -45,7 +45,7 @@ class DataReport:
 
 def load_demonstrations(recipe, spec) -> tuple[Conversations, DataReport]:
     path = recipe.resolve_path(spec.path) if not spec.path.startswith("hf:") else spec.path
-    rows = read_rows(path, split=spec.split, limit=spec.limit)
+    rows = read_rows(path, **spec_options(spec))
     if not rows:
         raise DataError(f"{spec.path}: no rows")
     conversations = load_conversations(rows, spec.format, str(spec.path))
@@ -138,7 +138,7 @@ def problems_for_plan(conversations: Conversations, policy: str, where: str) -> 
 
 def load_preference_rows(recipe, spec, margin_field: str | None) -> tuple[PairSet, DataReport]:
     path = recipe.resolve_path(spec.path) if not spec.path.startswith("hf:") else spec.path
-    rows = read_rows(path, split=spec.split, limit=spec.limit)
+    rows = read_rows(path, **spec_options(spec))
     if not rows:
         raise DataError(f"{spec.path}: no rows")
     pairs = load_pairs(rows, str(spec.path), margin_field)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from align.data.formats import _as_messages
-from align.data.io import fingerprint, read_rows
+from align.data.io import fingerprint, read_rows, spec_options
 from align.errors import DataError, Problem
 
 PROMPT_FIELDS = ("prompt", "question", "messages", "instruction")
@@ -61,7 +61,7 @@ def prompt_problems(rows: list[dict], source: str, needs: dict[str, tuple[str, .
 def load_prompts(recipe, spec, needs: dict[str, tuple[str, ...]] | None = None, limit: int | None = None) -> PromptSet:
     """Read, check and convert a prompt file; raises `DataError` listing the bad rows (file and row)."""
     path = recipe.resolve_path(spec.path) if not spec.path.startswith("hf:") else spec.path
-    rows = read_rows(path, split=spec.split, limit=spec.limit)
+    rows = read_rows(path, **spec_options(spec))
     if limit is not None:
         rows = rows[:limit]
     if not rows:

@@ -33,6 +33,18 @@ class LengthGroupedEpochSampler(Sampler[int]):
             yield from group
 
 
+class EpochShuffleSampler(LengthGroupedEpochSampler):
+    """A random order fixed by seed and epoch alone, not grouped by length (packed SFT batches, whose padding
+    is small whatever their lengths): a resumed run replays the same batches, as with the grouped order."""
+
+    def __init__(self, count: int, seed: int):
+        super().__init__([0] * count, 1, seed)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(len(self.lengths), generator=generator).tolist()
+
+
 def length_sorted_chunks(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices in order of length, cut into batches: for inference passes, where order is free and padding
     is wasted compute. Callers put results back by index."""

@@ -24,7 +24,10 @@ CHECKED_TYPES = (float, int, bool, str)
 
 def argument_value_problems(checker, args: dict) -> list[str]:
     """Why each value in `args` cannot be passed to `checker` (its names already checked), or []."""
-    hints = typing.get_type_hints(checker.fn)
+    try:
+        hints = typing.get_type_hints(checker.fn)
+    except (NameError, TypeError):  # an annotation that does not resolve: only the bounds are checked
+        hints = {}
     problems = []
     for name, value in args.items():
         why = _value_problem(name, value, hints.get(name))
@@ -35,14 +38,15 @@ def argument_value_problems(checker, args: dict) -> list[str]:
 
 def _value_problem(name: str, value, kind) -> str | None:
     """Why `value` does not fit the annotation `kind` or the parameter's bound, or None."""
+    checked = value
     if kind in CHECKED_TYPES:
         try:
-            value = TypeAdapter(kind).validate_python(value)
+            checked = TypeAdapter(kind).validate_python(value)  # as the checker reads it: "2.5" is 2.5
         except ValidationError:
             return f"expected {_article(kind)}, got {value!r}"
-    if name in BOUNDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if name in BOUNDS and isinstance(checked, (int, float)) and not isinstance(checked, bool):
         low, inclusive = BOUNDS[name]
-        if math.isnan(value) or value < low or (value == low and not inclusive):
+        if math.isnan(checked) or checked < low or (checked == low and not inclusive):
             return f"must be {'at least' if inclusive else 'greater than'} {low:g}, got {value!r}"
     return None
 

@@ -31,7 +31,7 @@ import torch
 
 from align import distributed
 from align.errors import TrainingError
-from align.logprobs import can_split, prefix_hidden, token_logps
+from align.logprobs import can_split, causal_parts, distribution_kl, labelled_hidden, prefix_hidden, token_logps
 from align.losses import (AdaptiveKL, gae, group_advantages, kl_per_token, leave_one_out_advantages, masked_mean,
                           ppo_policy_loss, ppo_value_loss)
 from align.rl.rollout import Rollouts, sample_rollouts, trimmed
@@ -252,6 +252,26 @@ class PPOTrainer:
             for key, value in part.items():
                 out.setdefault(key, torch.zeros(rows, width))[index, :w] = value.float().cpu()
         return out
+
+    @torch.no_grad()
+    def exact_kl(self, model, rollouts: Rollouts) -> float:
+        """Mean KL(model || reference) per response token of `rollouts`, exact over the vocabulary at each
+        position (`distribution_kl`, at the sampling temperature): never negative, unlike the k1 estimate of
+        the sampled tokens, which on a few held-out responses often is. For held-out figures; the training
+        step keeps k1/k3 of the sampled tokens (what the penalty and adaptive controller are defined on)."""
+        total, count = 0.0, 0
+        for start in range(0, len(rollouts), self.cfg.batch_size):
+            index = list(range(start, min(start + self.cfg.batch_size, len(rollouts))))
+            ids, mask, labels, _ = trimmed(rollouts, index)
+            ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
+            with self._autocast():
+                hidden = labelled_hidden(model, ids, mask, labels)
+            weight = causal_parts(model)[1].weight
+            with self.reference_model() as reference, self._autocast():
+                ref_hidden = labelled_hidden(reference, ids, mask, labels)
+                kl = distribution_kl(hidden, weight, ref_hidden, causal_parts(reference)[1].weight, self.temperature)
+            total, count = total + float(kl.sum()), count + kl.numel()
+        return total / count if count else 0.0
 
     # -------------------------------------------------------------------------------------- experience
 

@@ -1,7 +1,7 @@
 """Rollouts for RL: sample responses with `generate`, then pack prompt + response into tensors for scoring.
 
 Sampling (`align.rl.sampler`: finished responses leave the batch) runs in bf16 autocast where the hardware
-multiplies bf16 natively (1.6x on this project's CPUs, measured on SmolLM2-135M, batch 16). The policy's log-probs
+multiplies bf16 natively (`align.precision`; faster, docs/results.md). The policy's log-probs
 are then recomputed in one teacher-forced pass (fp32 head), so the sampler's small numeric differences
 never enter the PPO ratio: the old log-probs, the reference's and the trained ones come from the same code.
 """

@@ -45,6 +45,7 @@ class StageContext:
     parent: ModelSource
     runs_root: Path = Path("runs")
     force: bool = False
+    continue_run: bool = False  # `--continue`: train a finished run on for more steps (`align.stages.continuing`)
     extra: dict = field(default_factory=dict)
     started: float = field(default_factory=lambda: __import__("time").monotonic())  # the stage's clock
 
@@ -269,7 +270,16 @@ def open_run(ctx: StageContext, fingerprint: dict) -> tuple[Entry | None, Path |
         log.info("stages.%s finished already: %s registered %s (config %s); nothing to train (--force trains it "
                  "again)", ctx.name, ctx.run_dir, entry.ref, entry.manifest.get("config_hash"))
         return entry, None
-    return None, prepare_run_dir(ctx.run_dir, fingerprint, ctx.force, settings=ctx.config.model_dump(by_alias=True))
+    from align.stages.continuing import continuation, read_continues
+
+    settings = ctx.config.model_dump(by_alias=True)
+    checkpoint = distributed.on_main(lambda: continuation(ctx, fingerprint, settings)) if ctx.continue_run else None
+    if checkpoint is None:
+        checkpoint = prepare_run_dir(ctx.run_dir, fingerprint, ctx.force, settings=settings)
+    continues = distributed.on_main(lambda: read_continues(ctx.run_dir))  # also when resuming a continuation
+    if continues is not None:
+        ctx.extra["continues"] = continues
+    return None, checkpoint
 
 
 def _finished_ref(ctx: StageContext, fingerprint: dict) -> str | None:
@@ -377,8 +387,6 @@ def safety_callbacks(time_limit: StageBudget | float | None = None):
     tells the caller the run was interrupted (SIGTERM/SIGINT: checkpoint saved, stop); the time limit's
     `reached` flag says training ended early at the recipe's `time_limit_minutes` (checkpoint saved, the
     stage then evaluates and registers what it has, and says so in the manifest)."""
-    import time
-
     from transformers import TrainerCallback
 
     class TimeLimit(TrainerCallback):
@@ -443,8 +451,11 @@ def safety_callbacks(time_limit: StageBudget | float | None = None):
             if control.should_save or state.global_step >= state.max_steps:
                 control.should_log = True
 
+    from align.runlog import progress_callback
+    from align.stages.continuing import schedule_callback
+
     budget = time_limit if isinstance(time_limit, StageBudget) else StageBudget(time_limit)
-    return [GracefulStop(), TimeLimit(budget), RecordWorldSize(), LogAtSave()]
+    return [GracefulStop(), TimeLimit(budget), RecordWorldSize(), LogAtSave(), progress_callback(), schedule_callback()]
 
 
 WORLD_FILE = "world.json"
@@ -510,6 +521,9 @@ def train_and_time(ctx: StageContext, trainer, resume_from: Path | None, callbac
     finally:
         stopper.release()  # the previous signal handlers come back even when training raised
     seconds = time.perf_counter() - started
+    from align.stages.continuing import trained_nothing
+
+    trained_nothing(ctx, resumed_at, trainer.state.global_step)
     # Trainer's mean covers this process's steps only (0.0 resuming from the last checkpoint): the whole run's.
     result = result._replace(training_loss=whole_run_loss(trainer.state.log_history, resumed_at,
                                                           trainer.state.global_step, result.training_loss))
@@ -658,6 +672,7 @@ def register_entry(ctx: StageContext, kind: str, model, tokenizer, peft_cfg, *, 
             "config": config_dump,
             "config_hash": hash_json(config_dump),
             "metrics": metrics,
+            **({"continues": ctx.extra["continues"]} if ctx.extra.get("continues") else {}),
             **(manifest_extra or {}),
             "history": history,
             "timings": timings,

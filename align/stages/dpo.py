@@ -4,9 +4,9 @@ Why it is built this way:
 - The loop is transformers' `Trainer` (checkpoints, exact resume, schedules, mixed precision); the losses
   are the pure functions of `align.losses` (sigmoid, cDPO, IPO, hinge, and the reference-free SimPO and
   ORPO), and log-probabilities come from `align.logprobs`, which projects the LM head at response tokens
-  only. TRL's `DPOTrainer` was measured first: on 2 CPU cores it took 28.7 s per step where this takes
-  10.8 s with the same model, adapter and reference, because its fused head scores every position
-  (prompts too) where Triton is missing. On a small machine speed is learning quality, so we keep ours.
+  only. TRL's `DPOTrainer` was measured first and was several times slower with the same model, adapter and
+  reference (docs/results.md), because its fused head scores every position (prompts too) where Triton is
+  missing. On a small machine speed is learning quality, so we keep ours.
 - The reference: `precomputed` (the default) runs the parent once over train and held-out pairs before
   training, without gradients and length-sorted, and keeps two floats per pair in the run folder, so a
   resumed run does not recompute them and no second model stays in memory. Under several processes the
@@ -45,6 +45,7 @@ from align.plots import margin_histogram_png
 from align.stages.base import (PairBatchesMixin, StageContext, baseline_record, build_policy, check_finite,
                                check_trainable, lora_targets, parent_baseline, register_entry, safety_callbacks,
                                start_run, train_and_time, training_arguments)
+from align.registry import write_json_atomic
 from align.stages.sharded import trained_model
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,15 @@ def as_dataset(pairs: list[EncodedPair], reference: torch.Tensor | None):
 # ------------------------------------------------------------------------------------------ reference
 
 
+class ReferenceWontFit(Exception):
+    """The precomputed reference pass and the training after it would not fit in the stage's budget."""
+
+
 @torch.no_grad()
-def pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 16) -> torch.Tensor:
+def pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 16, keep_going=None) -> torch.Tensor:
     """Summed response log-probs [N, 2] (chosen, rejected) under `model`, `batch_size` rows a pass batched by
     length, each pair's prompt run once, without gradients; bf16 autocast where the hardware has it (the head
-    stays fp32)."""
+    stays fp32). `keep_going(pairs_done, seconds)` may stop the pass by returning False (`ReferenceWontFit`)."""
     from tqdm.auto import tqdm
 
     chunks = pair_chunks(pairs, max(batch_size // 2, 1))
@@ -104,7 +109,12 @@ def pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 1
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    started, done = time.perf_counter(), 0
     for chunk in tqdm(chunks, desc="reference log-probs", leave=False, disable=len(chunks) <= 4):
+        if keep_going is not None and done and not keep_going(done, time.perf_counter() - started):
+            model.train(was_training)
+            raise ReferenceWontFit()
+        done += len(chunk)
         sides = [pairs[i].chosen for i in chunk] + [pairs[i].rejected for i in chunk]
         ids, mask = pad_right([s.input_ids for s in sides], pad_id)
         labels, _ = pad_right([s.labels for s in sides], IGNORE)
@@ -129,9 +139,45 @@ def sharded_pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size:
     return out
 
 
-def reference_logps(ctx: StageContext, model, train, heldout, pad_id: int, fingerprint: dict) -> dict:
+# Training one pair (forward and backward) costs about this many reference passes over it.
+TRAIN_PER_REFERENCE = 2.0
+SWITCHED_FILE = "reference_mode.json"
+
+
+def reference_fits(ctx: StageContext, train_pairs: int, total_pairs: int):
+    """A `keep_going` for the precomputed reference pass under a time budget: after a few chunks, project the
+    rest of the pass and the training it leaves time for; when the budget would cut the epoch(s) short
+    anyway, the precomputed pass wastes the pairs never trained, and the reference computed per step
+    (`adapter_disabled`, one more no-grad pass per trained pair) trains more pairs in the same time."""
+    budget, epochs = ctx.budget, ctx.config.epochs
+
+    def keep_going(done: int, seconds: float) -> bool:
+        if not budget.minutes or done < min(total_pairs, max(16, total_pairs // 50)):
+            return True
+        per_pair = seconds / done
+        needed = (total_pairs - done) * per_pair + TRAIN_PER_REFERENCE * epochs * train_pairs * per_pair
+        left = budget.minutes * 60 - budget.elapsed() - budget.still_to_come()
+        if needed <= left:
+            return True
+        log.warning("stages.%s: the reference pass (%.0f s left of it) and %.3g epoch(s) of training (about "
+                    "%.0f s) would not fit in the %.0f s left of time_limit_minutes; computing the reference "
+                    "per step instead (reference: adapter_disabled), which trains more pairs in that time",
+                    ctx.name, (total_pairs - done) * per_pair, epochs,
+                    TRAIN_PER_REFERENCE * epochs * train_pairs * per_pair, left)
+        return False
+
+    return keep_going
+
+
+def reference_logps(ctx: StageContext, model, train, heldout, pad_id: int, fingerprint: dict,
+                    may_switch: bool = False) -> dict | None:
     """Reference log-probs for train and held-out pairs, computed once and kept in the run folder (written
-    atomically, checked against the run's fingerprint), so a resumed run reuses them."""
+    atomically, checked against the run's fingerprint), so a resumed run reuses them. With `may_switch`
+    (`reference: auto`, LoRA, one process) and a time budget the pass and training cannot both fit: None,
+    recorded in the run folder so a resumed run keeps the per-step reference."""
+    switched = ctx.run_dir / SWITCHED_FILE
+    if may_switch and switched.is_file():
+        return None
     path = ctx.run_dir / "reference_logps.pt"
     key = hash_json(fingerprint)
     if path.is_file():
@@ -141,8 +187,15 @@ def reference_logps(ctx: StageContext, model, train, heldout, pad_id: int, finge
             return saved
     started = time.perf_counter()
     disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    keep_going = reference_fits(ctx, len(train), len(train) + len(heldout)) if may_switch else None
     with disabled:
-        saved = {"fingerprint": key, "train": sharded_pair_logps(model, train, pad_id, ctx.config.batch_size * 2),
+        try:
+            train_logps = (pair_logps(model, train, pad_id, ctx.config.batch_size * 2, keep_going) if keep_going
+                           else sharded_pair_logps(model, train, pad_id, ctx.config.batch_size * 2))
+        except ReferenceWontFit:
+            write_json_atomic(switched, {"mode": "adapter_disabled", "why": "time_limit_minutes"})
+            return None
+        saved = {"fingerprint": key, "train": train_logps,
                  "heldout": sharded_pair_logps(model, heldout, pad_id, ctx.config.batch_size * 2)}
     if distributed.is_main():
         partial = path.with_name(path.name + f".partial-{os.getpid()}")
@@ -283,7 +336,12 @@ def run(ctx: StageContext):
     mode = reference_mode(cfg)
     ref_model, reference = None, {"train": None, "heldout": None}
     if mode == "precomputed":
-        reference = reference_logps(ctx, model, train, heldout, tokenizer.pad_token_id, fingerprint)
+        may_switch = (cfg.reference == "auto" and peft_cfg is not None and distributed.world_size() == 1
+                      and not resume_from)
+        reference = reference_logps(ctx, model, train, heldout, tokenizer.pad_token_id, fingerprint,
+                                    may_switch or (ctx.run_dir / SWITCHED_FILE).is_file())
+        if reference is None:
+            mode, reference = "adapter_disabled", {"train": None, "heldout": None}
     elif mode == "copy":
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     if mode in ("adapter_disabled", "copy"):  # for held-out metrics, measured once up front

@@ -37,7 +37,6 @@ from align.data.tokenize import encode_prompt
 from align.diskspace import disk_guard
 from align.errors import RegistryError, TrainingError
 from align.evaluate import evaluate_model
-from align.losses import kl_per_token, masked_mean
 from align.plots import reward_histogram_png, rl_curves_png
 from align.registry import write_json_atomic
 from align.rewards.checkers import fields_needed
@@ -162,12 +161,9 @@ def heldout_figures(trainer: PPOTrainer, rows: list[dict], reference=None) -> tu
                "eos_rate": float(rollouts.ended.float().mean()),
                "response_length": float(rollouts.mask.sum(dim=1).float().mean()), "prompts": len(rows),
                "kl_per_token": 0.0}
-    if reference is None:
+    if reference is None:  # exact over the vocabulary on sampled responses: never negative, unlike k1
         sampled = sample_rollouts(model, trainer.tokenizer, rows, ids, cfg.generation, cfg.rollout_batch)
-        policy = trainer.scoring_pass(model, sampled, grouped=False)["logps"]
-        with trainer.reference_model() as reference:
-            ref = trainer.scoring_pass(reference, sampled, grouped=False)["logps"]
-        figures["kl_per_token"] = float(masked_mean(kl_per_token(policy, ref, "k1"), sampled.mask.float()))
+        figures["kl_per_token"] = trainer.exact_kl(model, sampled)
     return figures, total.tolist()
 
 

@@ -58,7 +58,6 @@ def prepare_data(ctx: StageContext, tokenizer):
 
 def run(ctx: StageContext):
     """Train, evaluate and register one SFT entry; returns the registry `Entry`."""
-    cfg = ctx.config
     tokenizer, (train, heldout, report), config_dump, _, (finished, resume_from) = start_run(
         ctx, lambda tokenizer: prepare_data(ctx, tokenizer))
     if finished is not None:
@@ -108,6 +107,21 @@ def build_trainer(ctx: StageContext, model, tokenizer, train, heldout, callbacks
     args = SFTConfig(**training_arguments(ctx, model, "steps" if heldout else "no", cfg.eval_steps or cfg.save_steps),
                      **SFT_ARGS, max_length=cfg.max_length, dataset_kwargs={"skip_prepare_dataset": True},
                      disable_tqdm=False)
-    return make_sft_trainer(max_pass_tokens=cfg.max_pass_tokens, model=model, args=args, train_dataset=as_dataset(train),
+    check_packing(ctx, model)
+    return make_sft_trainer(max_pass_tokens=cfg.max_pass_tokens, packing=cfg.packing, model=model, args=args,
+                            train_dataset=as_dataset(train),
                             eval_dataset=as_dataset(heldout) if heldout else None, processing_class=tokenizer,
                             callbacks=callbacks)
+
+
+def check_packing(ctx: StageContext, model) -> None:
+    """With `packing: true`, refuse a model whose attention would let packed conversations see each other
+    (`align.data.packing.packing_problem`), before the first step rather than as a silently wrong loss."""
+    from align.data.packing import packing_problem
+
+    if ctx.config.packing:
+        problem = packing_problem(model)
+        if problem:
+            raise TrainingError(f"stages.{ctx.name}.packing: {problem}")
+        log.info("stages.%s: packing conversations into rows of at most %d tokens (position ids reset per "
+                 "conversation, no attention across them)", ctx.name, ctx.config.max_length)

@@ -14,6 +14,8 @@ cores; README "Speed" has the figures):
   (`align.data.passes`), each pass's summed NLL over the whole batch's labelled tokens, so the gradient is
   the batch's: less activation memory, and on a CPU faster (fresh activations are costly there).
 - A non-finite loss stops the run before the optimizer step (no checkpoint ever holds it).
+- `packing: true` (`align.data.packing`): each batch's conversations packed several to a row, kept apart by
+  their position ids; then batches need no length grouping, so they are drawn in plain seeded random order.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ def labelled_nll(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     """Summed NLL of the labelled tokens of a right-padded batch over `num_items_in_batch` (the labelled tokens
     of the whole accumulated batch, as the Trainer counts them), else over this batch's labelled tokens. Called
     through a DDP/FSDP wrapper's forward when there is one (`align.distributed.call_through`)."""
-    logp_sum, counts = call_through(model, sequence_logps, inputs["input_ids"], inputs["attention_mask"],
-                                    inputs["labels"])
+    from align.data.packing import model_inputs
+
+    ids, mask, labels, positions = model_inputs(getattr(model, "module", model), inputs)  # packed or padded rows
+    logp_sum, counts = call_through(model, sequence_logps, ids, mask, labels, None, positions)
     total = counts.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
     return -logp_sum.sum() / total.to(logp_sum.device).clamp(min=1)
 
@@ -43,11 +47,16 @@ def labelled_count(inputs: dict) -> int:
     return int((inputs["labels"][:, 1:] != -100).sum())
 
 
-def make_sft_trainer(group_by_length: bool = True, max_pass_tokens: int | None = None, **kwargs):
+def make_sft_trainer(group_by_length: bool = True, max_pass_tokens: int | None = None, packing: bool = False,
+                     **kwargs):
     """An `SFTTrainer` with the labelled-only loss, length-grouped batches, batches split into passes over
     `max_pass_tokens` and the non-finite loss stop (TRL is imported here, not at module import). Datasets hold
-    pre-tokenized `input_ids` and `labels`."""
+    pre-tokenized `input_ids` and `labels`. `packing`: batches packed into rows of at most `max_length`
+    tokens (`align.data.packing`) in seeded random order; `group_by_length=False` keeps the Trainer's own
+    order either way (to compare runs step by step)."""
     from trl import SFTTrainer
+
+    from align.data.packing import PackedCollator
 
     from align.data.passes import split_row_batch
     from align.stages.base import PassesMixin, check_finite
@@ -71,6 +80,10 @@ def make_sft_trainer(group_by_length: bool = True, max_pass_tokens: int | None =
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             if not group_by_length:
                 return super()._get_train_sampler(train_dataset)
+            if packing:  # packed batches carry little padding in any order: no need to group them by length
+                from align.data.sampling import EpochShuffleSampler
+
+                return EpochShuffleSampler(len(dataset), self.args.seed)
             lengths = [len(ids) for ids in dataset["input_ids"]]
             world = getattr(self.args, "world_size", 1)
             return LengthGroupedEpochSampler(lengths, self.args.train_batch_size * world, self.args.seed)
@@ -90,6 +103,8 @@ def make_sft_trainer(group_by_length: bool = True, max_pass_tokens: int | None =
                 check_finite(float(loss.detach().float()), self.state.global_step + 1)
             return (loss, {}) if return_outputs else loss
 
+    if packing and kwargs.get("data_collator") is None:
+        kwargs["data_collator"] = PackedCollator(kwargs["processing_class"].pad_token_id, kwargs["args"].max_length)
     trainer = AlignSFTTrainer(**kwargs)
     trainer.max_pass_tokens = max_pass_tokens
     return trainer

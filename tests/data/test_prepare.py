@@ -40,7 +40,7 @@ def test_rows_truncated_to_nothing_trainable_are_dropped_and_counted(tmp_path, c
     assert len(train) == 16 and heldout == []
     assert report.dropped == {"no trainable tokens after truncation": 2, "empty response": 1}
     assert (report.rows, report.kept) == (19, 16)
-    assert any("example 16: no trainable tokens within max_length 48" in e for e in report.examples)
+    assert any(": row 16: no trainable tokens within max_length 48" in e for e in report.examples)
     assert all(any(label != -100 for label in e.labels) for e in train)
 
 
@@ -49,3 +49,16 @@ def test_too_large_a_dropped_share_stops_the_run(tmp_path, chatml_tokenizer):
     with pytest.raises(DataError, match=r"dropped 2 of 10 rows \(2 no trainable tokens after truncation\), more "
                                         r"than the allowed share 10% \(max_dropped_share\)"):
         _prepare(tmp_path, chatml_tokenizer, rows, max_length=48, max_dropped_share=0.1)
+
+
+def test_a_row_dropped_as_too_long_is_named_by_its_file_row(tmp_path, chatml_tokenizer):
+    """Not by its place among the training rows after a bad row was dropped and the held-out split taken
+    (before: `example 5` for file row 7)."""
+    rows = [dict(row) for row in SFT_ROWS]
+    rows[2] = {"prompt": "What is 5 + 6?"}  # a bad row, dropped first: positions shift by one after it
+    rows[7] = LONG_PROMPT
+    _, _, report = _prepare(tmp_path, chatml_tokenizer, rows, max_length=48, eval_split=0.25, on_bad_rows="drop",
+                            max_dropped_share=0.5)
+    long = [e for e in report.examples if "no trainable tokens" in e]
+    assert len(long) == 1 and ": row 7: no trainable tokens within max_length 48" in long[0], report.examples
+    assert any(": row 2: missing field" in e for e in report.examples), report.examples

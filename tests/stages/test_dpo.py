@@ -264,3 +264,23 @@ def test_a_batch_split_into_passes_trains_the_same(tmp_path, tiny_base, monkeypa
     for name, tensor in weights[None].items():
         assert torch.allclose(weights[100][name], tensor, atol=1e-3), name  # Adam, 24 steps at lr 5e-3: summation
         # order differences in small gradients move a weight by up to ~1e-4
+
+
+def test_a_reference_pass_the_budget_cannot_hold_switches_to_the_per_step_reference(tmp_path, tiny_base,
+                                                                                    monkeypatch):
+    """`reference: auto` under `time_limit_minutes`: when the projected reference pass plus the training after
+    it would not fit, the stage computes the reference per step instead, trains, registers, says so in the
+    manifest, and learns the preference all the same."""
+    import align.stages.dpo as dpo
+
+    monkeypatch.setattr(dpo, "TRAIN_PER_REFERENCE", 1e9)  # any budget is too short for the precomputed path
+    recipe, registry, entry = _train(tmp_path, tiny_base, {"time_limit_minutes": 30, "batch_size": 4})
+    assert entry.manifest["timings"]["reference"] == "adapter_disabled"
+    assert (tmp_path / "runs" / "tiny" / "dpo" / dpo.SWITCHED_FILE).is_file()
+    assert not (tmp_path / "runs" / "tiny" / "dpo" / "reference_logps.pt").exists()
+    assert entry.manifest["metrics"]["preference_accuracy"] > 0.8
+
+
+def test_a_budget_that_holds_the_reference_pass_keeps_it_precomputed(tmp_path, tiny_base):
+    recipe, registry, entry = _train(tmp_path, tiny_base, {"time_limit_minutes": 30, "batch_size": 4})
+    assert entry.manifest["timings"]["reference"] == "precomputed"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from align.errors import AlignError, DataError, TrainingError
-from align.models import ModelSource, load_causal_lm
+from align.models import ModelSource, load_causal_lm, load_tokenizer
 from align.pipeline import run_recipe
 from align.recipe import validate_recipe
 from align.registry import Registry
@@ -48,6 +48,27 @@ def _mean(history: list[dict], key: str, part: slice) -> float:
 @pytest.fixture(scope="module")
 def gae_run(tmp_path_factory, tiny_base):
     return _train(tmp_path_factory.mktemp("ppo-gae"), tiny_base)
+
+
+
+def _lora_trainer(tmp_path, tiny_base, critic: bool, total_updates: int):
+    """A PPOTrainer on the tiny model with a fresh LoRA adapter (and a value head when `critic`), rewarded for
+    digits; returns (trainer, tokenizer)."""
+    from peft import LoraConfig, get_peft_model
+
+    from align.rewards.mix import RewardMix, checker_term
+    from align.rl.ppo import PPOTrainer
+    from align.stages.ppo import build_value_head
+
+    cfg = _recipe(tmp_path, tiny_base).stages["ppo"]
+    source = ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base))
+    registry = Registry(tmp_path / "registry")
+    tokenizer = load_tokenizer(source, registry)
+    model = get_peft_model(load_causal_lm(source, registry, dtype="fp32"),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    trainer = PPOTrainer(cfg, model, tokenizer, RewardMix([checker_term("regex", 1.0, {"pattern": "[0-9]"})]),
+                         build_value_head(model) if critic else None, total_updates=total_updates)
+    return trainer, tokenizer
 
 
 def test_gae_learns_the_checkers_reward(gae_run):
@@ -129,22 +150,10 @@ def test_reference_log_probs_stay_fixed_while_the_policys_move(tmp_path, tiny_ba
     """Drive the trainer directly: the same rollouts scored by the reference before and after training
     give the same log-probs; the policy's change."""
     from align.data.tokenize import encode_prompt
-    from align.models import load_tokenizer
-    from align.rewards.mix import RewardMix, checker_term
-    from align.rl.ppo import PPOTrainer
     from align.rl.rollout import sample_rollouts
-    from align.stages.ppo import build_value_head
-    from peft import LoraConfig, get_peft_model
 
-    recipe = _recipe(tmp_path, tiny_base)
-    cfg = recipe.stages["ppo"]
-    source = ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base))
-    registry = Registry(tmp_path / "registry")
-    tokenizer = load_tokenizer(source, registry)
-    model = get_peft_model(load_causal_lm(source, registry, dtype="fp32"),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
-    trainer = PPOTrainer(cfg, model, tokenizer, RewardMix([checker_term("regex", 1.0, {"pattern": "[0-9]"})]),
-                         build_value_head(model), total_updates=20)
+    trainer, tokenizer = _lora_trainer(tmp_path, tiny_base, critic=True, total_updates=20)
+    model, cfg = trainer.model, trainer.cfg
     rows = [{**row, "messages": [{"role": "user", "content": row["prompt"]}]} for row in PROMPTS[:16]]
     ids = [encode_prompt(tokenizer, r["messages"]) for r in rows]
     torch.manual_seed(0)
@@ -392,3 +401,43 @@ def test_paired_gain_compares_the_same_prompts():
     assert out["gain_stderr"] == pytest.approx(0.4330127, rel=1e-6)
     assert out["improved_share"] == 0.75 and out["worse_share"] == 0.25
     assert paired_gain([], []) == {} and paired_gain([1.0], [1.0, 2.0]) == {}
+
+
+def test_the_heldout_kl_is_exact_and_never_negative(tmp_path, tiny_base, monkeypatch):
+    """`heldout_kl_per_token` is the exact KL over the vocabulary at each response position: on held-out
+    responses where the k1 estimate (log pi - log ref of the drawn tokens) is negative, it is the mean of
+    the exact per-position KL, >= 0 (before: the negative k1 mean)."""
+    from align.data.tokenize import encode_prompt
+    from align.logprobs import causal_parts, distribution_kl, labelled_hidden
+    from align.losses import kl_per_token, masked_mean
+    from align.rl.rollout import sample_rollouts
+    import align.stages.ppo as ppo_stage
+
+    trainer, tokenizer = _lora_trainer(tmp_path, tiny_base, critic=False, total_updates=1)
+    model, cfg = trainer.model, trainer.cfg
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    rows = [{**row, "messages": [{"role": "user", "content": row["prompt"]}]} for row in PROMPTS[:4]]
+    ids = [encode_prompt(tokenizer, r["messages"]) for r in rows]
+    with trainer.reference_model() as reference:  # the reference's own greedy answers: an unlucky draw for k1
+        greedy = cfg.generation.model_copy(update={"temperature": 0.0})
+        fixed = sample_rollouts(reference, tokenizer, rows, ids, greedy, 4)
+    monkeypatch.setattr(ppo_stage, "sample_rollouts", lambda *args, **kwargs: fixed)
+    policy = trainer.scoring_pass(model, fixed, grouped=False)["logps"]
+    with trainer.reference_model() as reference:
+        ref = trainer.scoring_pass(reference, fixed, grouped=False)["logps"]
+    k1 = float(masked_mean(kl_per_token(policy, ref, "k1"), fixed.mask.float()))
+    assert k1 < 0.0  # the estimate the figure used to report
+
+    figures, _ = ppo_stage.heldout_figures(trainer, [{**r, "prompt_ids": i} for r, i in zip(rows, ids)])
+    with torch.no_grad():
+        hidden = labelled_hidden(model, fixed.input_ids, fixed.attention_mask, fixed.labels)
+        with trainer.reference_model() as reference:
+            ref_hidden = labelled_hidden(reference, fixed.input_ids, fixed.attention_mask, fixed.labels)
+        weight = causal_parts(model)[1].weight
+        exact = distribution_kl(hidden, weight, ref_hidden, weight, trainer.temperature)
+    assert figures["kl_per_token"] > 0.0
+    assert figures["kl_per_token"] == pytest.approx(float(exact.mean()), rel=1e-4)

@@ -313,3 +313,128 @@ def test_a_missing_chat_template_file_is_named_before_training(tiny_raw_recipe, 
     with pytest.raises(ConfigError, match="stages.sft.chat_template: nowhere.jinja: neither a template nor a read"):
         _train(tmp_path, tiny_raw_recipe, {"chat_template": "nowhere.jinja", "max_steps": 2})
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------ --continue, log.txt
+
+
+def _copy_run(lora_run, tmp_path) -> tuple[Path, Registry]:
+    """The finished 8-step run and the registry holding its entry, copied so a test may change them."""
+    shutil.copytree(lora_run.runs_root, tmp_path / "runs")
+    shutil.copytree(lora_run.registry.root, tmp_path / "registry")
+    return tmp_path / "runs", Registry(tmp_path / "registry")
+
+
+def _run(raw, overrides, registry, runs_root, **kwargs):
+    recipe = validate_recipe(raw, overrides, source=str(runs_root.parent / "r.yaml"))
+    return run_recipe(recipe, registry, runs_root=runs_root, **kwargs)
+
+
+def test_continue_trains_a_finished_run_on_as_if_it_had_never_stopped(lora_run, tmp_path):
+    """8 steps, then --continue to 12: the same losses as one 12-step run (constant schedule), so the optimizer
+    state and the data order carried on; a new version records the entry it continues, the finished run's
+    steps unchanged in its history."""
+    runs_root, registry = _copy_run(lora_run, tmp_path)
+    produced = _run(lora_run.raw, ["stages.sft.max_steps=12"], registry, runs_root, continue_run=True)
+    entry = registry.resolve("tiny/sft")
+    assert entry.ref == produced["sft"].ref == "tiny/sft@2"
+    continues = entry.manifest["continues"]
+    assert continues["entry"] == "tiny/sft@1" and continues["from_step"] == 8
+    assert continues["changed"] == {"max_steps": [8, 12]}
+    assert entry.manifest["timings"]["resumed_from"] == str(runs_root / "tiny" / "sft" / "checkpoint-8")
+    assert entry.manifest["timings"]["steps"] == 12
+    assert _losses(entry.manifest)[:8] == _losses(lora_run.entry.manifest)
+
+    straight = _train(tmp_path / "straight", lambda folder, stage: lora_run.raw | {"stages": {"sft": {
+        **lora_run.raw["stages"]["sft"], "max_steps": 12}}})
+    assert _losses(entry.manifest) == pytest.approx(_losses(straight.entry.manifest), abs=1e-4)
+    assert entry.manifest["metrics"]["eval_loss"] == pytest.approx(straight.entry.manifest["metrics"]["eval_loss"],
+                                                                    abs=1e-4)
+
+    # Once continued, the same command finds the continuation finished: nothing new is registered.
+    _run(lora_run.raw, ["stages.sft.max_steps=12"], registry, runs_root, continue_run=True)
+    assert registry.versions("tiny/sft") == [1, 2]
+
+    log_text = (runs_root / "tiny" / "sft" / "log.txt").read_text()
+    assert log_text.count("==== ") == 3  # the first run, the continuation, the re-run: appended
+    assert "continuing tiny/sft@1 from step 8" in log_text and "registered tiny/sft@2" in log_text
+    assert "finished already" in log_text
+
+
+def test_continue_refuses_anything_but_a_longer_run(lora_run, tmp_path):
+    runs_root, registry = _copy_run(lora_run, tmp_path)
+    with pytest.raises(TrainingError, match=r"--continue: stages.sft: only max_steps, epochs.* may change to "
+                                            r"continue tiny/sft@1; changed: lr 0.01 -> 0.001"):
+        _run(lora_run.raw, ["stages.sft.max_steps=12", "stages.sft.lr=1e-3"], registry, runs_root, continue_run=True)
+    with pytest.raises(TrainingError, match=r"max_steps 6 is not beyond the 8 steps tiny/sft@1 trained"):
+        _run(lora_run.raw, ["stages.sft.max_steps=6"], registry, runs_root, continue_run=True)
+    # The same length is no continuation: the usual refusal of a changed run.
+    with pytest.raises(TrainingError, match=r"holds a run with different config \(config: logging_steps 1 -> 2\)"):
+        _run(lora_run.raw, ["stages.sft.logging_steps=2"], registry, runs_root, continue_run=True)
+    assert registry.versions("tiny/sft") == [1]
+    # Still finished as it was: a plain re-run reports the entry.
+    assert _run(lora_run.raw, [], registry, runs_root)["sft"].ref == "tiny/sft@1"
+
+
+def test_continue_lays_a_decaying_schedule_over_the_new_length(tiny_raw_recipe, tmp_path):
+    """Cosine over 4 steps, continued to 8: step 5 trains at the rate a run planned for 8 steps has there
+    (half the peak), not at the finished run's last (near 0): the warm restart the docs describe."""
+    import math
+
+    first = _train(tmp_path, tiny_raw_recipe, {"scheduler": "cosine", "max_steps": 4, "save_steps": 4})
+    _run(first.raw, ["stages.sft.max_steps=8"], first.registry, first.runs_root, continue_run=True)
+    rates = {h["step"]: h["learning_rate"] for h in first.registry.resolve("tiny/sft@2").manifest["history"]
+             if "learning_rate" in h}
+    lr = first.raw["stages"]["sft"]["lr"]
+    assert rates[4] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 3 / 4)), rel=1e-6)  # the 4-step run's
+    assert rates[5] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 4 / 8)), rel=1e-6)  # the 8-step curve's
+
+
+def test_each_run_folder_has_a_log_file_of_aligns_lines(lora_run):
+    text = (lora_run.run_dir / "log.txt").read_text()
+    assert "\r" not in text
+    first = text.splitlines()[0]
+    assert first.startswith("==== ") and "| stage sft |" in first
+    assert "stage sft [sft] from" in text
+    assert "step 8/8: loss " in text and "learning_rate" in text  # the training figures, one line a logged step
+    assert "registered tiny/sft@1" in text
+
+
+def test_a_failed_stage_ends_its_log_with_the_error(tiny_raw_recipe, tmp_path):
+    raw = tiny_raw_recipe(tmp_path, {"method": "full", "lr": 1e38})
+    with pytest.raises(TrainingError):
+        _run(raw, [], Registry(tmp_path / "registry"), tmp_path / "runs")
+    last = (tmp_path / "runs" / "tiny" / "sft" / "log.txt").read_text().splitlines()[-1]
+    assert "ERROR align: stage sft stopped: TrainingError: loss became" in last
+
+
+# ------------------------------------------------------------------------------------------ packing
+
+
+def test_packed_run_trains_registers_and_says_so(tiny_raw_recipe, tmp_path, monkeypatch):
+    """`packing: true` is read: the stage checks the model keeps packed conversations apart, trains on packed
+    batches (several conversations a row) and records the setting."""
+    import align.data.packing as packing
+
+    shapes, collate = [], packing.PackedCollator.__call__
+
+    def recording(self, features):
+        batch = collate(self, features)
+        shapes.append((len(features), batch["input_ids"].shape[0]))
+        return batch
+
+    monkeypatch.setattr(packing.PackedCollator, "__call__", recording)
+    run = _train(tmp_path, tiny_raw_recipe, {"packing": True, "max_steps": 4})
+    assert run.entry.manifest["config"]["packing"] is True
+    assert shapes and any(rows < conversations for conversations, rows in shapes)
+    assert _losses(run.entry.manifest)[-1] < _losses(run.entry.manifest)[0]
+    assert "packing conversations into rows of at most" in (run.run_dir / "log.txt").read_text()
+
+
+def test_packing_on_a_model_that_would_mix_conversations_is_refused(tiny_raw_recipe, tmp_path, monkeypatch):
+    import transformers.masking_utils as masking
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(TrainingError, match="stages.sft.packing: the model .* lets packed conversations attend"):
+        _train(tmp_path, tiny_raw_recipe, {"packing": True, "max_steps": 2})
+    assert Registry(tmp_path / "registry").list() == []

@@ -23,7 +23,7 @@ def _examples(tokenizer):
 
 
 def _losses(tmp_path, plain: bool, mixed: str, grad_accum: int = 1, max_pass_tokens: int | None = None,
-            batch: int = 2) -> list[float]:
+            batch: int = 2, packing: bool = False, examples=None) -> list[float]:
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from trl import SFTConfig, SFTTrainer
@@ -33,7 +33,7 @@ def _losses(tmp_path, plain: bool, mixed: str, grad_accum: int = 1, max_pass_tok
     tokenizer = make_tokenizer()
     model = get_peft_model(make_model(tokenizer, seed=0, hidden=64),
                            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
-    examples = _examples(tokenizer)
+    examples = examples(tokenizer) if examples else _examples(tokenizer)
     data = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
     args = dict(output_dir=str(tmp_path / ("plain" if plain else "align")), per_device_train_batch_size=batch,
                 gradient_accumulation_steps=grad_accum, learning_rate=5e-3, max_steps=5, lr_scheduler_type="constant",
@@ -43,7 +43,8 @@ def _losses(tmp_path, plain: bool, mixed: str, grad_accum: int = 1, max_pass_tok
     if plain:
         trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=data, processing_class=tokenizer)
     else:  # the stage's trainer, in the plain trainer's batch order (length grouping off) to compare step by step
-        trainer = make_sft_trainer(group_by_length=False, max_pass_tokens=max_pass_tokens, model=model, args=SFTConfig(**args, **SFT_ARGS),
+        trainer = make_sft_trainer(group_by_length=False, max_pass_tokens=max_pass_tokens, packing=packing, model=model,
+                                   args=SFTConfig(**args, **SFT_ARGS),
                                    train_dataset=data, processing_class=tokenizer)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -77,3 +78,31 @@ def test_batches_split_into_passes_give_the_plain_losses(tmp_path, grad_accum, m
     ours = _losses(tmp_path, plain=False, mixed="no", grad_accum=grad_accum, batch=4, max_pass_tokens=40)
     assert counts and min(counts) >= 2
     assert len(ours) == 5 and plain == pytest.approx(ours, rel=TOLERANCE["no"])
+
+
+def _varied_examples(tokenizer):
+    """Conversations of quite different lengths, so a batch packs several to a row."""
+    return [encode_conversation(tokenizer, [{"role": "user", "content": "What is " + " + ".join(map(str, range(n))) + "?"},
+                                            {"role": "assistant", "content": f"#### {sum(range(n))}"}], 512)
+            for n in (2, 9, 3, 14, 4, 2, 11, 5, 3, 8, 2, 6)]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_packed_batches_give_the_unpacked_losses(tmp_path, grad_accum, monkeypatch):
+    """`packing: true` changes only the layout of each batch: in the same batch order, every step's loss is the
+    unpacked run's (fp32), while the batches really were packed several conversations to a row."""
+    import align.data.packing as packing
+
+    rows, collate = [], packing.PackedCollator.__call__
+
+    def recording(self, features):
+        batch = collate(self, features)
+        rows.append((len(features), batch["input_ids"].shape[0]))
+        return batch
+
+    monkeypatch.setattr(packing.PackedCollator, "__call__", recording)
+    unpacked = _losses(tmp_path, plain=False, mixed="no", grad_accum=grad_accum, batch=4, examples=_varied_examples)
+    packed = _losses(tmp_path, plain=False, mixed="no", grad_accum=grad_accum, batch=4, examples=_varied_examples,
+                     packing=True)
+    assert rows and all(r < n for n, r in rows)
+    assert len(packed) == 5 and packed == pytest.approx(unpacked, rel=TOLERANCE["no"])
