@@ -206,3 +206,18 @@ def test_mixed_precision_no_keeps_no_grad_passes_in_fp32_too():
     with simulate(AVX512_BF16):
         assert precision.inference_dtype(model) is None
         assert precision.inference_dtype(precision.mark(torch.nn.Linear(4, 4), resolve(device=AVX512_BF16))) == "bf16"
+
+
+def test_plan_warns_that_qlora_on_a_cpu_is_slow(tmp_path):
+    """Issue 31.9: QLoRA on a CPU runs bitsandbytes' CPU kernels, far slower than LoRA for little memory;
+    the plan says so (and says nothing of the kind on a GPU)."""
+    from align.plan import _machine_notes
+    from align.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes/smollm2/quickstart.yaml", ["stages.sft.method=qlora"])
+    with simulate(AVX2):
+        _, warnings = _machine_notes(recipe.stages["sft"])
+        assert any("qlora on a CPU" in w and "method: lora" in w for w in warnings)
+        assert _machine_notes(recipe.stages["reward"])[1] == []
+    with simulate(A100):
+        assert _machine_notes(recipe.stages["sft"])[1] == []
