@@ -6,7 +6,7 @@ unused uid, with rlimits, Landlock, a seccomp filter and an audit hook, and runs
 process against the solution's objects over a pipe (`sandbox_rpc`). The verdict comes back on a pipe only
 that tests' process holds, each line carrying a nonce the solution never sees: a completion that writes
 anything anywhere and exits scores 0. A layer the machine refuses (no unshare in a container, not root, an
-old kernel, no libseccomp) is skipped and left out of `Verdict.isolation`; the README says what holds
+old kernel, no libseccomp) is skipped and left out of `Verdict.isolation`; docs/recipes.md#checkers says what holds
 then. `probe()` tells what this machine gives.
 """
 

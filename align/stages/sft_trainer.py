@@ -1,7 +1,7 @@
 """The SFT stage's trainer: TRL's `SFTTrainer` loop with the work it does not need taken out.
 
 Why these changes (profiled with torch.profiler on SmolLM2-135M + LoRA r16 all-linear, GSM8K, batch 4, 2 CPU
-cores; README "Speed" has the figures):
+cores; docs/results.md has the figures):
 - The loss projects the LM head only at labelled positions (`align.logprobs.sequence_logps`, fp32 head in
   chunks): prompt tokens need no logits, and TRL's CPU path builds [batch, length, vocab] logits for every
   position, then log-softmax over them and an entropy metric. Same loss definition: summed NLL of the
