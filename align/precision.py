@@ -295,18 +295,14 @@ def inference_autocast(model):
     dtype = inference_dtype(model)
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=TORCH_DTYPES[dtype]())
-
-
-TORCH_DTYPES = {
-    "fp32": lambda: __import__("torch").float32,
-    "bf16": lambda: __import__("torch").bfloat16,
-    "fp16": lambda: __import__("torch").float16,
-}
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch_dtype(dtype))
 
 
 def torch_dtype(name: str):
-    return TORCH_DTYPES[name]()
+    """The torch dtype of a precision name (fp32, bf16, fp16)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 # ------------------------------------------------------------------------------------------ the probe

@@ -364,6 +364,16 @@ class EntryDraft:
 # ------------------------------------------------------------------------------------------- helpers
 
 
+def read_json_record(path: Path) -> dict | None:
+    """A JSON object a run folder keeps (`registered.json`, `continues.json`), or None when the file is
+    missing, unreadable or not an object: such records are hints, and their absence means "not recorded"."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file in the same folder, fsync, then rename over the target: the old
     file stays whole whatever happens, and a full disk is a `DiskFullError` naming the file."""

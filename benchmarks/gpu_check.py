@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:  # the GPU machine runs the checkout as it is, ali
 
 import torch  # noqa: E402
 
+from align.bench.table import fmt  # noqa: E402
 from align.bench.workload import StageWork, Workload  # noqa: E402
 
 QUICKSTART = ROOT / "data" / "quickstart"
@@ -896,14 +897,6 @@ def targets(c: Check) -> list[dict]:
 def failed_checks(c: Check) -> list[str]:
     return [f"{name}.{check}" for name, record in c.report["sections"].items()
             for check, ok in (record.get("checks") or {}).items() if ok is False]
-
-
-def fmt(value, digits: int = 1) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def md_header(c: Check) -> list[str]:

@@ -5,24 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 
 
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     from align.precision import device_facts
 
-    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    out = {"cpu": device_facts("cpu").name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "device": device_facts().describe(), "native_bf16": device_facts("cpu").bf16,
            "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     try:
@@ -35,7 +26,7 @@ def machine() -> dict:
     return out
 
 
-def _fmt(value, digits: int = 1) -> str:
+def fmt(value, digits: int = 1) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -68,14 +59,14 @@ def markdown(report: dict) -> str:
             if "error" in r:
                 lines.append(f"| {stage} | {side} | failed: {r['error'][:120]} |||||||||")
                 continue
-            gpu = (f"{_fmt(r.get('peak_gpu_allocated_mb'), 0)}/{_fmt(r.get('peak_gpu_reserved_mb'), 0)}"
+            gpu = (f"{fmt(r.get('peak_gpu_allocated_mb'), 0)}/{fmt(r.get('peak_gpu_reserved_mb'), 0)}"
                    if r.get("peak_gpu_allocated_mb") is not None else "–")
             speed = "" if side == "trl" else (
                 _ratio(r.get("tokens_per_second"), trl_side.get("tokens_per_second")) if r.get("tokens_per_second")
                 else _ratio(r.get("seconds_per_step"), trl_side.get("seconds_per_step"), higher_better=False))
-            lines.append(f"| {stage} | {side} | {_fmt(r.get('steps'))} | {_fmt(r.get('tokens_per_second'))} | "
-                         f"{_fmt(r.get('seconds_per_step'), 2)} | {_fmt(r.get('peak_rss_mb'), 0)} | {gpu} | "
-                         f"{_fmt(r.get('mfu'), 3)} | {_fmt(r.get('loss_mean'), 4)} | {_fmt(r.get('heldout_loss'), 4)} | "
+            lines.append(f"| {stage} | {side} | {fmt(r.get('steps'))} | {fmt(r.get('tokens_per_second'))} | "
+                         f"{fmt(r.get('seconds_per_step'), 2)} | {fmt(r.get('peak_rss_mb'), 0)} | {gpu} | "
+                         f"{fmt(r.get('mfu'), 3)} | {fmt(r.get('loss_mean'), 4)} | {fmt(r.get('heldout_loss'), 4)} | "
                          f"{speed} |")
     ppo = report["stages"].get("ppo")
     if ppo:
@@ -84,10 +75,10 @@ def markdown(report: dict) -> str:
                   "| mean reward |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for side, r in ppo.items():
             if "error" not in r and r:
-                lines.append(f"| {side} | {_fmt(r.get('generation_seconds'), 2)} | {_fmt(r.get('scoring_seconds'), 2)} | "
-                             f"{_fmt(r.get('training_seconds'), 2)} | {_fmt(r.get('rollout_tokens_per_second'))} | "
-                             f"{_fmt(r.get('responses_per_step'))} | {_fmt(r.get('mean_response_tokens'))} | "
-                             f"{_fmt(r.get('mean_reward'), 3)} |")
+                lines.append(f"| {side} | {fmt(r.get('generation_seconds'), 2)} | {fmt(r.get('scoring_seconds'), 2)} | "
+                             f"{fmt(r.get('training_seconds'), 2)} | {fmt(r.get('rollout_tokens_per_second'))} | "
+                             f"{fmt(r.get('responses_per_step'))} | {fmt(r.get('mean_response_tokens'))} | "
+                             f"{fmt(r.get('mean_reward'), 3)} |")
     sweep = [line for stage, sides in report["stages"].items() if (line := sweep_line(stage, sides))]
     if sweep:
         lines += ["", "Precision sweep (align side; rate is tokens/s, else steps/s):", "", *sweep]

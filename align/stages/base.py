@@ -29,7 +29,7 @@ from align.models import ModelSource, load_tokenizer
 from align.precision import mark, stage_precision
 from align.plots import training_curve_png
 from align.recipe import recipe_record
-from align.registry import Entry, Registry, write_json_atomic
+from align.registry import Entry, Registry, read_json_record, write_json_atomic
 from align.stages.resume import (changed_settings, checkpoint_bytes, checkpoint_problems, free_space_hint,
                                  resumed_step, set_aside, whole_run_loss, write_settings)
 
@@ -298,11 +298,7 @@ def _finished_ref(ctx: StageContext, fingerprint: dict) -> str | None:
 
 
 def _read_finished(run_dir: Path) -> dict | None:
-    try:
-        record = json.loads((run_dir / FINISHED_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    return read_json_record(run_dir / FINISHED_FILE)
 
 
 def _without_world(fingerprint) -> dict | None:

@@ -102,11 +102,9 @@ def start_continuing(ctx, entry, fingerprint: dict, settings: dict) -> Path:
 
 def read_continues(run_dir: Path) -> dict | None:
     """What the run in `run_dir` continues (`continues.json`), or None for a run of its own."""
-    try:
-        record = json.loads((run_dir / CONTINUES_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    from align.registry import read_json_record
+
+    return read_json_record(run_dir / CONTINUES_FILE)
 
 
 def config_changes(before: dict, after: dict) -> dict[str, tuple]:
