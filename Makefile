@@ -76,7 +76,7 @@ export: setup  ## export REF as FORMAT=hf|gguf into exports/, verified (ARGS="--
 STEPS ?=
 
 bench: setup  ## align vs plain TRL + PEFT on the same work, every stage (STEPS=N per stage; ARGS="--tiny" or "--stage sft")
-	$(BIN)/align bench $(if $(STEPS),--steps $(STEPS)) $(ARGS)
+	$(BIN)/python -m benchmarks.bench $(if $(STEPS),--steps $(STEPS)) $(ARGS)
 
 .PHONY: gpu-check
 

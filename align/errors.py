@@ -31,7 +31,7 @@ class ConfigError(AlignError):
     def __init__(self, problems: list[Problem], source: str | None = None, partial=None):
         self.problems = list(problems)
         self.source = source
-        self.partial = partial  # the recipe as far as it validated, for the plan's checks (`align.recipe`)
+        self.partial = partial  # the recipe as far as it validated, for the plan's checks (`align.config.recipe`)
         head = f"{source}: " if source else ""
         count = len(self.problems)
         lines = [f"{head}{count} problem{'s' if count != 1 else ''} found"]

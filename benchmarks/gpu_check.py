@@ -5,9 +5,9 @@
 Why it is built this way:
 - align had never run on a GPU, and a lent GPU comes for about 15 minutes, on a machine with no registry
   access. So the check builds its models from configs with random weights (a SmolLM2-135M shape and a
-  Llama-3.2-1B shape) and a tokenizer trained offline (`align.tiny`): nothing is downloaded.
-- Every stage runs through its own code as `align bench` drives it (`align.bench.<stage>.run`: the stage's
-  model, data, trainer and PPO loop) at the precision `align.precision` resolves for the device; TRL + PEFT
+  Llama-3.2-1B shape) and a tokenizer trained offline (`align.models.tiny`): nothing is downloaded.
+- Every stage runs through its own code as `make bench` drives it (`benchmarks.bench.<stage>.run`: the stage's
+  model, data, trainer and PPO loop) at the precision `align.runtime.precision` resolves for the device; TRL + PEFT
   run the same work where TRL is importable. Everything runs in this one process, so imports and CUDA
   start-up are paid once; GPU peak memory is reset before each side, so each side's peak is its own.
 - Each section is guarded: a failure is recorded with the tail of its traceback and the rest still run. A
@@ -46,8 +46,8 @@ if str(ROOT) not in sys.path:  # the GPU machine runs the checkout as it is, ali
 
 import torch  # noqa: E402
 
-from align.bench.table import fmt  # noqa: E402
-from align.bench.workload import StageWork, Workload  # noqa: E402
+from benchmarks.bench.table import fmt  # noqa: E402
+from benchmarks.bench.workload import StageWork, Workload  # noqa: E402
 
 QUICKSTART = ROOT / "data" / "quickstart"
 # Model shapes (random weights). small: SmolLM2-135M; large: Llama-3.2-1B; tiny: the dry run's (both roles).
@@ -271,7 +271,7 @@ def import_problem(module: str) -> str | None:
 def bnb_problem() -> str | None:
     """Why 4-bit layers cannot run here: align's own check, then (on a GPU, where that only imports
     bitsandbytes) one quantize/dequantize round trip through its CUDA library."""
-    from align.models import four_bit_problem
+    from align.models.loading import four_bit_problem
 
     problem = four_bit_problem()
     if problem or not torch.cuda.is_available():
@@ -302,7 +302,7 @@ def machine_facts(c: Check) -> dict:
 
 def gpu_facts() -> dict:
     """The device by name, with its datasheet peaks and those measured here (a copy and a bf16 matmul)."""
-    from align.bench.measure import GPU_PEAK_BF16
+    from benchmarks.bench.measure import GPU_PEAK_BF16
 
     if not torch.cuda.is_available():
         return {"gpu": None}
@@ -362,8 +362,8 @@ def measured_matmul(n: int = 8192) -> float:
 
 
 def resolved_precision() -> dict:
-    """What `align.precision` chooses on this device, per training method."""
-    from align.precision import device_facts, resolve
+    """What `align.runtime.precision` chooses on this device, per training method."""
+    from align.runtime.precision import device_facts, resolve
 
     return {"device": device_facts().describe(),
             **{method: resolve(method=method).describe() for method in ("lora", "qlora", "full")}}
@@ -486,7 +486,7 @@ def long_data(c: Check, tokenizer, max_length: int, rows: int = 256) -> dict:
 
 def models(c: Check) -> dict:
     """Both models (the tiny one twice in a dry run) and the data every section trains on."""
-    from align.tiny import make_tokenizer
+    from align.models.tiny import make_tokenizer
 
     tokenizer = make_tokenizer("chatml")
     for role in ("small", "large"):
@@ -518,10 +518,10 @@ def side_names(c: Check, extra: tuple[str, ...] = ()) -> list[str]:
 
 
 def run_side(c: Check, stage: str, side: str, work: Workload) -> dict:
-    """One side through `align.bench.<stage>.run`, in its own temp folder; an error is recorded, not raised."""
+    """One side through `benchmarks.bench.<stage>.run`, in its own temp folder; an error is recorded, not raised."""
     import dataclasses
 
-    runner = importlib.import_module(f"align.bench.{stage}")
+    runner = importlib.import_module(f"benchmarks.bench.{stage}")
     base, variant = side.split(":", 1) if ":" in side else (side, None)
     if variant == "one_pass":  # the stage with one forward/backward pass a batch (no max_pass_tokens split)
         work = dataclasses.replace(work, settings={**work.settings, "max_pass_tokens": None})
@@ -672,9 +672,9 @@ def ratio(a, b) -> float | None:
 
 def qlora_merge(c: Check) -> dict:
     """A QLoRA SFT entry registered by the stage itself (`align.stages.sft.run`), then merged into its
-    parent's fp32 weights (`align.merge.merge_entry`) with the parity `align.parity` states for fp32."""
-    from align.bench.common import stage_context
-    from align.merge import merge_entry
+    parent's fp32 weights (`align.export.merge.merge_entry`) with the parity `align.export.parity` states for fp32."""
+    from benchmarks.bench.common import stage_context
+    from align.export.merge import merge_entry
     from align.stages import sft
 
     work = workload(c, "sft", "small", {"method": "qlora"})
@@ -694,9 +694,9 @@ def qlora_merge(c: Check) -> dict:
 
 def load_for_decoding(c: Check, role: str):
     """A role's model and tokenizer as the rollouts hold them: weights at the resolved width, marked."""
-    from align.models import load_causal_lm, load_tokenizer, resolve_model_ref
-    from align.precision import mark, resolve
-    from align.registry import Registry
+    from align.models.loading import load_causal_lm, load_tokenizer, resolve_model_ref
+    from align.runtime.precision import mark, resolve
+    from align.registry.store import Registry
 
     registry = Registry(c.tmp / "registry")
     source = resolve_model_ref(c.models[role]["path"], registry, check_hub=False)
@@ -755,7 +755,7 @@ def response_tokens(rollouts) -> list[list[int]]:
 def rollout_eos(c: Check) -> dict:
     """Rollouts as PPO samples them (`align.rl.rollout.sample_rollouts`, our sampler) stop each response at
     its EOS: EOS last and once, rows ending at different steps, no decoding call after the last row ended."""
-    from align.recipe import GenerationSettings
+    from align.config.recipe import GenerationSettings
     from align.rl.rollout import sample_rollouts
 
     model, tokenizer, _ = load_for_decoding(c, "small")
@@ -783,9 +783,9 @@ def timed_decode(fn) -> tuple[list, float]:
 
 
 def decode_variant(model, tokenizer, ids: list[list[int]], settings, group: int, rule) -> dict:
-    """Plain `generate` (align.generation) against our sampler (align.rl.sampler) on the same prompts."""
-    from align.generation import generate
-    from align.precision import inference_autocast
+    """Plain `generate` (align.models.generation) against our sampler (align.rl.sampler) on the same prompts."""
+    from align.models.generation import generate
+    from align.runtime.precision import inference_autocast
     from align.rl.sampler import sample
 
     def ours():
@@ -833,7 +833,7 @@ def decode_1b(c: Check) -> dict:
     """Decoding tokens/s at batch 64 on the 1B shape at the resolved width: fixed length (no EOS) against
     the bandwidth bound, and lengths spread like rollouts' (EOS at 1/64 a step at 128 new tokens), sampler
     against generate."""
-    from align.recipe import GenerationSettings
+    from align.config.recipe import GenerationSettings
 
     size = DECODE[c.mode]
     model, tokenizer, precision = load_for_decoding(c, "large")

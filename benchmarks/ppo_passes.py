@@ -1,5 +1,5 @@
 """PPO's scoring and training passes on the default model: each row teacher-forced on its own against each
-prompt run once for its k samples (`align.logprobs.grouped_hidden`), plus sampling with and without the
+prompt run once for its k samples (`align.models.logprobs.grouped_hidden`), plus sampling with and without the
 shared prefill.
 
     python benchmarks/ppo_passes.py [--prompts 8] [--samples 8] [--max-new-tokens 32]
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from align.logprobs import token_logps
-from align.precision import inference_autocast
-from align.models import load_causal_lm, load_tokenizer, resolve_model_ref
-from align.recipe import GenerationSettings
-from align.registry import Registry
+from align.models.logprobs import token_logps
+from align.runtime.precision import inference_autocast
+from align.models.loading import load_causal_lm, load_tokenizer, resolve_model_ref
+from align.config.recipe import GenerationSettings
+from align.registry.store import Registry
 from align.rl.rollout import pack
 from align.rl.sampler import sample
 from rollout_speed import ppo_lora_policy, rl_prompts  # benchmarks/ is the script's folder

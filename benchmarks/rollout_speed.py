@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from align.data.tokenize import encode_prompt
-from align.generation import generate
-from align.precision import inference_autocast
-from align.models import load_causal_lm, load_tokenizer, resolve_model_ref
-from align.recipe import GenerationSettings
-from align.registry import Registry
+from align.models.generation import generate
+from align.runtime.precision import inference_autocast
+from align.models.loading import load_causal_lm, load_tokenizer, resolve_model_ref
+from align.config.recipe import GenerationSettings
+from align.registry.store import Registry
 from align.rl.sampler import sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ def ppo_lora_policy(model):
     """A fresh LoRA adapter as the math RL recipe puts it: r=16 on every block linear of the top 16 blocks."""
     from peft import LoraConfig, get_peft_model
 
-    from align.models import block_linear_names
+    from align.models.loading import block_linear_names
 
     layers = list(range(14, model.config.num_hidden_layers))
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, layers_to_transform=layers,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.recipe import validate_recipe
-from align.registry import Registry
-from align.tiny import make_tokenizer, save_tiny_model
+from align.config.recipe import validate_recipe
+from align.registry.store import Registry
+from align.models.tiny import make_tokenizer, save_tiny_model
 
 # Tiny models gain nothing from several threads, and on a busy 2-core machine thread contention makes
 # them hundreds of times slower; one thread keeps every test fast and deterministic.

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from align.fingerprint import tokenizer_facts
-from align.registry import Entry, Registry
+from align.registry.fingerprint import tokenizer_facts
+from align.registry.store import Entry, Registry
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUANT = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bf16"}

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from align.errors import DataError, byte_place
-from align.fingerprint import hash_file, hash_json
+from align.registry.fingerprint import hash_file, hash_json
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -60,7 +60,7 @@ def read_rows(path: Path | str, split: str = "train", limit: int | None = None, 
 
 
 def spec_options(spec) -> dict:
-    """The `read_rows` arguments a recipe's data spec (`align.recipe.DataSpec`) sets besides its path."""
+    """The `read_rows` arguments a recipe's data spec (`align.config.recipe.DataSpec`) sets besides its path."""
     return {"split": spec.split, "limit": spec.limit, "config": getattr(spec, "config", None),
             "revision": getattr(spec, "revision", None), "columns": getattr(spec, "columns", None) or None}
 

@@ -117,7 +117,7 @@ def packing_problem(model, tolerance: float = 1e-2) -> str | None:
     """Why `model`'s attention would let packed conversations see each other, or None: two short sequences
     run packed in one row must give the hidden states each gives alone. One forward pass of 24 tokens, with
     no gradient, in eval mode."""
-    from align.logprobs import causal_parts
+    from align.models.logprobs import causal_parts
 
     trunk, _ = causal_parts(model)
     device = next(model.parameters()).device

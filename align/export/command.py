@@ -1,7 +1,7 @@
 """`align export REF --format hf|gguf`: load (merging adapters), write to a staging folder, verify, rename.
 
 Why it is built this way:
-- Adapter entries go through `align.merge` first (fp32, checked against the unmerged adapter), so an
+- Adapter entries go through `align.export.merge` first (fp32, checked against the unmerged adapter), so an
   export never needs peft or the registry, and the reference every check compares with is the entry as
   the registry defines it: the unmerged adapter's outputs (or the full weights' own, in fp32).
 - The output is built in a hidden sibling folder (`.NAME.partial-*`), verified by reloading it the way its
@@ -25,11 +25,11 @@ from pathlib import Path
 from align.errors import ExportError
 from align.export.gguf import gguf_dtype, verify_gguf, write_gguf
 from align.export.hf import hf_dtype, verify_hf, write_hf
-from align.fingerprint import library_versions, tokenizer_facts
-from align.merge import merge_entry, task_of
-from align.models import ModelSource, load_causal_lm, load_tokenizer, materialize, resolve_model_ref
-from align.parity import model_outputs, sample_inputs
-from align.registry import Registry, write_json_atomic
+from align.registry.fingerprint import library_versions, tokenizer_facts
+from align.export.merge import merge_entry, task_of
+from align.models.loading import ModelSource, load_causal_lm, load_tokenizer, materialize, resolve_model_ref
+from align.export.parity import model_outputs, sample_inputs
+from align.registry.store import Registry, write_json_atomic
 
 log = logging.getLogger(__name__)
 

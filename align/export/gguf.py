@@ -25,8 +25,8 @@ import torch
 
 from align.errors import ExportError
 from align.export.gguf_vocab import add_vocab, vocab_metadata
-from align.packaged import strip_quantization
-from align.parity import Sample, compare, describe, model_outputs
+from align.models.packaged import strip_quantization
+from align.export.parity import Sample, compare, describe, model_outputs
 
 log = logging.getLogger(__name__)
 

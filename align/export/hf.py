@@ -4,7 +4,7 @@ Why it is built this way:
 - The files are transformers' own (`save_pretrained` of model, generation config and tokenizer), so the
   format is whatever the loaders expect; we only settle what they read to decide behaviour:
   `generation_config.eos_token_id` holds the chat template's end-of-turn token and the tokenizer's EOS
-  (`align.stop_tokens`), so generation stops where an assistant turn ends.
+  (`align.models.stop_tokens`), so generation stops where an assistant turn ends.
 - transformers 5 writes a few things older readers (vLLM pinned to transformers 4.x) do not know: RoPE
   settings only under `rope_parameters`, the dtype only as `dtype`, tokenizer class `TokenizersBackend`,
   the chat template only in `chat_template.jinja`. We add the older spellings next to the new ones
@@ -27,8 +27,8 @@ import torch
 
 from align.errors import ExportError
 from align.export.gguf import tokenizer_round_trip
-from align.parity import Sample, compare, describe, model_outputs
-from align.stop_tokens import stop_token_ids
+from align.export.parity import Sample, compare, describe, model_outputs
+from align.models.stop_tokens import stop_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -85,7 +85,7 @@ class RewardMix:
     def __call__(self, rows: list[dict], texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, per_source = self.raw(rows, texts)
         if self.normalize:  # moments over every process's responses, so all processes scale alike
-            from align.distributed import gather_cat
+            from align.runtime.distributed import gather_cat
 
             self.moments.update(gather_cat(total))
             total = (total - self.moments.mean) / max(self.moments.std, 1e-6)

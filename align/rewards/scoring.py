@@ -19,11 +19,11 @@ import torch
 from align.data.sampling import length_sorted_chunks, pad_right, pair_chunks
 from align.data.tokenize import IGNORE, EncodedPair, encode_conversation
 from align.errors import RegistryError
-from align.losses import pairwise_accuracy
-from align.models import ModelSource, adapter_parent, full_weights_folder, load_sequence_classifier, load_tokenizer
-from align.precision import inference_autocast
-from align.registry import Registry
-from align.shared_prompt import pair_groups, shared_prompt_states
+from align.objectives.losses import pairwise_accuracy
+from align.models.loading import ModelSource, adapter_parent, full_weights_folder, load_sequence_classifier, load_tokenizer
+from align.runtime.precision import inference_autocast
+from align.registry.store import Registry
+from align.models.shared_prompt import pair_groups, shared_prompt_states
 
 
 # ------------------------------------------------------------------------------------------ forward
@@ -48,7 +48,7 @@ def score_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 starts: torch.Tensor | None = None, groups: list[list[int]] | None = None) -> torch.Tensor:
     """Scores [B] for right-padded sequences. `starts` [B]: where each row's response begins (mean pooling
     averages from there to the last attended token; without it, over the whole sequence). `groups`: rows
-    whose first `starts` tokens are the same prompt, run once per group where they are (`align.shared_prompt`;
+    whose first `starts` tokens are the same prompt, run once per group where they are (`align.models.shared_prompt`;
     `pair_groups` for a batch of chosen then rejected rows); the scores are the same."""
     trunk, head = _trunk_and_head(model)
     hidden = None

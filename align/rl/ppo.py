@@ -13,7 +13,7 @@ LoRA. This is written on torch, transformers and PEFT only, around one base copy
 
 The KL penalty against the reference goes into the reward, per token (the classic InstructGPT form, with
 a fixed or adaptive coefficient), or into the loss as the k3 estimator (`kl.penalty: loss`, GRPO's form).
-Losses, GAE and the estimators are the pure functions of `align.losses`, checked against hand-computed
+Losses, GAE and the estimators are the pure functions of `align.objectives.losses`, checked against hand-computed
 values in the tests. Every step returns its figures: reward per source, KL, entropy, clip fraction, value
 loss, explained variance, response length, EOS share and the time split.
 """
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from align import distributed
+from align.runtime import distributed
 from align.errors import TrainingError
-from align.logprobs import can_split, causal_parts, distribution_kl, labelled_hidden, prefix_hidden, token_logps
-from align.losses import (AdaptiveKL, gae, group_advantages, kl_per_token, leave_one_out_advantages, masked_mean,
+from align.models.logprobs import can_split, causal_parts, distribution_kl, labelled_hidden, prefix_hidden, token_logps
+from align.objectives.losses import (AdaptiveKL, gae, group_advantages, kl_per_token, leave_one_out_advantages, masked_mean,
                           ppo_policy_loss, ppo_value_loss)
 from align.rl.rollout import Rollouts, sample_rollouts, trimmed
 
@@ -82,7 +82,7 @@ class PPOTrainer:
 
         self.cfg, self.model, self.tokenizer, self.rewards = cfg, model, tokenizer, rewards
         self.value_head, self.reference = value_head, reference
-        # Training passes' autocast dtype (`align.precision`); fp16 brings a gradient scaler (its small
+        # Training passes' autocast dtype (`align.runtime.precision`); fp16 brings a gradient scaler (its small
         # gradients underflow otherwise), bf16 and fp32 need none.
         self.autocast = autocast
         self.critic_adapter = critic_adapter  # the name of the critic's LoRA adapter, or None (head on policy)
@@ -105,7 +105,7 @@ class PPOTrainer:
         self.split = cfg.freeze_layers if (reference is None and cfg.freeze_layers and can_split(model)) else 0
         self._split_checked = False
         # Critic-free estimators sample k responses per prompt: the scoring and training passes run each
-        # prompt once and share its KV cache among the k rows (`align.logprobs.grouped_hidden`). That saves
+        # prompt once and share its KV cache among the k rows (`align.models.logprobs.grouped_hidden`). That saves
         # more than the shared frozen prefix does (which it replaces), and is checked on the first batch too.
         k = cfg.samples_per_prompt
         self.group = k if (cfg.estimator != "gae" and k > 1 and cfg.batch_size % k == 0
@@ -122,7 +122,7 @@ class PPOTrainer:
         # fine-tuning and QLoRA.
         self.sampling = None
         if reference is None and cfg.method == "lora":
-            from align.precision import inference_dtype, torch_dtype
+            from align.runtime.precision import inference_dtype, torch_dtype
             from align.rl.sampling_copy import build
 
             half = inference_dtype(model)
@@ -134,7 +134,7 @@ class PPOTrainer:
     def _autocast(self):
         if self.autocast is None:
             return contextlib.nullcontext()
-        from align.precision import torch_dtype
+        from align.runtime.precision import torch_dtype
 
         return torch.autocast(self.device.type, dtype=torch_dtype(self.autocast))
 

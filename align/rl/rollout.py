@@ -1,7 +1,7 @@
 """Rollouts for RL: sample responses with `generate`, then pack prompt + response into tensors for scoring.
 
 Sampling (`align.rl.sampler`: finished responses leave the batch) runs in bf16 autocast where the hardware
-multiplies bf16 natively (`align.precision`; faster, docs/results.md). The policy's log-probs
+multiplies bf16 natively (`align.runtime.precision`; faster, docs/results.md). The policy's log-probs
 are then recomputed in one teacher-forced pass (fp32 head), so the sampler's small numeric differences
 never enter the PPO ratio: the old log-probs, the reference's and the trained ones come from the same code.
 """
@@ -14,7 +14,7 @@ import torch
 
 from align.data.sampling import pad_right
 from align.data.tokenize import IGNORE
-from align.generation import generate, library_only_settings
+from align.models.generation import generate, library_only_settings
 
 
 @dataclass
@@ -59,7 +59,7 @@ def sample_rollouts(model, tokenizer, rows: list[dict], prompt_ids: list[list[in
     """One response per entry of `prompt_ids` (repeat a prompt to sample it several times), from our
     sampling loop (finished rows leave the batch) in batches of `batch_size`, else from `generate` (when the
     settings ask for something only `generate` implements: penalties, min_new_tokens)."""
-    from align.precision import inference_autocast
+    from align.runtime.precision import inference_autocast
     from align.rl.sampler import sample
 
     generated: list = []

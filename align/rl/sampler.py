@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from align.data.sampling import pad_left
-from align.generation import Generated
+from align.models.generation import Generated
 
 
 def _filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -65,7 +65,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings, group: int =
     `group`: consecutive runs of that many rows share their prompt, which is prefilled once."""
     from transformers import DynamicCache
 
-    from align.models import contiguous_head_input
+    from align.models.loading import contiguous_head_input
 
     contiguous_head_input(model)
     device = next(model.parameters()).device

@@ -21,15 +21,15 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.budget import StageBudget
-from align.distributed import all_max, main_only
+from align.pipeline.budget import StageBudget
+from align.runtime.distributed import all_max, main_only
 from align.errors import TrainingError
-from align.fingerprint import hash_json, library_versions, tokenizer_facts
-from align.models import ModelSource, load_tokenizer
-from align.precision import mark, stage_precision
-from align.plots import training_curve_png
-from align.recipe import recipe_record
-from align.registry import Entry, Registry, read_json_record, write_json_atomic
+from align.registry.fingerprint import hash_json, library_versions, tokenizer_facts
+from align.models.loading import ModelSource, load_tokenizer
+from align.runtime.precision import mark, stage_precision
+from align.eval.plots import training_curve_png
+from align.config.recipe import recipe_record
+from align.registry.store import Entry, Registry, read_json_record, write_json_atomic
 from align.stages.resume import (changed_settings, checkpoint_bytes, checkpoint_problems, free_space_hint,
                                  resumed_step, set_aside, whole_run_loss, write_settings)
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StageContext:
-    recipe: object  # align.recipe.Recipe
+    recipe: object  # align.config.recipe.Recipe
     name: str
     config: object  # the stage's typed config
     registry: Registry
@@ -127,7 +127,7 @@ def start_run(ctx: StageContext, prepare):
     (finished entry or None, checkpoint to resume from or None)): see `open_run`."""
     import torch
 
-    from align.models import materialize
+    from align.models.loading import materialize
 
     cfg = ctx.config
     torch.manual_seed(cfg.seed)
@@ -144,7 +144,7 @@ def start_run(ctx: StageContext, prepare):
 def check_trainable(ctx: StageContext, model) -> tuple[int, int]:
     """(trainable, total) parameters of the stage's model, refused when none would train: such a run fails at
     its first backward pass, or (PPO) registers an untouched copy of its parent as a trained entry."""
-    from align.models import count_parameters
+    from align.models.loading import count_parameters
 
     trainable, total = count_parameters(model)
     if trainable == 0:
@@ -158,8 +158,8 @@ def parent_baseline(ctx: StageContext, model, tokenizer, examples, resume_from: 
     is the identity; full fine-tuning starts from the parent's weights), measured like the entry will be, so
     the manifest shows the change the stage made. Kept in the run folder: a resumed run compares against the
     same numbers (None when a resumed folder predates that)."""
-    from align.distributed import is_main
-    from align.evaluate import evaluate_model
+    from align.runtime.distributed import is_main
+    from align.eval.hook import evaluate_model
 
     import time
 
@@ -191,7 +191,7 @@ def build_policy(ctx: StageContext, tokenizer):
     """A causal LM on the parent's weights (adapter parents merged in full precision first, then quantized
     for QLoRA) with a fresh LoRA adapter, or with the bottom `freeze_layers` blocks frozen for full
     fine-tuning; returns (model, LoRA config or None). Shared by the SFT and DPO stages."""
-    from align.models import bnb_config, freeze_bottom, load_causal_lm, lora_config, use_attention
+    from align.models.loading import bnb_config, freeze_bottom, load_causal_lm, lora_config, use_attention
 
     cfg = ctx.config
     precision = stage_precision(cfg)
@@ -221,7 +221,7 @@ def prepare_run_dir(run_dir: Path, fingerprint: dict, force: bool, settings: dic
     batch shards, so a run resumes only under as many processes as it started with. `settings` (the stage's
     config values) are kept beside it, so a refused resume names the config keys that changed. Only the main
     process reads and writes the folder; the others wait and get its answer."""
-    from align import distributed
+    from align.runtime import distributed
 
     fingerprint = {**fingerprint, "world_size": distributed.world_size()}
     return distributed.on_main(lambda: _prepare_run_dir(run_dir, fingerprint, force, settings))
@@ -262,7 +262,7 @@ def open_run(ctx: StageContext, fingerprint: dict) -> tuple[Entry | None, Path |
     register a copy, so the stage reports that entry instead. Otherwise (None, checkpoint to resume or None),
     the folder prepared by `prepare_run_dir`; a finished run trains again from the start under `--force`, or
     when its entry is gone from the registry."""
-    from align import distributed
+    from align.runtime import distributed
 
     ref = distributed.on_main(lambda: _finished_ref(ctx, fingerprint))
     if ref is not None:
@@ -319,7 +319,7 @@ def latest_checkpoint(run_dir: Path, on_damaged=None) -> Path | None:
     names its own step: transformers' `Trainer._save_checkpoint` writes that file after the weights, optimizer,
     scheduler and RNG states (PPO writes its checkpoints whole under a hidden name and renames them), so a
     save that crashed midway leaves either no such file or a truncated one, and that folder is passed over.
-    Whole means its safetensors, torch and JSON files are not truncated (`align.integrity`): a complete
+    Whole means its safetensors, torch and JSON files are not truncated (`align.registry.integrity`): a complete
     checkpoint damaged later is passed over too, for the one before it; `on_damaged(checkpoint, problems)` is
     told (default: a warning naming the files)."""
     found = [(int(m.group(1)), c) for c in run_dir.glob("checkpoint-*")
@@ -387,7 +387,7 @@ def safety_callbacks(time_limit: StageBudget | float | None = None):
 
     class TimeLimit(TrainerCallback):
         """Stops training when the rest of the stage (final evaluation, save, register) would no longer fit
-        in its end-to-end budget (`align.budget`)."""
+        in its end-to-end budget (`align.pipeline.budget`)."""
 
         def __init__(self, budget: StageBudget):
             self.budget = budget
@@ -447,7 +447,7 @@ def safety_callbacks(time_limit: StageBudget | float | None = None):
             if control.should_save or state.global_step >= state.max_steps:
                 control.should_log = True
 
-    from align.runlog import progress_callback
+    from align.pipeline.runlog import progress_callback
     from align.stages.continuing import schedule_callback
 
     budget = time_limit if isinstance(time_limit, StageBudget) else StageBudget(time_limit)
@@ -544,7 +544,7 @@ def train_and_time(ctx: StageContext, trainer, resume_from: Path | None, callbac
 def _raise_if_disk_full(err: Exception, ctx: StageContext, trainer) -> None:
     """A checkpoint save that found the disk full becomes one error naming the checkpoint, the space it
     needs and free, and the last complete checkpoint (intact: the failed save never touches it)."""
-    from align.diskspace import disk_full_error, is_disk_full
+    from align.runtime.diskspace import disk_full_error, is_disk_full
 
     try:
         needed = checkpoint_bytes(ctx.run_dir, trainer.model)

@@ -75,8 +75,8 @@ def start_continuing(ctx, entry, fingerprint: dict, settings: dict) -> Path:
     """Check there are steps left to train, then record the run as a continuation of `entry`: `run.json` and
     `settings.json` for the new length, `continues.json` for the manifest (`registered.json` stays until the new
     entry replaces it, so a crash leaves the finished run reported as finished)."""
-    from align import distributed
-    from align.registry import write_json_atomic
+    from align.runtime import distributed
+    from align.registry.store import write_json_atomic
     from align.stages.base import _check_world_size, latest_checkpoint
     from align.stages.resume import resumed_step, set_aside, write_settings
 
@@ -102,7 +102,7 @@ def start_continuing(ctx, entry, fingerprint: dict, settings: dict) -> Path:
 
 def read_continues(run_dir: Path) -> dict | None:
     """What the run in `run_dir` continues (`continues.json`), or None for a run of its own."""
-    from align.registry import read_json_record
+    from align.registry.store import read_json_record
 
     return read_json_record(run_dir / CONTINUES_FILE)
 

@@ -2,8 +2,8 @@
 
 Why it is built this way:
 - The loop is transformers' `Trainer` (checkpoints, exact resume, schedules, mixed precision); the losses
-  are the pure functions of `align.losses` (sigmoid, cDPO, IPO, hinge, and the reference-free SimPO and
-  ORPO), and log-probabilities come from `align.logprobs`, which projects the LM head at response tokens
+  are the pure functions of `align.objectives.losses` (sigmoid, cDPO, IPO, hinge, and the reference-free SimPO and
+  ORPO), and log-probabilities come from `align.models.logprobs`, which projects the LM head at response tokens
   only. TRL's `DPOTrainer` was measured first and was several times slower with the same model, adapter and
   reference (docs/results.md), because its fused head scores every position (prompts too) where Triton is
   missing. On a small machine speed is learning quality, so we keep ours.
@@ -31,21 +31,21 @@ import time
 
 import torch
 
-from align import distributed
+from align.runtime import distributed
 from align.data.prepare import prepare_pairs
 from align.data.sampling import pad_right, pair_chunks
 from align.data.tokenize import IGNORE, EncodedPair
-from align.evaluate import evaluate_model
-from align.fingerprint import hash_json
-from align.logprobs import mean_nll, sequence_logps
-from align.shared_prompt import pair_groups
-from align.losses import dpo_loss, orpo_loss, pairwise_accuracy, simpo_loss
-from align.precision import inference_autocast
-from align.plots import margin_histogram_png
+from align.eval.hook import evaluate_model
+from align.registry.fingerprint import hash_json
+from align.models.logprobs import mean_nll, sequence_logps
+from align.models.shared_prompt import pair_groups
+from align.objectives.losses import dpo_loss, orpo_loss, pairwise_accuracy, simpo_loss
+from align.runtime.precision import inference_autocast
+from align.eval.plots import margin_histogram_png
 from align.stages.base import (PairBatchesMixin, StageContext, baseline_record, build_policy, check_finite,
                                check_trainable, lora_targets, parent_baseline, register_entry, safety_callbacks,
                                start_run, train_and_time, training_arguments)
-from align.registry import write_json_atomic
+from align.registry.store import write_json_atomic
 from align.stages.sharded import trained_model
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ Why it is built this way:
   head, optimizer, scheduler, KL controller, reward normalizer and the history; the sampling seed of
   each step is derived from the recipe seed and the step, so a resumed run draws the same samples.
 - Several processes (`align run --nproc N`): each takes its own 1/N of every step's prompts; the trainer
-  sums gradients and pools the figures over processes (`align.distributed`), so `rollout_batch` and
+  sums gradients and pools the figures over processes (`align.runtime.distributed`), so `rollout_batch` and
   `minibatch` keep their single-process meaning; the main process alone measures, checkpoints and registers.
 """
 
@@ -30,21 +30,21 @@ from pathlib import Path
 
 import torch
 
-from align import distributed
+from align.runtime import distributed
 from align.data.prepare import DataReport, heldout_split
 from align.data.prompts import load_prompts
 from align.data.tokenize import encode_prompt
-from align.diskspace import disk_guard
+from align.runtime.diskspace import disk_guard
 from align.errors import RegistryError, TrainingError
-from align.evaluate import evaluate_model
-from align.plots import reward_histogram_png, rl_curves_png
-from align.registry import write_json_atomic
+from align.eval.hook import evaluate_model
+from align.eval.plots import reward_histogram_png, rl_curves_png
+from align.registry.store import write_json_atomic
 from align.rewards.checkers import fields_needed
 from align.rewards.mix import RewardMix, checker_term, reward_model_term, term_names
 from align.rl.ppo import PPOTrainer
 from align.rl.rollout import sample_rollouts
 from align.stages.resume import checkpoint_bytes, free_space_hint
-from align.precision import stage_precision
+from align.runtime.precision import stage_precision
 from align.stages.base import (StageContext, StopRequest, baseline_record, build_policy, check_trainable, lora_targets,
                                peak_rss_mb, record_world_size, register_entry, start_run)
 
@@ -105,7 +105,7 @@ def step_rows(rows: list[dict], step: int, prompts_per_step: int, samples: int, 
 def reward_entry(ctx: StageContext, ref: str):
     """The registry entry a reward source names: an earlier stage of this recipe, or any model ref; refused
     when it is not a reward model or failed its quality gate (unless `allow_failed_gate`)."""
-    from align.models import resolve_model_ref
+    from align.models.loading import resolve_model_ref
     from align.rewards.scoring import gate_problem, reward_problem
 
     name = ref[1:] if ref.startswith("@") else ref
@@ -197,7 +197,7 @@ def save_checkpoint(ctx: StageContext, trainer: PPOTrainer, step: int, history: 
     final = ctx.run_dir / f"checkpoint-{step}"
     partial = ctx.run_dir / f".checkpoint-{step}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    # A full disk is one error naming the checkpoint, its size and the intact previous one (`align.diskspace`).
+    # A full disk is one error naming the checkpoint, its size and the intact previous one (`align.runtime.diskspace`).
     with disk_guard(final, lambda: checkpoint_bytes(ctx.run_dir, trainer.model),
                     lambda: free_space_hint(ctx.run_dir)):
         partial.mkdir(parents=True)

@@ -18,7 +18,7 @@ import json
 import logging
 from pathlib import Path
 
-from align.integrity import folder_problems
+from align.registry.integrity import folder_problems
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def set_aside(checkpoint: Path, problems: list[str]) -> Path:
 
 def write_settings(run_dir: Path, settings: dict | None) -> None:
     """Keep the run's config values beside its fingerprint, to name what changed on a refused resume."""
-    from align.registry import write_json_atomic
+    from align.registry.store import write_json_atomic
 
     if settings is not None:
         write_json_atomic(run_dir / SETTINGS_FILE, settings)

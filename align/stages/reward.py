@@ -6,7 +6,7 @@ Why it is built this way:
   module: fully trained, saved inside the adapter, restored on load (tests check scores survive reload).
 - The loop is transformers' `Trainer` (checkpoints, exact resume, schedules, mixed precision) with our
   loss: chosen and rejected sides go through the model in one padded batch, scores are read at the last
-  real token (see `align.rewards.scoring`), and the loss is a pure function from `align.losses`.
+  real token (see `align.rewards.scoring`), and the loss is a pure function from `align.objectives.losses`.
 - Speed is learning quality on a small machine: pairs are batched by length (little padding), bf16
   autocast is used where the hardware multiplies bf16 natively, prompts can be capped to their most recent
   tokens (`max_prompt_length`), and no LM head is ever computed.
@@ -24,14 +24,14 @@ import torch
 from align.data.prepare import prepare_pairs
 from align.data.sampling import pad_right
 from align.data.tokenize import EncodedPair
-from align.distributed import call_through
-from align.evaluate import evaluate_reward_model
-from align.losses import pairwise_accuracy, reward_ranking_loss
-from align.models import bnb_config, freeze_bottom, load_sequence_classifier, lora_config, use_attention
-from align.plots import score_histogram_png
-from align.precision import mark, stage_precision
+from align.runtime.distributed import call_through
+from align.eval.hook import evaluate_reward_model
+from align.objectives.losses import pairwise_accuracy, reward_ranking_loss
+from align.models.loading import bnb_config, freeze_bottom, load_sequence_classifier, lora_config, use_attention
+from align.eval.plots import score_histogram_png
+from align.runtime.precision import mark, stage_precision
 from align.rewards.scoring import score_batch
-from align.shared_prompt import pair_groups
+from align.models.shared_prompt import pair_groups
 from align.stages.base import (PairBatchesMixin, StageContext, check_finite, check_trainable, register_entry,
                                safety_callbacks, start_run, train_and_time, training_arguments)
 from align.stages.sharded import trained_model
@@ -99,7 +99,7 @@ def make_trainer(loss_kind: str, center_coef: float, grouped: bool = True, max_p
             with self.accelerator.autocast():
                 scores = call_through(model, score_batch, inputs["input_ids"], inputs["attention_mask"],
                                       inputs["starts"], pair_groups(len(inputs["input_ids"])))  # through
-                # DDP/FSDP's forward under several processes; each pair's prompt runs once (`align.shared_prompt`)
+                # DDP/FSDP's forward under several processes; each pair's prompt runs once (`align.models.shared_prompt`)
             chosen, rejected = scores.chunk(2)
             loss = reward_ranking_loss(chosen, rejected, inputs["margin"], loss_kind, center_coef)
             if model.training:

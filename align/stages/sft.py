@@ -7,7 +7,7 @@ Why it is built this way:
 - The trainer loop, checkpointing and resume are TRL/transformers'; we add a non-finite loss stop that
   fires before the optimizer step, and a SIGTERM handler that checkpoints and exits.
 - Speed (`align.stages.sft_trainer`): the LM head runs at labelled positions only, no gradient
-  checkpointing, length-grouped batches; `align bench` measures it against plain TRL on the same work.
+  checkpointing, length-grouped batches; `make bench` measures it against plain TRL on the same work.
 - The evaluation hook runs on the trained model before the entry is committed, so the manifest holds
   its metrics from the start and an entry never exists without them.
 """
@@ -19,7 +19,7 @@ import logging
 from align.data.prepare import (DataReport, apply_row_policy, check_dropped_share, heldout_split,
                                 load_demonstrations, tokenize_all)
 from align.errors import TrainingError
-from align.evaluate import evaluate_model
+from align.eval.hook import evaluate_model
 from align.stages.sft_trainer import SFT_ARGS, make_sft_trainer
 from align.stages.base import (StageContext, baseline_record, build_policy, check_trainable, parent_baseline,
                                register_entry, lora_targets, safety_callbacks, start_run, train_and_time,
@@ -94,7 +94,7 @@ def register(ctx: StageContext, model, tokenizer, peft_cfg, report: DataReport, 
 
 
 def build_trainer(ctx: StageContext, model, tokenizer, train, heldout, callbacks):
-    """The stage's trainer on pre-tokenized examples (`align.stages.sft_trainer`); `align bench` times this."""
+    """The stage's trainer on pre-tokenized examples (`align.stages.sft_trainer`); `make bench` times this."""
     from datasets import Dataset
     from trl import SFTConfig
 

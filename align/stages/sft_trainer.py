@@ -2,7 +2,7 @@
 
 Why these changes (profiled with torch.profiler on SmolLM2-135M + LoRA r16 all-linear, GSM8K, batch 4, 2 CPU
 cores; docs/results.md has the figures):
-- The loss projects the LM head only at labelled positions (`align.logprobs.sequence_logps`, fp32 head in
+- The loss projects the LM head only at labelled positions (`align.models.logprobs.sequence_logps`, fp32 head in
   chunks): prompt tokens need no logits, and TRL's CPU path builds [batch, length, vocab] logits for every
   position, then log-softmax over them and an entropy metric. Same loss definition: summed NLL of the
   labelled tokens over `num_items_in_batch`, as the model's own loss divides it.
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from align.distributed import call_through
-from align.logprobs import sequence_logps
+from align.runtime.distributed import call_through
+from align.models.logprobs import sequence_logps
 
 # TrainingArguments the SFT stage sets on top of the shared ones (see the docstring). Gradient checkpointing
 # is the recipe's `gradient_checkpointing` (off by default, where TRL turns it on).
@@ -33,7 +33,7 @@ SFT_ARGS: dict = {}
 def labelled_nll(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     """Summed NLL of the labelled tokens of a right-padded batch over `num_items_in_batch` (the labelled tokens
     of the whole accumulated batch, as the Trainer counts them), else over this batch's labelled tokens. Called
-    through a DDP/FSDP wrapper's forward when there is one (`align.distributed.call_through`)."""
+    through a DDP/FSDP wrapper's forward when there is one (`align.runtime.distributed.call_through`)."""
     from align.data.packing import model_inputs
 
     ids, mask, labels, positions = model_inputs(getattr(model, "module", model), inputs)  # packed or padded rows

@@ -10,7 +10,7 @@ model built the way the stage built it. With one process nothing of this runs.
 
 from __future__ import annotations
 
-from align import distributed
+from align.runtime import distributed
 from align.errors import TrainingError
 
 

@@ -11,7 +11,7 @@ from align.data.packing import PackedCollator, first_fit, model_inputs, pack_lay
 from align.data.sampling import pad_right
 from align.data.tokenize import IGNORE, encode_conversation
 from align.stages.sft_trainer import labelled_nll
-from align.tiny import make_model, make_tokenizer
+from align.models.tiny import make_model, make_tokenizer
 
 QUESTIONS = ["What is 3 + 4?", "Please write a short poem about the sea and the quick brown fox.", "Hello there?",
              "What is 12 + 7? Think step by step, then give the answer.", "Add 1 and 2.", "What is 9 - 5?"]

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from align.errors import DataError
-from align.recipe import validate_recipe
+from align.config.recipe import validate_recipe
 from align.stages.sft import prepare_data
 from conftest import SFT_ROWS, write_jsonl
 

@@ -6,7 +6,7 @@ import pytest
 
 from align.data.prompts import load_prompts, prompt_messages, prompt_problems
 from align.errors import DataError
-from align.recipe import validate_recipe
+from align.config.recipe import validate_recipe
 from conftest import write_jsonl
 
 

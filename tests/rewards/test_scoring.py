@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.models import ModelSource, load_sequence_classifier
+from align.models.loading import ModelSource, load_sequence_classifier
 from align.rewards.scoring import pair_metrics, reward_problem, score_conversations, score_sequences
 
 
@@ -18,7 +18,7 @@ def exact_fp32(monkeypatch):
 
 @pytest.fixture(scope="module")
 def classifier(tiny_base, tmp_path_factory):
-    from align.registry import Registry
+    from align.registry.store import Registry
 
     torch.manual_seed(0)
     source = ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base))

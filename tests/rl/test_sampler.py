@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from align.data.tokenize import encode_prompt
-from align.generation import generate
-from align.recipe import GenerationSettings
+from align.models.generation import generate
+from align.config.recipe import GenerationSettings
 from align.rl.sampler import sample
 
 

@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from align.rl.sampling_copy import build
-from align.tiny import make_model, make_tokenizer
+from align.models.tiny import make_model, make_tokenizer
 
 
 def _policy(targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),

@@ -21,9 +21,9 @@ import yaml
 from safetensors.torch import load_file
 
 from align.errors import TrainingError
-from align.pipeline import run_recipe
-from align.recipe import validate_recipe
-from align.registry import Registry
+from align.pipeline.run import run_recipe
+from align.config.recipe import validate_recipe
+from align.registry.store import Registry
 from align.stages.base import latest_checkpoint, prepare_run_dir
 from conftest import REPO_ROOT, SFT_ROWS, write_jsonl
 
@@ -300,7 +300,7 @@ _SLOW_ALIGN = ("import sys, time\nimport align.stages.base as base, align.stages
                "real = base.check_finite\n"
                "def slow(value, step):\n    time.sleep(0.3)\n    real(value, step)\n"
                "base.check_finite = slow\nif hasattr(sft, 'check_finite'):\n    sft.check_finite = slow\n"
-               "from align.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+               "from align.cli.main import main\nsys.exit(main(sys.argv[1:]))\n")
 GRACE_SECONDS = 30
 
 
@@ -334,7 +334,7 @@ def test_sigterm_checkpoints_and_exits_and_the_next_run_resumes(tmp_path, tiny_b
     assert 1 <= step < 12
     assert not (tmp_path / "registry" / "tiny").exists()  # nothing registered by the interrupted run
 
-    rerun = subprocess.run([sys.executable, "-m", "align.cli", "run", "r.yaml"], cwd=tmp_path, env=env,
+    rerun = subprocess.run([sys.executable, "-m", "align.cli.main", "run", "r.yaml"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     entry = Registry(tmp_path / "registry").resolve("tiny/sft")
@@ -348,7 +348,7 @@ OTHER_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{
 
 
 def _context(folder: Path, base, kind: str, stage: dict, parent=None):
-    from align.models import ModelSource
+    from align.models.loading import ModelSource
     from align.stages.base import StageContext
 
     raw = _raw(folder, base, kind, stage) if kind != "ppo" else {
@@ -364,7 +364,7 @@ def _context(folder: Path, base, kind: str, stage: dict, parent=None):
 @pytest.mark.parametrize("kind", ["reward", "dpo", "ppo"])
 def test_a_stage_refuses_to_run_on_a_parent_with_another_template_unless_allowed(kind, tmp_path, tiny_base):
     """The stage's own check when it runs (the plan refuses the same earlier; this holds for parents the plan
-    cannot read, and for `align.pipeline` callers that skip it)."""
+    cannot read, and for `align.pipeline.run` callers that skip it)."""
     from align.stages.base import stage_tokenizer
 
     module = importlib.import_module(f"align.stages.{kind}")
@@ -381,7 +381,7 @@ def test_a_stage_refuses_to_run_on_a_parent_with_another_template_unless_allowed
 def test_a_stage_refuses_a_parent_entry_whose_tokenizer_changed(kind, tmp_path, tiny_base):
     """A parent entry whose tokenizer no longer hashes to what its manifest recorded (another vocabulary or
     template put in its folder) is refused, naming both hashes."""
-    from align.models import ModelSource
+    from align.models.loading import ModelSource
     from align.stages.base import stage_tokenizer
     from tiny_entries import register_adapter
 

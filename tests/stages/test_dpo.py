@@ -13,10 +13,10 @@ import torch
 
 from align.data.prepare import prepare_pairs
 from align.errors import ConfigError, TrainingError
-from align.models import ModelSource, load_causal_lm, load_tokenizer
-from align.pipeline import run_recipe
-from align.recipe import validate_recipe
-from align.registry import Registry
+from align.models.loading import ModelSource, load_causal_lm, load_tokenizer
+from align.pipeline.run import run_recipe
+from align.config.recipe import validate_recipe
+from align.registry.store import Registry
 from align.stages.dpo import pair_logps
 from safetensors.torch import load_file
 from conftest import write_jsonl
@@ -122,7 +122,7 @@ def test_full_fine_tuning_from_a_lora_entry_trains_the_merged_weights(tmp_path, 
 def test_the_manifest_holds_the_parents_baseline_measured_by_the_same_hook(lora_run, tiny_base):
     """As SFT and PPO entries do: the parent through the same evaluation hook as the entry (held-out chosen
     responses), so the manifest, and `align run`'s summary, show what the stage changed."""
-    from align.evaluate import evaluate_model
+    from align.eval.hook import evaluate_model
 
     recipe, registry, entry = lora_run
     baseline, metrics = entry.manifest["baseline"], entry.manifest["metrics"]

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.models import four_bit_problem
-from align.pipeline import run_recipe
-from align.recipe import validate_recipe
-from align.registry import Registry
+from align.models.loading import four_bit_problem
+from align.pipeline.run import run_recipe
+from align.config.recipe import validate_recipe
+from align.registry.store import Registry
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or four_bit_problem() is not None,
                                 reason="needs a CUDA GPU with bitsandbytes")
@@ -53,7 +53,7 @@ def test_qlora_sft_then_dpo_merges_in_full_precision(tmp_path, tiny_base, tiny_r
     dpo = registry.resolve("tiny/dpo").manifest
     assert dpo["parent"]["ref"] == produced["sft"].ref
     assert dpo["metrics"]["preference_accuracy"] >= 0.75
-    from align.packaged import cache_dir
+    from align.models.packaged import cache_dir
 
     merged = cache_dir() / "merged" / produced["sft"].ref.replace("/", "--")
     assert (merged / "config.json").is_file()

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from align.errors import AlignError, DataError, TrainingError
-from align.models import ModelSource, load_causal_lm, load_tokenizer
-from align.pipeline import run_recipe
-from align.recipe import validate_recipe
-from align.registry import Registry
+from align.models.loading import ModelSource, load_causal_lm, load_tokenizer
+from align.pipeline.run import run_recipe
+from align.config.recipe import validate_recipe
+from align.registry.store import Registry
 from conftest import write_jsonl
 
 PROMPTS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(8) for b in range(8)]
@@ -408,8 +408,8 @@ def test_the_heldout_kl_is_exact_and_never_negative(tmp_path, tiny_base, monkeyp
     responses where the k1 estimate (log pi - log ref of the drawn tokens) is negative, it is the mean of
     the exact per-position KL, >= 0 (before: the negative k1 mean)."""
     from align.data.tokenize import encode_prompt
-    from align.logprobs import causal_parts, distribution_kl, labelled_hidden
-    from align.losses import kl_per_token, masked_mean
+    from align.models.logprobs import causal_parts, distribution_kl, labelled_hidden
+    from align.objectives.losses import kl_per_token, masked_mean
     from align.rl.rollout import sample_rollouts
     import align.stages.ppo as ppo_stage
 

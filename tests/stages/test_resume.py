@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from align.errors import TrainingError
-from align.pipeline import run_recipe
-from align.recipe import validate_recipe
-from align.registry import Registry
+from align.pipeline.run import run_recipe
+from align.config.recipe import validate_recipe
+from align.registry.store import Registry
 from align.stages.base import latest_checkpoint, prepare_run_dir
 from conftest import SFT_ROWS, write_jsonl
 
@@ -192,7 +192,7 @@ def test_a_full_disk_while_saving_a_ppo_checkpoint_is_one_clear_error(tmp_path, 
                            "data/0: file write failed")
 
     monkeypatch.setattr(ppo_stage.torch, "save", full)
-    monkeypatch.setattr("align.diskspace.free_bytes", lambda path: 1024)  # what a full disk has left
+    monkeypatch.setattr("align.runtime.diskspace.free_bytes", lambda path: 1024)  # what a full disk has left
     ctx = SimpleNamespace(run_dir=tmp_path / "run")
     trainer = SimpleNamespace(state_dict=lambda: {}, model=torch.nn.Linear(64, 64))
     with pytest.raises(DiskFullError, match=r"writing .*checkpoint-3: it needs about 48.8 KB, 1.0 KB free there\. "

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from align.cli import main
+from align.cli.main import main
 from align.data.prepare import prepare_pairs
 from align.errors import ConfigError, TrainingError
-from align.models import ModelSource, load_tokenizer
-from align.pipeline import run_recipe
-from align.plan import make_plan
-from align.recipe import validate_recipe
-from align.registry import Registry
+from align.models.loading import ModelSource, load_tokenizer
+from align.pipeline.run import run_recipe
+from align.pipeline.plan import make_plan
+from align.config.recipe import validate_recipe
+from align.registry.store import Registry
 from align.rewards.scoring import load_reward_model, pair_metrics, score_pairs
 from conftest import write_jsonl
 
@@ -231,7 +231,7 @@ def test_gradient_checkpointing_trains_the_same(tmp_path, tiny_base):
 
 def test_eager_attention_trains_the_same(tmp_path, tiny_base, monkeypatch):
     """`attention: eager` reaches the model that trains, and gives SDPA's loss curve (fp32)."""
-    from align.models import use_attention
+    from align.models.loading import use_attention
     from align.stages import reward
 
     kernels = []

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 
 from align.data.tokenize import encode_conversation
 from align.errors import ConfigError, TrainingError
-from align.fingerprint import hash_file, hash_json, tokenizer_facts
-from align.models import ModelSource, load_causal_lm, load_tokenizer
-from align.pipeline import run_recipe
-from align.recipe import validate_recipe
-from align.registry import Registry
+from align.registry.fingerprint import hash_file, hash_json, tokenizer_facts
+from align.models.loading import ModelSource, load_causal_lm, load_tokenizer
+from align.pipeline.run import run_recipe
+from align.config.recipe import validate_recipe
+from align.registry.store import Registry
 from align.stages.base import check_finite, latest_checkpoint, prepare_run_dir
 
 
@@ -295,7 +295,7 @@ def test_exploding_loss_stops_training_and_registers_nothing(tiny_raw_recipe, tm
 def test_sft_may_set_a_new_chat_template_and_records_it(tiny_raw_recipe, tmp_path, tiny_base):
     """SFT is where a template is chosen: a `chat_template` file replaces the parent's, training uses it, and
     the entry's tokenizer and manifest carry it, so later stages are checked against it."""
-    from align.tiny import TEMPLATES
+    from align.models.tiny import TEMPLATES
 
     template = tmp_path / "llama2.jinja"
     template.write_text(TEMPLATES["llama2"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from align.data.tokenize import encode_conversation
-from align.tiny import make_model, make_tokenizer
+from align.models.tiny import make_model, make_tokenizer
 
 ROWS = [(3, 4), (1, 2), (5, 6), (7, 1), (2, 2), (9, 3), (4, 4), (6, 1), (8, 2), (3, 3), (5, 5), (1, 7)]
 # Per-step loss agreement: fp32 exact up to summation order; under bf16 autocast the plain path's head

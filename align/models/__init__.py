@@ -1,0 +1,1 @@
+"""Model references and loading, the packaged default, tiny test models, generation and log-probs."""

@@ -1,0 +1,1 @@
+"""Training objectives as pure tensor functions, each golden-tested."""

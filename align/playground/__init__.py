@@ -1,0 +1,1 @@
+"""Trying entries by hand: the terminal chat."""

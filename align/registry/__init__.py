@@ -1,0 +1,1 @@
+"""The model registry: named, versioned entries with lineage, hashes and integrity checks."""

@@ -1,0 +1,1 @@
+"""The machine: precision from what it multiplies natively, processes, disk space."""
