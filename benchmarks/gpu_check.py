@@ -671,7 +671,7 @@ def ratio(a, b) -> float | None:
 
 
 def qlora_merge(c: Check) -> dict:
-    """A QLoRA SFT entry registered by the stage itself (`align.stages.sft.run`), then merged into its
+    """A QLoRA SFT entry registered by the stage itself (`align.stages.sft.SFT`), then merged into its
     parent's fp32 weights (`align.export.merge.merge_entry`) with the parity `align.export.parity` states for fp32."""
     from benchmarks.bench.common import stage_context
     from align.export.merge import merge_entry
@@ -680,7 +680,7 @@ def qlora_merge(c: Check) -> dict:
     work = workload(c, "sft", "small", {"method": "qlora"})
     folder = c.tmp / "qlora-merge"
     ctx = stage_context(work, work.stages["sft"], folder)
-    entry = sft.run(ctx)
+    entry = sft.SFT(ctx).run()
     fresh_gpu()
     merged = merge_entry(entry, ctx.registry, "fp32")
     losses = [h["loss"] for h in entry.manifest.get("history", []) if "loss" in h]
@@ -755,7 +755,7 @@ def response_tokens(rollouts) -> list[list[int]]:
 def rollout_eos(c: Check) -> dict:
     """Rollouts as PPO samples them (`align.rl.rollout.sample_rollouts`, our sampler) stop each response at
     its EOS: EOS last and once, rows ending at different steps, no decoding call after the last row ended."""
-    from align.config.recipe import GenerationSettings
+    from align.config.schema import GenerationSettings
     from align.rl.rollout import sample_rollouts
 
     model, tokenizer, _ = load_for_decoding(c, "small")
@@ -833,7 +833,7 @@ def decode_1b(c: Check) -> dict:
     """Decoding tokens/s at batch 64 on the 1B shape at the resolved width: fixed length (no EOS) against
     the bandwidth bound, and lengths spread like rollouts' (EOS at 1/64 a step at 128 new tokens), sampler
     against generate."""
-    from align.config.recipe import GenerationSettings
+    from align.config.schema import GenerationSettings
 
     size = DECODE[c.mode]
     model, tokenizer, precision = load_for_decoding(c, "large")

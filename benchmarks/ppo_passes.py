@@ -19,7 +19,7 @@ import torch
 from align.models.logprobs import token_logps
 from align.runtime.precision import inference_autocast
 from align.models.loading import load_causal_lm, load_tokenizer, resolve_model_ref
-from align.config.recipe import GenerationSettings
+from align.config.schema import GenerationSettings
 from align.registry.store import Registry
 from align.rl.rollout import pack
 from align.rl.sampler import sample

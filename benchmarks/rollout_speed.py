@@ -21,7 +21,7 @@ from align.data.tokenize import encode_prompt
 from align.models.generation import generate
 from align.runtime.precision import inference_autocast
 from align.models.loading import load_causal_lm, load_tokenizer, resolve_model_ref
-from align.config.recipe import GenerationSettings
+from align.config.schema import GenerationSettings
 from align.registry.store import Registry
 from align.rl.sampler import sample
 

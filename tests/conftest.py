@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.config.recipe import validate_recipe
+from align.config.loading import validate_recipe
 from align.registry.store import Registry
 from align.models.tiny import make_tokenizer, save_tiny_model
 

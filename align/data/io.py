@@ -60,7 +60,7 @@ def read_rows(path: Path | str, split: str = "train", limit: int | None = None, 
 
 
 def spec_options(spec) -> dict:
-    """The `read_rows` arguments a recipe's data spec (`align.config.recipe.DataSpec`) sets besides its path."""
+    """The `read_rows` arguments a recipe's data spec (`align.config.schema.DataSpec`) sets besides its path."""
     return {"split": spec.split, "limit": spec.limit, "config": getattr(spec, "config", None),
             "revision": getattr(spec, "revision", None), "columns": getattr(spec, "columns", None) or None}
 

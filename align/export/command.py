@@ -29,7 +29,8 @@ from align.registry.fingerprint import library_versions, tokenizer_facts
 from align.export.merge import merge_entry, task_of
 from align.models.loading import ModelSource, load_causal_lm, load_tokenizer, materialize, resolve_model_ref
 from align.export.parity import model_outputs, sample_inputs
-from align.registry.store import Registry, write_json_atomic
+from align.registry.records import write_json_atomic
+from align.registry.store import Registry
 
 log = logging.getLogger(__name__)
 

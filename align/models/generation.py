@@ -142,7 +142,7 @@ def settings_with(base, overrides: dict):
     from pydantic import ValidationError
 
     from align.errors import ConfigError, Problem
-    from align.config.recipe import GenerationSettings
+    from align.config.schema import GenerationSettings
 
     given = {key: value for key, value in overrides.items() if value is not None}
     try:

@@ -137,11 +137,14 @@ def activation_bytes_per_token(shape: Shape, *, act_bytes: int, casts: bool, ada
     return total
 
 
-def estimate(shape: Shape, *, kind: str = "sft", method: str = "lora", lora_r: int = 16, lora_targets_=None,
+def estimate(shape: Shape, *, rows_per_example: int = 1, lm_head: bool = True, method: str = "lora",
+             lora_r: int = 16, lora_targets_=None,
              lora_dropout: float = 0.0, freeze_layers: int = 0, weight_bytes: float = 4.0, autocast: bool = False,
              batch: int = 8, seq_len: int = 256, seq_is_bound: bool = False, reference_copy: bool = False,
              rollout_batch: int = 0, eager_attention: bool = False, runtime_mb: float = RUNTIME_MB) -> Estimate:
-    """The peak of one training stage; see the module docstring for what each part counts."""
+    """The peak of one training stage; see the module docstring for what each part counts. `rows_per_example`:
+    sequences per training item (2 for preference pairs); `lm_head`: whether the LM head's logits are computed
+    (not for a reward model's score head); `rollout_batch`: sequences generated at once (their KV cache)."""
     trained_layers = max(shape.layers - freeze_layers, 0)
     params = shape.params()
     if method == "qlora":  # 4-bit block linears (with their quantization constants), bf16 embeddings and norms
@@ -152,7 +155,7 @@ def estimate(shape: Shape, *, kind: str = "sft", method: str = "lora", lora_r: i
         trainable = trained_layers * shape.block_params() + (shape.embedding_params() if freeze_layers == 0 else 0)
     else:
         trainable = lora_params(shape, lora_r, lora_targets_, trained_layers)
-    rows = batch * (2 if kind in ("reward", "dpo") else 1)
+    rows = batch * rows_per_example
     tokens = rows * seq_len
     adapted = lora_targets(lora_targets_) if method != "full" else ()
     a = 2 if autocast or weight_bytes == 2 else 4
@@ -165,11 +168,11 @@ def estimate(shape: Shape, *, kind: str = "sft", method: str = "lora", lora_r: i
     parts["activations"] = tokens * per_token / MB
     if eager_attention:  # softmax output (fp32) and its cast for the value matmul, per head: T x T a row
         parts["attention_weights"] = trained_layers * rows * shape.heads * seq_len ** 2 * (4 + a) / MB
-    if kind != "reward":
+    if lm_head:
         parts["logits"] = tokens * (a + 12) * shape.vocab / MB
     if autocast:  # the largest weight cast to bf16 for one matmul (the tied LM head / embedding)
         parts["casts"] = shape.vocab * shape.hidden * 2 / MB
-    if kind == "ppo" and rollout_batch:
+    if rollout_batch:
         parts["kv_cache"] = rollout_batch * seq_len * shape.layers * 2 * shape.kv_heads * shape.head_dim * a / MB
     return Estimate(parts=parts, tokens=tokens, seq_len=seq_len, seq_is_bound=seq_is_bound)
 
@@ -179,26 +182,24 @@ def estimate_stage(shape: Shape, cfg, *, seq_len: int | None = None, autocast: b
     sequence length (`seq_len` = the longest row the data holds, when known; else `max_length`) and the
     precision `align.runtime.precision` resolves for it on this machine (`autocast` overrides that rule)."""
     from align.runtime.precision import stage_precision
+    from align.stages import stage_class
 
     precision = stage_precision(cfg)
     if autocast is None:
         autocast = precision.autocast is not None
-    kind = cfg.kind
+
+    stage = stage_class(cfg.kind)
     bound = seq_len is None
-    if kind == "ppo":
-        new = cfg.generation.max_new_tokens
-        seq = (seq_len if seq_len is not None else 256) + new
-    else:
-        seq = min(seq_len, cfg.max_length) if seq_len is not None else cfg.max_length
+    seq = stage.memory_sequence_length(cfg, seq_len)
     weight_bytes = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}[precision.weights]
     batch = cfg.batch_size
-    budget = getattr(cfg, "max_pass_tokens", None)
-    rows_per_example = 2 if kind in ("reward", "dpo") else 1
-    if kind != "ppo" and budget and rows_per_example * batch * seq > budget:  # the biggest of several passes
+    budget = stage.pass_token_budget(cfg)
+    rows_per_example = stage.rows_per_example
+    if budget and rows_per_example * batch * seq > budget:  # the biggest of several passes
         batch = math.ceil(batch / min(batch, math.ceil(rows_per_example * batch * seq / budget)))
-    reference_copy = (kind == "dpo" and cfg.reference == "copy") or (kind == "ppo" and cfg.method == "full")
-    return estimate(shape, kind=kind, method=cfg.method, lora_r=cfg.lora.r, lora_targets_=cfg.lora.targets,
-                    lora_dropout=cfg.lora.dropout, freeze_layers=cfg.freeze_layers, weight_bytes=weight_bytes,
-                    autocast=autocast and weight_bytes == 4.0, batch=batch, seq_len=seq,
-                    seq_is_bound=bound, reference_copy=reference_copy,
-                    rollout_batch=getattr(cfg, "rollout_batch", 0), eager_attention=cfg.attention == "eager")
+    return estimate(shape, rows_per_example=rows_per_example, lm_head=stage.lm_head, method=cfg.method,
+                    lora_r=cfg.lora.r, lora_targets_=cfg.lora.targets, lora_dropout=cfg.lora.dropout,
+                    freeze_layers=cfg.freeze_layers, weight_bytes=weight_bytes,
+                    autocast=autocast and weight_bytes == 4.0, batch=batch, seq_len=seq, seq_is_bound=bound,
+                    reference_copy=stage.keeps_reference_copy(cfg), rollout_batch=stage.generated_at_once(cfg),
+                    eager_attention=cfg.attention == "eager")

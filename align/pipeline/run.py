@@ -6,7 +6,6 @@ just registered, so stages chain through the registry by ref, never by a copied 
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 
@@ -14,11 +13,10 @@ from align.eval.hook import evaluation_registry
 from align.models.loading import ModelSource
 from align.pipeline.plan import make_plan
 from align.registry.store import Entry, Registry
-from align.stages.base import StageContext
+from align.stages import stage_class
+from align.stages.context import StageContext
 
 log = logging.getLogger(__name__)
-RUNNERS = {"sft": "align.stages.sft", "reward": "align.stages.reward",
-           "dpo": "align.stages.dpo", "ppo": "align.stages.ppo"}
 
 
 def run_recipe(recipe, registry: Registry | None = None, only: list[str] | None = None,
@@ -40,9 +38,9 @@ def run_recipe(recipe, registry: Registry | None = None, only: list[str] | None 
             parent = stage.parent_source
         ctx = StageContext(recipe=recipe, name=stage.name, config=recipe.stages[stage.name], registry=plan.registry,
                            parent=parent, runs_root=runs_root, force=force, continue_run=continue_run)
-        runner = importlib.import_module(RUNNERS[stage.kind])
+        runner = stage_class(stage.kind)(ctx)
         with stage_log(ctx.run_dir, stage.name):
             log.info("stage %s [%s] from %s", stage.name, stage.kind, parent.describe())
             with evaluation_registry(plan.registry):  # the hook resolves eval.reward_model / eval.against here
-                produced[stage.name] = runner.run(ctx)
+                produced[stage.name] = runner.run()
     return produced

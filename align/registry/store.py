@@ -18,7 +18,8 @@ an entry. Version numbers are taken under a file lock, so two processes writing 
 get distinct versions. Manifest updates after creation (metrics, gate status) go through a temporary
 file and `os.replace`. Each manifest records the size and hash of every file of its entry (`files`), so
 damage is named later (`align.registry.integrity`); a full disk is a `DiskFullError` naming the path, never a
-half-written entry.
+half-written entry. Staging folders and their locks are `align.registry.staging`; JSON written atomically
+is `align.registry.records`.
 """
 
 from __future__ import annotations
@@ -28,21 +29,19 @@ import datetime as _dt
 import difflib
 import fcntl
 import json
-import logging
 import os
 import re
 import shutil
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from align.runtime.diskspace import disk_guard
 from align.errors import RegistryError
 from align.registry.integrity import FILES_KEY, record_files
-
-log = logging.getLogger(__name__)
+from align.registry.records import fsync_dir, read_manifest, write_json_atomic
+from align.registry.staging import claim_staging, clean_staging, release_staging, tree_bytes
+from align.runtime.diskspace import disk_guard
 
 MANIFEST = "manifest.json"
 REMOVED = "removed.json"  # left in a removed version's folder, so its number is never reused
@@ -50,7 +49,6 @@ SCHEMA_VERSION = 1
 ENTRY_KINDS = ("base", "policy", "reward", "merged", "exported")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
 _REF = re.compile(r"^(?P<name>[^@]+?)(@(?P<version>v?\d+))?$")
-UNLOCKED_STAGING_SECONDS = 24 * 3600  # a staging folder without a lock file (older align) is stale after this
 
 
 def default_root() -> Path:
@@ -130,7 +128,7 @@ class Registry:
         if version not in versions:
             return None
         path = self.root / name / f"v{version}"
-        return Entry(name=name, version=version, path=path, manifest=_read_json(path / MANIFEST))
+        return Entry(name=name, version=version, path=path, manifest=read_manifest(path / MANIFEST))
 
     def resolve(self, ref: str) -> Entry:
         entry = self.find(ref)
@@ -165,7 +163,7 @@ class Registry:
                 continue
             name, version = str(rel.parent), int(rel.name[1:])
             try:
-                data = _read_json(manifest)
+                data = read_manifest(manifest)
             except RegistryError as err:
                 unreadable.append((f"{name}@{version}", manifest, str(err).split(": ", 1)[-1]))
                 continue
@@ -198,61 +196,23 @@ class Registry:
         if kind not in ENTRY_KINDS:
             raise RegistryError(f"unknown entry kind {kind!r}; expected one of {', '.join(ENTRY_KINDS)}")
         self.clean_staging()
-        staging, lock = self._claim_staging()
+        staging, lock = claim_staging(self.root)
         draft = EntryDraft(name=name, kind=kind, path=staging, manifest={})
         safe = f"Nothing of {name} was registered; the registry's entries are untouched."
         try:
-            with disk_guard(staging, lambda: draft.expected_bytes, safe, written=lambda: _tree_bytes(staging)):
+            with disk_guard(staging, lambda: draft.expected_bytes, safe, written=lambda: tree_bytes(staging)):
                 yield draft
                 draft.manifest.setdefault(FILES_KEY, record_files(staging))
                 draft.entry = self._commit(draft)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-            _release_staging(staging, lock)
-
-    def _claim_staging(self) -> tuple[Path, int]:
-        """A new staging folder and the descriptor of its lock file, flock(2)ed for as long as this process
-        writes the entry: the kernel drops the lock when the process dies, which is how `clean_staging`
-        tells a crashed writer's folder from a live one's."""
-        root = self.root / ".staging"
-        root.mkdir(parents=True, exist_ok=True)
-        while True:
-            name = uuid.uuid4().hex
-            lock = root / f"{name}.lock"
-            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:  # not swept in between
-                break
-            os.close(fd)
-        staging = root / name
-        staging.mkdir()
-        return staging, fd
+            release_staging(staging, lock)
 
     def clean_staging(self) -> list[Path]:
-        """Remove the staging folders of writers that crashed (a crash during commit used to leak a whole
-        entry each time): those whose lock no live process holds, and lock-less ones (written by an older
-        align) untouched for a day. Returns what was removed."""
-        root = self.root / ".staging"
-        if not root.is_dir():
-            return []
-        removed = []
-        for child in sorted(root.iterdir()):
-            if child.suffix == ".lock":
-                if not (root / child.stem).exists():
-                    _remove_unowned(None, child)  # a lock whose folder is gone
-                continue
-            lock = root / f"{child.name}.lock"
-            if lock.exists():
-                stale = _remove_unowned(child, lock)
-            else:
-                stale = time.time() - child.stat().st_mtime > UNLOCKED_STAGING_SECONDS
-                if stale:
-                    shutil.rmtree(child, ignore_errors=True)
-            if stale:
-                log.info("removed %s, left by a registry write that did not finish", child)
-                removed.append(child)
-        return removed
+        """Remove the staging folders of writers that crashed (`align.registry.staging.clean_staging`);
+        returns what was removed."""
+        return clean_staging(self.root)
 
     def _commit(self, draft: "EntryDraft") -> Entry:
         with self.lock():
@@ -270,7 +230,7 @@ class Registry:
             write_json_atomic(draft.path / MANIFEST, manifest)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(draft.path, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         return Entry(name=draft.name, version=version, path=target, manifest=manifest)
 
     def _next_version(self, name: str) -> int:
@@ -282,7 +242,7 @@ class Registry:
     def update(self, entry: Entry, **changes: Any) -> Entry:
         """Merge top-level keys into an entry's manifest, atomically (metrics, gate status, evaluations)."""
         with self.lock():
-            manifest = _read_json(entry.path / MANIFEST)
+            manifest = read_manifest(entry.path / MANIFEST)
             for key, value in changes.items():
                 if isinstance(value, dict) and isinstance(manifest.get(key), dict):
                     manifest[key] = {**manifest[key], **value}
@@ -319,7 +279,7 @@ class Registry:
             write_json_atomic(entry.path / REMOVED, {"ref": entry.ref, "kind": entry.kind,
                                                      "removed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                                                      "dependents": [d.ref for d in dependents]})
-            _fsync_dir(entry.path.parent)
+            fsync_dir(entry.path.parent)
         shutil.rmtree(trash, ignore_errors=True)
         return entry, dependents
 
@@ -359,81 +319,3 @@ class EntryDraft:
     manifest: dict
     entry: Entry | None = None
     expected_bytes: int | None = None  # what the entry will take on disk, if the writer knows (for a full disk)
-
-
-# ------------------------------------------------------------------------------------------- helpers
-
-
-def read_json_record(path: Path) -> dict | None:
-    """A JSON object a run folder keeps (`registered.json`, `continues.json`), or None when the file is
-    missing, unreadable or not an object: such records are hints, and their absence means "not recorded"."""
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file in the same folder, fsync, then rename over the target: the old
-    file stays whole whatever happens, and a full disk is a `DiskFullError` naming the file."""
-    path = Path(path)
-    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with disk_guard(path, lambda: len(text.encode()), f"{path} is unchanged."):
-            with open(tmp, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise RegistryError(f"{path}: unreadable manifest ({err})") from None
-
-
-def _tree_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
-
-
-def _remove_unowned(folder: Path | None, lock: Path) -> bool:
-    """Remove a staging folder and its lock file if no live process holds the lock; True if removed."""
-    try:
-        fd = os.open(lock, os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # its writer is alive
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-        lock.unlink(missing_ok=True)
-        return True
-    finally:
-        os.close(fd)
-
-
-def _release_staging(staging: Path, fd: int) -> None:
-    """The writer is done with its staging folder (committed or failed): drop the lock file, then the lock."""
-    (staging.parent / f"{staging.name}.lock").unlink(missing_ok=True)
-    os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

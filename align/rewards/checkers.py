@@ -9,6 +9,11 @@ Recipes may pass per-checker arguments (`{checker: regex, args: {pattern: "^####
 function as keyword arguments. A checker declares the names it accepts in `params` and the ones that
 must be given in `required`, so `Checker.args_problem` can refuse a misspelt or missing argument (or a
 regex that does not compile) at plan time instead of every completion scoring 0.0 at run time.
+
+A recipe may also name its own checker, `package.module:function` or `file.py:function`, with the same
+signature (`align.rewards.plugins`); `find_checker` returns either kind. User code is not held to "never
+raise": its errors and non-numbers stop the run with a message naming the function and the row, since a
+bug scored as 0.0 would look like a policy that learned nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from align.rewards.plugins import (PathResolver, Plugin, PluginError, arguments_problem, as_number, call_problem,
+                                   failed, is_plugin_spec, load_callable, row_label, shape_problem)
 from align.rewards.sandbox import run_tests
 
 CheckFn = Callable[..., float]
@@ -39,6 +46,10 @@ class Checker:
         except Exception:  # noqa: BLE001 - a checker's contract is "never raise"
             return 0.0
         return score if math.isfinite(score) else 0.0
+
+    def scores(self, completions: list[str], rows: list[dict], args: dict) -> list[float]:
+        """Each completion's score (the same call for built-in and user checkers: `PluginChecker.scores`)."""
+        return [self(completion, row, **args) for completion, row in zip(completions, rows)]
 
     def args_problem(self, args: dict | None) -> str | None:
         """Why `args` cannot be passed to this checker, or None; checked at plan time so a typo fails loudly."""
@@ -86,6 +97,56 @@ def get_checker(name: str) -> Checker:
     if name not in CHECKERS:
         raise KeyError(f"unknown checker {name!r}; known: {', '.join(sorted(CHECKERS))}")
     return CHECKERS[name]
+
+
+@dataclass(frozen=True)
+class PluginChecker:
+    """A checker of user code, called like a built-in: `fn(completion, row, **args)` -> a number."""
+
+    plugin: Plugin
+
+    @property
+    def name(self) -> str:
+        return self.plugin.spec
+
+    @property
+    def fn(self) -> CheckFn:
+        return self.plugin.fn
+
+    def __call__(self, completion: str, row: dict, **args: Any) -> float:
+        return self.scores([completion], [row], args)[0]
+
+    def scores(self, completions: list[str], rows: list[dict], args: dict) -> list[float]:
+        """Each completion's score; an error or a non-number names the function and the prompt row."""
+        out = []
+        for index, (completion, row) in enumerate(zip(completions, rows)):
+            try:
+                value = self.fn(completion if isinstance(completion, str) else "", row, **args)
+            except Exception as err:  # noqa: BLE001 - reported with the function and the row, not as align's bug
+                raise failed(self.plugin, "checker", err, f"on {row_label(row, index)}") from err
+            out.append(as_number(self.plugin, "checker", value, f"for {row_label(row, index)}"))
+        return out
+
+    def args_problem(self, args: dict | None) -> str | None:
+        """Why `args` cannot be passed (its signature decides: unexpected or missing arguments), or None."""
+        args = {} if args is None else args
+        if not isinstance(args, dict):
+            return f"checker {self.name!r}: args must be a mapping of name to value, got {type(args).__name__}"
+        why = arguments_problem(self.fn, args, positional=2) or call_problem(self.fn, "", {}, **args)
+        return f"checker {self.name!r}: {why}" if why else None
+
+
+def find_checker(name: str, resolve_path: PathResolver | None = None) -> Checker | PluginChecker:
+    """The built-in checker `name`, or the user's checker a `module:function` / `file.py:function` names
+    (`resolve_path` finds a relative file). Raises KeyError for an unknown name, `PluginError` for user code
+    that does not load or cannot take (completion, row)."""
+    if not is_plugin_spec(name):
+        return get_checker(name)
+    plugin = load_callable(name, resolve_path, kind="checker")
+    why = shape_problem(plugin.fn, "", {})
+    if why:
+        raise PluginError(f"checker {name!r}: a checker is called as fn(completion, row, **args), but {why}")
+    return PluginChecker(plugin)
 
 
 # ------------------------------------------------------------------------------------------ math

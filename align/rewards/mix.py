@@ -6,6 +6,11 @@ and its reward model need not share one. Terms are kept apart until the weighted
 what each source thought (a reward model and a checker disagreeing is worth seeing). Optional running
 normalization (by the running standard deviation of the total) and clipping keep the scale stable when a
 reward model's scores drift.
+
+A term may also be user code: a checker (`align.rewards.checkers.find_checker`) or a batch reward
+function in TRL's shape, called once per batch as `fn(prompts=, completions=, rows=, **args)` and
+returning one number per completion (`function_term`). Keywords, as TRL passes them, so a TRL reward
+function that takes `(completions, **kwargs)` works unchanged; `rows` carries every prompt row's fields.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from align.rewards.plugins import (PluginError, arguments_problem, as_number, call_problem, failed, load_callable,
+                                   row_label, row_number, shape_problem, spec_label)
 
 ScoreFn = Callable[[list[dict], list[str]], list[float]]
 
@@ -26,12 +34,69 @@ class RewardTerm:
     score: ScoreFn
 
 
-def checker_term(name: str, weight: float, args: dict) -> RewardTerm:
+def checker_term(name: str, weight: float, args: dict, check=None) -> RewardTerm:
+    """A checker's scores as a term named `name`; `check` (a built-in or user checker) defaults to the
+    built-in checker of that name."""
     from align.rewards.checkers import get_checker
 
-    check = get_checker(name)
-    return RewardTerm(name=name, weight=weight,
-                      score=lambda rows, texts: [check(text, row, **args) for row, text in zip(rows, texts)])
+    check = get_checker(name) if check is None else check
+    return RewardTerm(name=name, weight=weight, score=lambda rows, texts: check.scores(texts, rows, args))
+
+
+FUNCTION_INPUTS = ("prompts", "completions", "rows")  # what a reward function is given, by keyword
+
+
+def load_reward_function(spec: str, resolve_path=None):
+    """The user's batch reward function `spec` names (`align.rewards.plugins.load_callable`); a `PluginError`
+    when it does not load or cannot take `prompts`, `completions` and `rows` as keywords."""
+    plugin = load_callable(spec, resolve_path, kind="reward function")
+    why = shape_problem(plugin.fn, **{name: [] for name in FUNCTION_INPUTS})
+    if why:
+        raise PluginError(f"reward function {spec!r}: it is called as fn(prompts=..., completions=..., rows=..., "
+                          f"**args), but {why}")
+    return plugin
+
+
+def function_args_problem(plugin, args) -> str | None:
+    """Why the recipe's `args` cannot be passed to a reward function (a name align passes itself, or one its
+    signature refuses or needs), or None."""
+    if not isinstance(args, dict):
+        return f"reward function {plugin.spec!r}: args must be a mapping of name to value, got {type(args).__name__}"
+    taken = [name for name in FUNCTION_INPUTS if name in args]
+    if taken:
+        return (f"reward function {plugin.spec!r}: args may not set {', '.join(map(repr, taken))}; align passes "
+                "those itself")
+    why = (arguments_problem(plugin.fn, args, passed=FUNCTION_INPUTS)
+           or call_problem(plugin.fn, **{name: [] for name in FUNCTION_INPUTS}, **args))
+    return f"reward function {plugin.spec!r}: {why}" if why else None
+
+
+def function_term(name: str, weight: float, plugin, args: dict) -> RewardTerm:
+    """A batch reward function's scores as a term: one call per batch, one finite number back per completion."""
+
+    def score(rows: list[dict], texts: list[str]) -> list[float]:
+        prompts = [row["messages"][-1]["content"] for row in rows]  # the last user turn; `rows` has the chat
+        try:
+            values = plugin.fn(prompts=prompts, completions=list(texts), rows=rows, **args)
+        except Exception as err:  # noqa: BLE001 - reported with the function and the rows, not as align's bug
+            shown = ", ".join(str(row_number(row, i)) for i, row in enumerate(rows[:8]))
+            raise failed(plugin, "reward function", err, f"on the batch of prompt rows {shown}"
+                         + (", ..." if len(rows) > 8 else "")) from err
+        return batch_scores(plugin, values, rows)
+
+    return RewardTerm(name=name, weight=weight, score=score)
+
+
+def batch_scores(plugin, values, rows: list[dict]) -> list[float]:
+    """A reward function's return value as floats: a list (or array) of one finite number per row."""
+    values = values.tolist() if hasattr(values, "tolist") else values
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__") or len(values) != len(rows):
+        listed = hasattr(values, "__len__") and not isinstance(values, (str, bytes, dict))
+        count = f"{len(values)} value(s)" if listed else f"a {type(values).__name__}"
+        raise PluginError(f"reward function {plugin.spec!r} returned {count} for {len(rows)} completions; it "
+                          "must return a list of one number per completion")
+    return [as_number(plugin, "reward function", value, f"for {row_label(row, i)}")
+            for i, (value, row) in enumerate(zip(values, rows))]
 
 
 def reward_model_term(name: str, weight: float, model, tokenizer, batch_size: int = 16,
@@ -109,11 +174,13 @@ class RewardMix:
 
 
 def term_names(sources) -> list[str]:
-    """A unique, readable name per recipe reward source: the checker's name or `reward:<ref>`, numbered when
-    one appears twice (two regex checkers with different patterns)."""
+    """A unique, readable name per recipe reward source: the checker's name, the user function's own name
+    (`pkg.mod:is_polite` -> `is_polite`) or `reward:<ref>`, numbered when one appears twice (two regex
+    checkers with different patterns)."""
     names, seen = [], {}
     for source in sources:
-        name = source.checker if source.checker is not None else f"reward:{source.model}"
+        code = source.checker if source.checker is not None else getattr(source, "function", None)
+        name = f"reward:{source.model}" if code is None else spec_label(code)
         seen[name] = seen.get(name, 0) + 1
         names.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
     return names

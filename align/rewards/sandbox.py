@@ -3,10 +3,10 @@
 Each call starts `sandbox_child.py` in a fresh interpreter with an empty environment, in its own session.
 That program forks the solution's process into fresh PID, network, IPC and mount namespaces, under an
 unused uid, with rlimits, Landlock, a seccomp filter and an audit hook, and runs the tests in its own
-process against the solution's objects over a pipe (`sandbox_rpc`). The verdict comes back on a pipe only
+process against the solution's objects over a pipe (`sandbox_wire`, `sandbox_rpc`, `sandbox_remote`). The verdict comes back on a pipe only
 that tests' process holds, each line carrying a nonce the solution never sees: a completion that writes
 anything anywhere and exits scores 0. A layer the machine refuses (no unshare in a container, not root, an
-old kernel, no libseccomp) is skipped and left out of `Verdict.isolation`; docs/recipes.md#checkers says what holds
+old kernel, no libseccomp) is skipped and left out of `Verdict.isolation`; docs/rewards.md#checkers says what holds
 then. `probe()` tells what this machine gives.
 """
 
@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
-from align.rewards import sandbox_rpc
+from align.rewards import sandbox_wire
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The child's first frame is the bytecode of sandbox_rpc.py and sandbox_child.py, compiled once here:
+# The child's first frame is the bytecode of its modules (`CHILD_MODULES`), compiled once here:
 # compiling them in every child cost 45 ms a check (and no .pyc is written under PYTHONDONTWRITEBYTECODE).
 # It ends with os._exit: everything it wrote went out through os.write, and finalizing costs 1-2 ms.
 BOOT = """\
@@ -45,6 +45,9 @@ for name, code in marshal.loads(read(int.from_bytes(read(4), "big"))):
 sys.modules["sandbox_child"].main()
 os._exit(0)
 """
+# The child's modules, each after the ones it imports (BOOT runs them in this order).
+CHILD_MODULES = ("sandbox_wire", "sandbox_rpc", "sandbox_remote", "sandbox_syscalls", "sandbox_landlock",
+                 "sandbox_seccomp", "sandbox_guard", "sandbox_fence", "sandbox_child")
 # The layers a check may use, where the kernel allows them; the tests take some away to check what the
 # others hold alone (a machine without unshare, without root, without Landlock or libseccomp).
 LAYERS = frozenset({"namespaces", "uid", "landlock", "seccomp", "hook"})
@@ -110,18 +113,18 @@ def parse(out: bytes, nonce: str, count: int) -> Verdict:
 
 
 def frame(message) -> bytes:
-    return sandbox_rpc.frame(sandbox_rpc.dumps(message))
+    return sandbox_wire.frame(sandbox_wire.dumps(message))
 
 
 @lru_cache(maxsize=1)
 def child_code() -> bytes:
-    """The child's modules as a marshalled, framed list of (name, code), sandbox_rpc first."""
+    """The child's modules as a marshalled, framed list of (name, code), each after those it imports."""
     codes = []
-    for name in ("sandbox_rpc", "sandbox_child"):
+    for name in CHILD_MODULES:
         path = os.path.join(HERE, name + ".py")
         with open(path, encoding="utf-8") as f:
             codes.append((name, compile(f.read(), path, "exec")))
-    return sandbox_rpc.frame(marshal.dumps(codes))
+    return sandbox_wire.frame(marshal.dumps(codes))
 
 
 @lru_cache(maxsize=1)

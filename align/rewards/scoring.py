@@ -19,7 +19,7 @@ import torch
 from align.data.sampling import length_sorted_chunks, pad_right, pair_chunks
 from align.data.tokenize import IGNORE, EncodedPair, encode_conversation
 from align.errors import RegistryError
-from align.objectives.losses import pairwise_accuracy
+from align.objectives.ranking import pairwise_accuracy
 from align.models.loading import ModelSource, adapter_parent, full_weights_folder, load_sequence_classifier, load_tokenizer
 from align.runtime.precision import inference_autocast
 from align.registry.store import Registry

@@ -12,10 +12,12 @@ LoRA. This is written on torch, transformers and PEFT only, around one base copy
   they compare the k responses sampled for each prompt (group-normalized or leave-one-out baselines).
 
 The KL penalty against the reference goes into the reward, per token (the classic InstructGPT form, with
-a fixed or adaptive coefficient), or into the loss as the k3 estimator (`kl.penalty: loss`, GRPO's form).
-Losses, GAE and the estimators are the pure functions of `align.objectives.losses`, checked against hand-computed
-values in the tests. Every step returns its figures: reward per source, KL, entropy, clip fraction, value
-loss, explained variance, response length, EOS share and the time split.
+a fixed or adaptive coefficient), or into the loss (`kl.penalty: loss`, GRPO's form), each computed by its
+estimator (`align.objectives.kl`). The advantage estimator is looked up in `align.objectives.advantages`,
+whose properties (needs a critic, needs groups of samples) decide which passes run; losses and statistics
+are the pure functions of `align.objectives`, checked against hand-computed values in the tests. The
+trainer reads only `PPOSettings` (`align.rl.settings`). Every step returns its figures: reward per source,
+KL, entropy, clip fraction, value loss, explained variance, response length, EOS share and the time split.
 """
 
 from __future__ import annotations
@@ -25,62 +27,34 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
 
 import torch
 
-from align.runtime import distributed
 from align.errors import TrainingError
-from align.models.logprobs import can_split, causal_parts, distribution_kl, labelled_hidden, prefix_hidden, token_logps
-from align.objectives.losses import (AdaptiveKL, gae, group_advantages, kl_per_token, leave_one_out_advantages, masked_mean,
-                          ppo_policy_loss, ppo_value_loss)
+from align.models.logprobs import can_split, causal_parts, distribution_kl, labelled_hidden, token_logps
+from align.objectives.advantages import AdvantageBatch
+from align.objectives.kl import FIGURE_ESTIMATOR, kl_per_token
+from align.objectives.ppo_losses import ppo_policy_loss, ppo_value_loss
+from align.objectives.stats import masked_mean, whiten
+from align.rl.experience import Experience, informative_rows
+from align.rl.pass_checks import SharedPassChecks
 from align.rl.rollout import Rollouts, sample_rollouts, trimmed
+from align.rl.settings import PPOSettings
+from align.rl.step_figures import StepFigures
+from align.runtime import distributed
 
 log = logging.getLogger(__name__)
-GAP_LIMIT = 0.02  # nats a token: how far a shared pass may drift from the plain one (bf16 noise is ~0.005)
 
 
-@dataclass
-class Experience:
-    rollouts: Rollouts
-    mask: torch.Tensor          # [B, T] float, 1 on response tokens
-    old_logps: torch.Tensor | None  # [B, T] policy log-probs when sampled (None: on-policy, taken in the update)
-    ref_logps: torch.Tensor     # [B, T] reference log-probs
-    entropy: torch.Tensor | None    # [B, T] policy entropy at each response position
-    values: torch.Tensor | None
-    scores: torch.Tensor        # [B] the reward after the EOS penalty, normalization and clipping
-    per_source: dict[str, torch.Tensor]
-    advantages: torch.Tensor    # [B, T]
-    returns: torch.Tensor | None
-    # Everything sampled this step, for the figures; `rollouts` and `scores` above are the rows trained on
-    # (fewer when uniform groups are skipped).
-    sampled: Rollouts
-    sampled_scores: torch.Tensor
-    prefixes: list[torch.Tensor] | None = None  # per row [L_i, H]: output of the frozen blocks, when shared
-
-
-def informative_rows(scores: torch.Tensor, k: int) -> list[int]:
-    """Rows of the prompts whose k rewards are not all equal. Under grpo/rloo a uniform group's advantages
-    are all zero: with the KL in the loss such rows teach the policy nothing but the KL term, so skipping
-    them saves their scoring and training passes (DAPO's dynamic sampling, without the resampling)."""
-    groups = scores.view(-1, k)
-    varied = (groups.max(dim=1).values - groups.min(dim=1).values) > 1e-6
-    return [g * k + j for g in varied.nonzero().flatten().tolist() for j in range(k)]
-
-
-def last_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last response token ([B, T] mask, contiguous response span)."""
-    return (mask.long().cumsum(dim=1)).argmax(dim=1)
-
-
-class PPOTrainer:
+class PPOTrainer(SharedPassChecks, StepFigures):
     """Holds the policy, critic, optimizer, KL controller and reward mix; `step` does one PPO iteration."""
 
-    def __init__(self, cfg, model, tokenizer, rewards, value_head=None, reference=None, total_updates: int = 1,
-                 autocast: str | None = None, critic_adapter: str | None = None):
+    def __init__(self, settings: PPOSettings, model, tokenizer, rewards, value_head=None, reference=None,
+                 total_updates: int = 1, autocast: str | None = None, critic_adapter: str | None = None):
         from transformers import get_scheduler
 
-        self.cfg, self.model, self.tokenizer, self.rewards = cfg, model, tokenizer, rewards
+        self.settings, self.model, self.tokenizer, self.rewards = settings, model, tokenizer, rewards
+        estimator = settings.estimator
         self.value_head, self.reference = value_head, reference
         # Training passes' autocast dtype (`align.runtime.precision`); fp16 brings a gradient scaler (its small
         # gradients underflow otherwise), bf16 and fp32 need none.
@@ -88,46 +62,53 @@ class PPOTrainer:
         self.critic_adapter = critic_adapter  # the name of the critic's LoRA adapter, or None (head on policy)
         self.device = next(model.parameters()).device
         self.scaler = torch.amp.GradScaler(self.device.type) if autocast == "fp16" else None
-        self.kl = AdaptiveKL(cfg.kl.coef, cfg.kl.target if cfg.kl.adaptive else None, cfg.kl.horizon)
+        self.kl = settings.kl.new_controller()
         params = [p for p in model.parameters() if p.requires_grad]
         if value_head is not None:
             params += list(value_head.parameters())
         # Several processes (each with its own prompts) keep one set of weights: the same start, then gradients
         # summed over processes before every optimizer step (`update`).
         distributed.broadcast_parameters(params)
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = get_scheduler(cfg.scheduler, self.optimizer,
-                                       num_warmup_steps=int(cfg.warmup_ratio * total_updates),
+        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.scheduler = get_scheduler(settings.scheduler, self.optimizer,
+                                       num_warmup_steps=int(settings.warmup_ratio * total_updates),
                                        num_training_steps=total_updates)
-        self.temperature = cfg.generation.temperature or 1.0
+        self.temperature = settings.generation.temperature or 1.0
         # The frozen bottom blocks are shared by policy and reference (adapter disabled): run them once per
         # rollout. Checked against the plain path on the first batch.
-        self.split = cfg.freeze_layers if (reference is None and cfg.freeze_layers and can_split(model)) else 0
+        frozen = settings.freeze_layers
+        self.split = frozen if (reference is None and frozen and can_split(model)) else 0
         self._split_checked = False
-        # Critic-free estimators sample k responses per prompt: the scoring and training passes run each
-        # prompt once and share its KV cache among the k rows (`align.models.logprobs.grouped_hidden`). That saves
-        # more than the shared frozen prefix does (which it replaces), and is checked on the first batch too.
-        k = cfg.samples_per_prompt
-        self.group = k if (cfg.estimator != "gae" and k > 1 and cfg.batch_size % k == 0
-                           and cfg.minibatch % k == 0) else 1
+        # Without a critic, the k responses sampled per prompt share its pass: the scoring and training passes
+        # run each prompt once and share its KV cache among the k rows (`align.models.logprobs.grouped_hidden`).
+        # That saves more than the shared frozen prefix does (which it replaces), and is checked on the first
+        # batch too.
+        k = settings.samples_per_prompt
+        self.group = k if (not estimator.needs_critic and k > 1 and settings.batch_size % k == 0
+                           and settings.minibatch % k == 0) else 1
         if self.group > 1:
             self.split = 0
         self._group_checked = False
-        # One update per rollout with the KL in the loss: the policy's log-probs at sampling time equal those
-        # of the update's own forward pass, so no separate pass is needed (ratio 1, as in GRPO).
-        self.on_policy = (cfg.ppo_epochs == 1 and cfg.minibatch >= cfg.rollout_batch and cfg.estimator != "gae"
-                          and cfg.kl.penalty == "loss")
+        # One update per rollout with the KL in the loss and no critic: the policy's log-probs at sampling time
+        # equal those of the update's own forward pass, so no separate pass is needed (ratio 1, as in GRPO).
+        self.on_policy = (settings.ppo_epochs == 1 and settings.minibatch >= settings.rollout_batch
+                          and not estimator.needs_critic and settings.kl.in_loss)
         # Rollouts decode from a plain copy with the adapter folded in (`align.rl.sampling_copy`): exact, and
         # without PEFT's per-token LoRA overhead; in bf16 where sampling runs in bf16 anyway. None for full
         # fine-tuning and QLoRA.
         self.sampling = None
-        if reference is None and cfg.method == "lora":
-            from align.runtime.precision import inference_dtype, torch_dtype
+        if reference is None and settings.method == "lora":
             from align.rl.sampling_copy import build
+            from align.runtime.precision import inference_dtype, torch_dtype
 
             half = inference_dtype(model)
             self.sampling = build(model, dtype=torch_dtype(half) if half else None)
-        self.skip_uniform = cfg.skip_uniform_groups and cfg.estimator != "gae" and cfg.kl.penalty == "loss"
+        self.skip_uniform = settings.skip_uniform_groups and estimator.needs_groups and settings.kl.in_loss
+
+    @property
+    def cfg(self) -> PPOSettings:
+        """The settings, by the name `align.stages.ppo` reads them."""
+        return self.settings
 
     # -------------------------------------------------------------------------------------- passes
 
@@ -183,58 +164,6 @@ class PPOTrainer:
         return out, width - 1
 
     @torch.no_grad()
-    def _prefixes(self, rollouts: Rollouts) -> list[torch.Tensor] | None:
-        """Per row, the hidden states leaving the frozen blocks (unpadded), or None when not shared."""
-        if not self.split:
-            return None
-        out = []
-        for start in range(0, len(rollouts), self.cfg.batch_size):
-            index = list(range(start, min(start + self.cfg.batch_size, len(rollouts))))
-            ids, mask, _, _ = trimmed(rollouts, index)
-            with self._autocast():
-                hidden = prefix_hidden(self.model, ids.to(self.device), mask.to(self.device), self.split)
-            out += [hidden[row, : int(mask[row].sum())].cpu() for row in range(len(index))]
-        if not self._split_checked:
-            self._check_split(rollouts, out)
-        return out if self.split else None
-
-    def _gap_to_plain(self, rollouts: Rollouts, index: list[int], **variant) -> float:
-        """Mean log-prob difference per response token (nats, rows `index`) between the reference's pass with
-        `variant` (a shared frozen prefix, or shared prompts) and its plain per-row pass. The mean, not the
-        largest: in bf16 the two passes' different matmul shapes move a rare token's log-prob by up to ~0.2
-        nats, while a pass that is wrong (positions, cache) is off by nats on every token."""
-        mask = rollouts.mask[index]
-        with torch.no_grad(), self.reference_model() as reference:
-            fast, t = self._forward(reference, rollouts, index, **variant)
-            plain, _ = self._forward(reference, rollouts, index, group=1)
-        weights = mask[:, :t].to(self.device).float()
-        gaps = (fast["logps"] - plain["logps"]).abs() * weights
-        log.debug("shared pass vs plain: largest gap %.3g nats", float(gaps.max()))
-        return float(gaps.sum() / weights.sum().clamp(min=1.0))
-
-    def _check_split(self, rollouts: Rollouts, prefixes: list[torch.Tensor]) -> None:
-        """The shared-prefix path must give the plain path's log-probs; if a model's forward does anything
-        else with its input (scaling, extra embeddings), fall back to the plain path."""
-        self._split_checked = True
-        gap = self._gap_to_plain(rollouts, list(range(min(4, len(rollouts)))), prefixes=prefixes)
-        log.info("shared frozen-block pass: %.3g nats a token from the plain pass", gap)
-        if gap > GAP_LIMIT:
-            log.warning("shared frozen-block pass differs from the plain pass by %.3g nats a token; using the plain "
-                        "pass", gap)
-            self.split = 0
-
-    def _check_grouping(self, rollouts: Rollouts) -> None:
-        """The shared-prompt pass must give the per-row pass's log-probs (a model whose cache does something
-        else falls back to the per-row pass, with a warning)."""
-        self._group_checked = True
-        gap = self._gap_to_plain(rollouts, list(range(min(2 * self.group, len(rollouts)))))
-        log.info("shared-prompt pass: %.3g nats a token from the per-row pass", gap)
-        if gap > GAP_LIMIT:
-            log.warning("shared-prompt pass differs from the per-row pass by %.3g nats a token; using the per-row "
-                        "pass", gap)
-            self.group = 1
-
-    @torch.no_grad()
     def scoring_pass(self, model, rollouts: Rollouts, value_head=None,
                       prefixes: list[torch.Tensor] | None = None, grouped: bool = True) -> dict[str, torch.Tensor]:
         """Log-probs (and entropy, values) for every rollout row in chunks of `batch_size`, as [B, T].
@@ -242,8 +171,8 @@ class PPOTrainer:
         rows, width = len(rollouts), rollouts.input_ids.size(1) - 1
         group = None if grouped else 1
         out: dict[str, torch.Tensor] = {}
-        for start in range(0, rows, self.cfg.batch_size):
-            index = list(range(start, min(start + self.cfg.batch_size, rows)))
+        for start in range(0, rows, self.settings.batch_size):
+            index = list(range(start, min(start + self.settings.batch_size, rows)))
             if value_head is not None and self.critic_adapter:
                 part, w = self._forward(model, rollouts, index, None, prefixes, group=group)
                 part["values"] = self._values(rollouts, index, prefixes)[0]["values"]
@@ -260,8 +189,8 @@ class PPOTrainer:
         the sampled tokens, which on a few held-out responses often is. For held-out figures; the training
         step keeps k1/k3 of the sampled tokens (what the penalty and adaptive controller are defined on)."""
         total, count = 0.0, 0
-        for start in range(0, len(rollouts), self.cfg.batch_size):
-            index = list(range(start, min(start + self.cfg.batch_size, len(rollouts))))
+        for start in range(0, len(rollouts), self.settings.batch_size):
+            index = list(range(start, min(start + self.settings.batch_size, len(rollouts))))
             ids, mask, labels, _ = trimmed(rollouts, index)
             ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
             with self._autocast():
@@ -276,19 +205,19 @@ class PPOTrainer:
     # -------------------------------------------------------------------------------------- experience
 
     def make_experience(self, rows: list[dict], prompt_ids: list[list[int]]) -> tuple[Experience, dict]:
-        cfg = self.cfg
+        settings = self.settings
         self.model.eval()  # no dropout anywhere: the ratio must be 1 before the first update
         started = time.perf_counter()
         sampler = self.sampling.sync() if self.sampling is not None else self.model
-        rollouts = sample_rollouts(sampler, self.tokenizer, rows, prompt_ids, cfg.generation, cfg.rollout_batch,
-                                   cfg.samples_per_prompt)
+        rollouts = sample_rollouts(sampler, self.tokenizer, rows, prompt_ids, settings.generation,
+                                   settings.rollout_batch, settings.samples_per_prompt)
         generated = time.perf_counter()
         scores, per_source = self.rewards(rows, rollouts.texts)
-        if cfg.missing_eos_penalty:
-            scores = scores - abs(cfg.missing_eos_penalty) * (~rollouts.ended).float()
+        if settings.missing_eos_penalty:
+            scores = scores - abs(settings.missing_eos_penalty) * (~rollouts.ended).float()
         sampled, sampled_scores = rollouts, scores
         if self.skip_uniform:
-            keep = informative_rows(scores, cfg.samples_per_prompt)
+            keep = informative_rows(scores, settings.samples_per_prompt)
             rollouts, scores = rollouts.select(keep), scores[keep]
             if not keep:  # every prompt's responses scored alike: nothing to learn from this batch
                 empty = torch.zeros(0, rollouts.input_ids.size(1) - 1)
@@ -313,22 +242,17 @@ class PPOTrainer:
         return experience, {"generate": generated - started, "score": scored - generated}
 
     def advantages(self, scores, old_logps, ref_logps, values, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cfg = self.cfg
-        kl_in_reward = cfg.kl.penalty == "reward"
-        coef = self.kl.coef if kl_in_reward else 0.0
-        kl = kl_per_token(old_logps, ref_logps, "k1") * mask if old_logps is not None else torch.zeros_like(mask)
-        if cfg.estimator == "gae":
-            rewards = -coef * kl
-            rewards[torch.arange(len(scores)), last_positions(mask)] += scores
-            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        """The configured estimator's advantages (and the critic's returns, or None) for one step's rows; the
+        reward carries coef * KL only when the penalty goes there."""
+        penalty = self.settings.kl
+        if penalty.in_reward and old_logps is not None:
+            kl, coef = kl_per_token(old_logps, ref_logps, penalty.estimator) * mask, self.kl.coef
         else:
-            sequence_reward = scores - coef * kl.sum(dim=1)
-            k = cfg.samples_per_prompt
-            per_sequence = (group_advantages(sequence_reward, k, scale=cfg.group_scale) if cfg.estimator == "grpo"
-                            else leave_one_out_advantages(sequence_reward, k))
-            advantages, returns = per_sequence[:, None] * mask, None
-        if cfg.whiten_advantages:  # mean and variance over every process's rows
-            advantages = distributed.whiten(advantages, mask)
+            kl, coef = torch.zeros_like(mask), 0.0
+        batch = AdvantageBatch(scores=scores, kl=kl, kl_coef=coef, mask=mask, values=values)
+        advantages, returns = self.settings.estimator(batch, self.settings.advantage)
+        if self.settings.advantage.whiten:  # mean and variance over every process's rows
+            advantages = whiten(advantages, mask, reduce=distributed.reducer())
         return advantages, returns
 
     # -------------------------------------------------------------------------------------- update
@@ -336,9 +260,9 @@ class PPOTrainer:
     def update(self, exp: Experience, step: int) -> dict:
         """`ppo_epochs` passes over the rollouts in minibatches of `minibatch` rows (accumulated in micro-batches
         of `batch_size`); token-level means over each minibatch."""
-        cfg = self.cfg
+        settings = self.settings
         rows = len(exp.rollouts)
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+        generator = torch.Generator().manual_seed(settings.seed * 100_003 + step)
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
 
@@ -348,22 +272,22 @@ class PPOTrainer:
 
         self.model.eval()
         trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
-        # Under several processes `cfg.minibatch` is this process's share of a minibatch; every process takes
+        # Under several processes `settings.minibatch` is this process's share of a minibatch; every process takes
         # as many optimizer steps (a process short of rows adds zero gradients), and a minibatch's loss is the
         # token mean over all processes' rows (gradients summed, each scaled by the global token count).
-        minibatches = distributed.all_max(math.ceil(rows / cfg.minibatch))
-        for _ in range(cfg.ppo_epochs):
+        minibatches = distributed.all_max(math.ceil(rows / settings.minibatch))
+        for _ in range(settings.ppo_epochs):
             if self.group > 1:  # minibatches and micro-batches hold whole groups (their prompt runs once)
                 groups = torch.randperm(rows // self.group, generator=generator).tolist()
                 order = [g * self.group + j for g in groups for j in range(self.group)]
             else:
                 order = torch.randperm(rows, generator=generator).tolist()
-            for start in range(0, minibatches * cfg.minibatch, cfg.minibatch):
-                minibatch = order[start:start + cfg.minibatch]
+            for start in range(0, minibatches * settings.minibatch, settings.minibatch):
+                minibatch = order[start:start + settings.minibatch]
                 minibatch_tokens = float(distributed.all_sum(exp.mask[minibatch].sum()).clamp(min=1.0))
                 self.optimizer.zero_grad(set_to_none=True)
-                for micro_start in range(0, len(minibatch), cfg.batch_size):
-                    micro = minibatch[micro_start:micro_start + cfg.batch_size]
+                for micro_start in range(0, len(minibatch), settings.batch_size):
+                    micro = minibatch[micro_start:micro_start + settings.batch_size]
                     head = None if self.critic_adapter else self.value_head
                     out, t = self._forward(self.model, exp.rollouts, micro, head, exp.prefixes)
                     if self.critic_adapter:
@@ -374,9 +298,9 @@ class PPOTrainer:
                            else exp.old_logps[micro, :t].to(self.device))
                     ref = exp.ref_logps[micro, :t].to(self.device)
                     policy_loss, clip_fraction, approx_kl = ppo_policy_loss(
-                        out["logps"], old, exp.advantages[micro, :t].to(self.device), mask, cfg.clip)
+                        out["logps"], old, exp.advantages[micro, :t].to(self.device), mask, settings.clip)
                     if exp.old_logps is None:  # on-policy: the sampling-time figures come from this pass
-                        add("kl_per_token", masked_mean(kl_per_token(old, ref, "k1"), mask), share)
+                        add("kl_per_token", masked_mean(kl_per_token(old, ref, FIGURE_ESTIMATOR), mask), share)
                         add("entropy", masked_mean(out["entropy"], mask), share)
                     loss = policy_loss
                     add("policy_loss", policy_loss.detach(), share)
@@ -385,12 +309,12 @@ class PPOTrainer:
                     if self.value_head is not None:
                         value_loss, value_clipped = ppo_value_loss(
                             out["values"], exp.values[micro, :t].to(self.device),
-                            exp.returns[micro, :t].to(self.device), mask, cfg.value_clip)
-                        loss = loss + cfg.vf_coef * value_loss
+                            exp.returns[micro, :t].to(self.device), mask, settings.value_clip)
+                        loss = loss + settings.vf_coef * value_loss
                         add("value_loss", value_loss.detach(), share)
                         add("value_clip_fraction", value_clipped, share)
-                    if cfg.kl.penalty == "loss":
-                        kl_loss = masked_mean(kl_per_token(out["logps"], ref, "k3"), mask)
+                    if settings.kl.in_loss:
+                        kl_loss = masked_mean(kl_per_token(out["logps"], ref, settings.kl.estimator), mask)
                         loss = loss + self.kl.coef * kl_loss
                     scaled = loss * share
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -402,7 +326,7 @@ class PPOTrainer:
                 distributed.sum_gradients(trainable)
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
                 add("grad_norm", grad_norm, 1.0)
                 if self.scaler:  # skips the step where the scaled gradients overflowed, then adjusts the scale
                     self.scaler.step(self.optimizer)
@@ -419,7 +343,7 @@ class PPOTrainer:
     def step(self, rows: list[dict], prompt_ids: list[list[int]], step: int) -> dict:
         """Sample, score and update once; returns the step's figures (flat, JSON-ready)."""
         # The same samples when a step is redone on resume; each process its own stream.
-        seed = self.cfg.seed * 1_000_003 + step + 7_919 * distributed.rank()
+        seed = self.settings.seed * 1_000_003 + step + 7_919 * distributed.rank()
         torch.manual_seed(seed)
         random.seed(seed)
         exp, timings = self.make_experience(rows, prompt_ids)
@@ -433,44 +357,6 @@ class PPOTrainer:
         if observed_kl is not None:  # the global KL and row count: the coefficient stays the same everywhere
             self.kl.update(observed_kl, int(distributed.all_sum(torch.tensor(len(exp.rollouts)))))
         return self.figures(exp, stats, timings, observed_kl, coef)
-
-    def sampling_figures(self, exp: Experience) -> dict:
-        """Per-token KL to the reference and entropy at sampling time, over every process's trained rows
-        ({} when there were none)."""
-        if exp.old_logps is None:  # nothing trained here (all groups uniform); other processes may have rows
-            kl = entropy = mask = torch.zeros(0, 1)
-        else:
-            kl, entropy, mask = kl_per_token(exp.old_logps, exp.ref_logps, "k1"), exp.entropy, exp.mask
-        if not distributed.is_distributed():
-            if exp.old_logps is None:
-                return {}
-            return {"kl_per_token": float(masked_mean(kl, mask)), "entropy": float(masked_mean(entropy, mask))}
-        totals = distributed.all_sum(torch.stack([(kl * mask).sum(), (entropy * mask).sum(), mask.sum()]).double())
-        if float(totals[2]) == 0.0:
-            return {}
-        return {"kl_per_token": float(totals[0] / totals[2]), "entropy": float(totals[1] / totals[2])}
-
-    def figures(self, exp: Experience, stats: dict, timings: dict, observed_kl: float | None, coef: float) -> dict:
-        """The step's figures over every process's rollouts (`distributed.gather_cat` is the identity alone)."""
-        gather = distributed.gather_cat
-        sampled, scores = exp.sampled, gather(exp.sampled_scores)
-        lengths = gather(sampled.response_lengths.float())
-        out = {"reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0}
-        out.update({f"reward/{name}": float(gather(values).mean()) for name, values in exp.per_source.items()})
-        trained_lengths = gather(exp.mask.sum(dim=1))
-        out.update({"kl_coef": coef, "response_length": float(lengths.mean()),
-                    "eos_rate": float(gather(sampled.ended.float()).mean()), "lr": self.scheduler.get_last_lr()[0],
-                    "trained_share": len(trained_lengths) / max(len(lengths), 1), **stats})
-        if observed_kl is not None:  # measured on the trained rows
-            out["kl_per_sequence"] = observed_kl * float(trained_lengths.mean())
-        if exp.values is not None:
-            out["explained_variance"] = distributed.explained_variance(exp.values, exp.returns, exp.mask)
-            out["value_mean"] = distributed.masked_global_mean(exp.values, exp.mask)
-        tokens = float(lengths.sum())
-        out.update({f"time_{k}": round(v, 3) for k, v in timings.items()})
-        out["step_seconds"] = round(sum(timings.values()), 3)
-        out["generated_tokens"] = tokens
-        return out
 
     # -------------------------------------------------------------------------------------- state
 

@@ -4,7 +4,8 @@ Why a module of its own: the stages on transformers' `Trainer` (SFT, reward, DPO
 gradient all-reduce from accelerate, but what they do around the trainer (the run folder, the evaluation
 hook, registration) and all of PPO, our own loop, must know which process they are and agree on global
 figures. Everything that talks between processes lives here, so the stages read as single-process code
-with a few explicit synchronization points.
+with a few explicit synchronization points. Statistics pooled over processes (whitening, explained variance)
+are `align.objectives.stats`' own formulas, given `reducer()`.
 
 The process group is accelerate's (`PartialState`: NCCL on GPUs, gloo on CPUs, set up from the variables
 `accelerate launch` or `torchrun` export). With one process (WORLD_SIZE unset or 1) every helper returns its
@@ -159,50 +160,10 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(tensor.device)
 
 
-def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (biased) variance of `values` where `mask` is set, over every process's rows: what
-    `align.objectives.losses.masked_mean` / `masked_var` give on the concatenation of all processes' rows."""
-    if not is_distributed():
-        from align.objectives.losses import masked_mean, masked_var
-
-        return masked_mean(values, mask), masked_var(values, mask)
-    mask = mask.to(values.dtype)
-    sums = all_sum(torch.stack([(values * mask).sum(), mask.sum()]).double())
-    mean = (sums[0] / sums[1].clamp(min=1.0)).to(values.dtype)
-    squares = all_sum((((values - mean) ** 2) * mask).sum().double().reshape(1))[0]
-    var = (squares / sums[1].clamp(min=1.0)).to(values.dtype)
-    return mean, var
-
-
-def masked_global_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    if not is_distributed():
-        from align.objectives.losses import masked_mean
-
-        return float(masked_mean(values, mask))
-    return float(masked_moments(values, mask)[0])
-
-
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """`align.objectives.losses.whiten` with the mean and variance of all processes' rows (one process: the same)."""
-    if not is_distributed():
-        from align.objectives.losses import whiten as local_whiten
-
-        return local_whiten(values, mask, eps=eps)
-    mean, var = masked_moments(values, mask)
-    return (values - mean) * torch.rsqrt(var + eps) * mask.to(values.dtype)
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """`align.objectives.losses.explained_variance` over all processes' rows."""
-    if not is_distributed():
-        from align.objectives.losses import explained_variance as local
-
-        return local(values, returns, mask)
-    _, var_returns = masked_moments(returns.float(), mask)
-    if float(var_returns) == 0.0:
-        return float("nan")
-    _, var_error = masked_moments(returns.float() - values.float(), mask)
-    return float(1.0 - var_error / var_returns)
+def reducer() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What `align.objectives.stats` takes to pool its statistics over every process's rows: `all_sum` under
+    several processes, None alone (the plain single-process formulas)."""
+    return all_sum if is_distributed() else None
 
 
 def sum_gradients(params: list[torch.nn.Parameter]) -> None:

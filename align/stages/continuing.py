@@ -41,7 +41,7 @@ def continuation(ctx, fingerprint: dict, settings: dict) -> Path | None:
     has nothing to continue: no finished run in its folder, or a finished run whose length this run does not
     change (the usual finished / resume / refuse / start rules then apply, as without `--continue`). Raises
     when the length changed together with anything else."""
-    from align.stages.base import _read_finished, _without_world
+    from align.stages.run_folder import _read_finished, _without_world
 
     record = _read_finished(ctx.run_dir)
     if record is None or _without_world(record.get("fingerprint")) == _without_world(fingerprint):
@@ -58,7 +58,7 @@ def continuation(ctx, fingerprint: dict, settings: dict) -> Path | None:
 
 def refuse_other_changes(ctx, record: dict, entry, fingerprint: dict, settings: dict) -> None:
     """Refuse a continuation that changes more than `LENGTH_KEYS`, naming what changed."""
-    from align.stages.base import _without_world
+    from align.stages.run_folder import _without_world
 
     before, after = _without_world(record.get("fingerprint")) or {}, _without_world(fingerprint)
     parts = [k for k in sorted(before.keys() | after.keys()) if k != "config" and before.get(k) != after.get(k)]
@@ -75,10 +75,10 @@ def start_continuing(ctx, entry, fingerprint: dict, settings: dict) -> Path:
     """Check there are steps left to train, then record the run as a continuation of `entry`: `run.json` and
     `settings.json` for the new length, `continues.json` for the manifest (`registered.json` stays until the new
     entry replaces it, so a crash leaves the finished run reported as finished)."""
+    from align.registry.records import write_json_atomic
     from align.runtime import distributed
-    from align.registry.store import write_json_atomic
-    from align.stages.base import _check_world_size, latest_checkpoint
     from align.stages.resume import resumed_step, set_aside, write_settings
+    from align.stages.run_folder import _check_world_size, latest_checkpoint
 
     checkpoint = latest_checkpoint(ctx.run_dir, on_damaged=set_aside)
     if checkpoint is None:
@@ -102,7 +102,7 @@ def start_continuing(ctx, entry, fingerprint: dict, settings: dict) -> Path:
 
 def read_continues(run_dir: Path) -> dict | None:
     """What the run in `run_dir` continues (`continues.json`), or None for a run of its own."""
-    from align.registry.store import read_json_record
+    from align.registry.records import read_json_record
 
     return read_json_record(run_dir / CONTINUES_FILE)
 
@@ -118,9 +118,9 @@ def config_changes(before: dict, after: dict) -> dict[str, tuple]:
 def trained_nothing(ctx, resumed_at: int, steps: int) -> None:
     """A continuation whose new length gave no step beyond the checkpoint (`epochs` not raised enough) must not
     register a copy of the entry it continues."""
-    if ctx.extra.get("continues") and steps <= resumed_at:
+    if ctx.continues and steps <= resumed_at:
         raise TrainingError(f"--continue: stages.{ctx.name} has no step beyond step {resumed_at} of "
-                            f"{ctx.extra['continues']['entry']} at this length; raise max_steps or epochs")
+                            f"{ctx.continues['entry']} at this length; raise max_steps or epochs")
 
 
 def schedule_callback():

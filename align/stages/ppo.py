@@ -20,36 +20,45 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import shutil
 import time
-from pathlib import Path
 
 import torch
 
-from align.runtime import distributed
+from align.config.stages import PPOStage
 from align.data.prepare import DataReport, heldout_split
 from align.data.prompts import load_prompts
 from align.data.tokenize import encode_prompt
-from align.runtime.diskspace import disk_guard
 from align.errors import RegistryError, TrainingError
 from align.eval.hook import evaluate_model
 from align.eval.plots import reward_histogram_png, rl_curves_png
-from align.registry.store import write_json_atomic
-from align.rewards.checkers import fields_needed
-from align.rewards.mix import RewardMix, checker_term, reward_model_term, term_names
+from align.objectives.advantages import advantage_estimator
+from align.registry.records import write_json_atomic
+from align.rewards.checkers import PluginChecker, fields_needed, find_checker
+from align.rewards.mix import (
+    RewardMix,
+    checker_term,
+    function_term,
+    load_reward_function,
+    reward_model_term,
+    term_names,
+)
 from align.rl.ppo import PPOTrainer
-from align.rl.rollout import sample_rollouts
-from align.stages.resume import checkpoint_bytes, free_space_hint
+from align.rl.settings import PPOSettings
+from align.runtime import distributed
 from align.runtime.precision import stage_precision
-from align.stages.base import (StageContext, StopRequest, baseline_record, build_policy, check_trainable, lora_targets,
-                               peak_rss_mb, record_world_size, register_entry, start_run)
+from align.stages import register_stage
+from align.stages.base import EntryParts, Prepared, Stage, Trained
+from align.stages.building import build_policy
+from align.stages.callbacks import StopRequest
+from align.stages.context import StageContext
+from align.stages.hf_training import peak_rss_mb
+from align.stages.ppo_checkpoint import load_checkpoint, save_checkpoint
+from align.stages.ppo_heldout import heldout_figures, paired_gain, parent_heldout
 
 log = logging.getLogger(__name__)
-STATE_FILE = "state.pt"
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -122,15 +131,24 @@ def reward_entry(ctx: StageContext, ref: str):
 
 
 def build_rewards(ctx: StageContext) -> tuple[RewardMix, list[dict]]:
-    """The reward mix of the recipe, reward models loaded; and how the manifest records each source."""
+    """The reward mix of the recipe, reward models and user code loaded; and how the manifest records each
+    source (user code with its spec, file and content hash, so lineage shows what scored the run)."""
     from align.rewards.scoring import load_reward_model
 
     cfg = ctx.config
     terms, recorded = [], []
     for name, source in zip(term_names(cfg.rewards), cfg.rewards):
         if source.checker is not None:
-            terms.append(checker_term(source.checker, source.weight, source.args))
-            recorded.append({"name": name, "checker": source.checker, "args": source.args, "weight": source.weight})
+            check = find_checker(source.checker, ctx.recipe.resolve_path)
+            terms.append(checker_term(name, source.weight, source.args, check))
+            recorded.append({"name": name, "checker": source.checker, "args": source.args, "weight": source.weight,
+                             **({"plugin": check.plugin.record()} if isinstance(check, PluginChecker) else {})})
+            continue
+        if source.function is not None:
+            plugin = load_reward_function(source.function, ctx.recipe.resolve_path)
+            terms.append(function_term(name, source.weight, plugin, source.args))
+            recorded.append({"name": name, "function": source.function, "args": source.args,
+                             "weight": source.weight, "plugin": plugin.record()})
             continue
         model_source = reward_entry(ctx, source.model)
         model, tokenizer = load_reward_model(model_source, ctx.registry)
@@ -144,81 +162,7 @@ def build_rewards(ctx: StageContext) -> tuple[RewardMix, list[dict]]:
 # ------------------------------------------------------------------------------------------ held-out
 
 
-@torch.no_grad()
-def heldout_figures(trainer: PPOTrainer, rows: list[dict], reference=None) -> tuple[dict, list[float]]:
-    """Greedy responses to the held-out prompts, scored by the reward mix (raw: no normalization), and the
-    per-token KL to the reference of sampled responses. From the policy, or from `reference` when given
-    (the parent, before training: KL 0 by definition). Returns (figures, per-prompt rewards)."""
-    if not rows:
-        return {}, []
-    cfg = trainer.cfg
-    model = trainer.model if reference is None else reference
-    greedy = cfg.generation.model_copy(update={"temperature": 0.0})
-    ids = [r["prompt_ids"] for r in rows]
-    rollouts = sample_rollouts(model, trainer.tokenizer, rows, ids, greedy, cfg.rollout_batch)
-    total, per_source = trainer.rewards.raw(rows, rollouts.texts)
-    figures = {"reward": float(total.mean()), **{f"reward/{k}": float(v.mean()) for k, v in per_source.items()},
-               "eos_rate": float(rollouts.ended.float().mean()),
-               "response_length": float(rollouts.mask.sum(dim=1).float().mean()), "prompts": len(rows),
-               "kl_per_token": 0.0}
-    if reference is None:  # exact over the vocabulary on sampled responses: never negative, unlike k1
-        sampled = sample_rollouts(model, trainer.tokenizer, rows, ids, cfg.generation, cfg.rollout_batch)
-        figures["kl_per_token"] = trainer.exact_kl(model, sampled)
-    return figures, total.tolist()
-
-
-@distributed.main_only
-def parent_heldout(ctx: StageContext, trainer: PPOTrainer, rows: list[dict]) -> tuple[dict, list[float], dict]:
-    """The parent's held-out figures and its evaluation-hook metrics (the same hook the stage's entry gets),
-    measured once per run: cached in the run folder, so a resumed run compares against the same numbers."""
-    path = ctx.run_dir / "heldout_before.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        ctx.budget.reserve(saved.get("seconds", 0.0))  # the same measurement follows training: keep it its time
-        return saved["figures"], saved["rewards"], saved["baseline"]
-    log.info("measuring the parent on the held-out prompts and the evaluation hook")
-    started = time.monotonic()
-    with trainer.reference_model() as reference:
-        figures, rewards = heldout_figures(trainer, rows, reference)
-        baseline = evaluate_model(ctx.recipe, reference, trainer.tokenizer)
-    seconds = time.monotonic() - started
-    ctx.budget.reserve(seconds)
-    write_json_atomic(path, {"figures": figures, "rewards": rewards, "baseline": baseline,
-                             "seconds": round(seconds, 2)})
-    return figures, rewards, baseline
-
-
 # ------------------------------------------------------------------------------------------ checkpoints
-
-
-@distributed.main_only  # every process holds the same weights and state
-def save_checkpoint(ctx: StageContext, trainer: PPOTrainer, step: int, history: list[dict]) -> Path:
-    """Write `checkpoint-<step>` whole under a temporary name, then rename it into place; keep the last two."""
-    final = ctx.run_dir / f"checkpoint-{step}"
-    partial = ctx.run_dir / f".checkpoint-{step}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    # A full disk is one error naming the checkpoint, its size and the intact previous one (`align.runtime.diskspace`).
-    with disk_guard(final, lambda: checkpoint_bytes(ctx.run_dir, trainer.model),
-                    lambda: free_space_hint(ctx.run_dir)):
-        partial.mkdir(parents=True)
-        torch.save(trainer.state_dict(), partial / STATE_FILE)
-        record_world_size(partial, distributed.world_size())  # before trainer_state.json, which marks it complete
-        (partial / "trainer_state.json").write_text(json.dumps({"global_step": step, "history": history}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
-    kept = sorted((p for p in ctx.run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                  key=lambda p: int(p.name.split("-")[-1]))
-    for old in kept[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(trainer: PPOTrainer, folder: Path) -> tuple[int, list[dict]]:
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
-    trainer.load_state_dict(state)
-    meta = json.loads((folder / "trainer_state.json").read_text())
-    log.info("resuming from %s (step %d)", folder, meta["global_step"])
-    return meta["global_step"], meta["history"]
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -243,12 +187,13 @@ def per_process_config(cfg, stage: str, processes: int | None = None):
     problems = []
     if prompts % n:
         problems.append(f"rollout_batch / samples_per_prompt = {prompts} prompts per step")
-    if cfg.minibatch % (n * cfg.samples_per_prompt if cfg.estimator != "gae" else n):
+    grouped = advantage_estimator(cfg.estimator).needs_groups  # whole groups of samples stay on one process
+    if cfg.minibatch % (n * cfg.samples_per_prompt if grouped else n):
         problems.append(f"minibatch {cfg.minibatch}")
     if problems:
         raise TrainingError(f"stages.{stage}: {' and '.join(problems)} must divide evenly among {n} processes"
                             + (f" (whole groups of samples_per_prompt {cfg.samples_per_prompt})"
-                               if cfg.estimator != "gae" else ""))
+                               if grouped else ""))
     return cfg.model_copy(update={"rollout_batch": cfg.rollout_batch // n, "minibatch": cfg.minibatch // n})
 
 
@@ -257,130 +202,162 @@ def total_steps(cfg, train_prompts: int) -> int:
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * train_prompts / prompts_per_step))
 
 
-def run(ctx: StageContext):
-    """Train, evaluate and register one PPO entry; returns the registry `Entry`."""
-    import copy
+@register_stage
+class PPO(Stage):
+    """RL from a policy against reward models, checkers or a mix, through our own PPO loop (`align.rl.ppo`)."""
 
-    from tqdm.auto import tqdm
+    kind = "ppo"
+    config_type = PPOStage
+    data_kind = "prompts"
 
-    cfg = ctx.config
-    process_cfg = per_process_config(cfg, ctx.name)
-    tokenizer, (train, heldout, report), config_dump, _, (finished, resume_from) = start_run(
-        ctx, lambda tokenizer: prepare_prompts(ctx, tokenizer))
-    if finished is not None:  # re-running it would register a copy without training a step
-        return finished
-    rewards, recorded_sources = build_rewards(ctx)
-    model, peft_cfg = build_policy(ctx, tokenizer)
-    if torch.cuda.is_available() and cfg.method != "qlora":
-        model.to(distributed.device())
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if peft_cfg is None else None
-    value_head = build_value_head(model) if cfg.estimator == "gae" else None
-    critic = "critic" if value_head is not None and cfg.value == "adapter" else None
-    if critic:
-        model.add_adapter(critic, peft_cfg)
-        for name, param in model.named_parameters():
-            if f".{critic}." in name:
-                param.requires_grad_(True)
-    steps = total_steps(cfg, len(train))
-    updates = steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch / cfg.minibatch)
-    trainer = PPOTrainer(process_cfg, model, tokenizer, rewards, value_head, reference, updates,
-                         stage_precision(cfg).autocast, critic)
-    trainable, total = check_trainable(ctx, model)
-    log.info("%s: %d train / %d held-out prompts, %d steps of %d responses; %s trainable of %s parameters; "
-             "estimator %s", ctx.entry_name, len(train), len(heldout), steps, cfg.rollout_batch,
-             f"{trainable:,}", f"{total:,}", cfg.estimator)
+    @classmethod
+    def check_processes(cls, cfg, name: str, processes: int) -> None:
+        per_process_config(cfg, name, processes)  # `rollout_batch` and `minibatch` are totals over the processes
 
-    before, before_rewards, baseline = parent_heldout(ctx, trainer, heldout)
-    start, history = (load_checkpoint(trainer, resume_from) if resume_from else (0, []))
-    prompts_per_step = cfg.rollout_batch // cfg.samples_per_prompt
-    started = time.perf_counter()
-    ctx.budget.step_started()
-    stopped_at_time_limit = False
-    with StopRequest() as stop, tqdm(total=steps, initial=start, desc=f"ppo {ctx.entry_name}",
-                                     disable=None) as bar:
-        for step in range(start, steps):
-            rows = distributed.shard(step_rows(train, step, prompts_per_step, cfg.samples_per_prompt, cfg.seed),
-                                     cfg.samples_per_prompt)  # each process its own prompts
-            figures = trainer.step(rows, [r["prompt_ids"] for r in rows], step)
-            figures["step"] = step + 1
-            history.append(figures)
-            bar.update(1)
-            bar.set_postfix(reward=f"{figures['reward']:.3f}", kl=f"{figures.get('kl_per_token', float('nan')):.3f}",
-                            len=f"{figures['response_length']:.0f}")
-            if (step + 1) % cfg.logging_steps == 0 or step == start:
-                log.info("step %d: %s", step + 1, _log_line(figures))
-            ctx.budget.step_done()
-            # Decided together: a process that stopped alone would leave the others waiting for it.
-            at_limit = bool(distributed.all_max(int(ctx.budget.over())))
-            interrupted = bool(distributed.all_max(int(stop.requested)))
-            if (step + 1) % cfg.save_steps == 0 or step + 1 == steps or at_limit or interrupted:
-                save_checkpoint(ctx, trainer, step + 1, history)
-            if interrupted:
-                raise TrainingError(f"interrupted at step {step + 1}; a checkpoint is in {ctx.run_dir}. "
-                                    "Run the same command again to resume.")
-            if at_limit:
-                stopped_at_time_limit = True
-                log.warning("time limit of %.1f minutes for the whole stage: stopping training at step %d, keeping "
-                            "%.0f s for the evaluation and the entry", cfg.time_limit_minutes, step + 1,
-                            ctx.budget.still_to_come())
-                break
-    seconds = time.perf_counter() - started
-    done = len(history)
-    timings = {"train_seconds": round(seconds, 2), "steps": done, "steps_this_run": done - start,
-               "steps_per_minute": round((done - start) / seconds * 60, 2) if seconds and done > start else None,
-               "stopped_at_time_limit": stopped_at_time_limit, "budget": ctx.budget.describe(),
-               "peak_rss_mb": round(peak_rss_mb(), 1),
-               "resumed_from": str(resume_from) if resume_from else None, "mixed_precision": trainer.autocast or "no",
-               **_time_split(history[start:])}
+    @classmethod
+    def memory_sequence_length(cls, cfg, longest_row: int | None) -> int:
+        return (longest_row if longest_row is not None else 256) + cfg.generation.max_new_tokens
 
-    after, after_rewards = distributed.on_main(lambda: heldout_figures(trainer, heldout))
-    metrics = {f"heldout_{k}_before": v for k, v in before.items() if k != "prompts"}
-    metrics.update({f"heldout_{k}": v for k, v in after.items()})
-    if history:
-        tail = history[-min(len(history), 5):]
-        for key in ("reward", "kl_per_token", "entropy", "response_length", "eos_rate"):
-            seen = [h[key] for h in tail if h.get(key) is not None]  # KL and entropy: steps that trained
-            if seen:
-                metrics[f"train_{key}_last"] = sum(seen) / len(seen)
-    paired = paired_gain(before_rewards, after_rewards)
-    metrics.update({f"heldout_reward_{k}": v for k, v in paired.items()})
-    log.info("held-out reward %.4f -> %.4f (paired gain %s, higher on %s of prompts), per-token KL %.4f",
-             before.get("reward", float("nan")), after.get("reward", float("nan")),
-             f"{paired['gain']:+.4f} ± {paired['gain_stderr']:.4f}" if paired else "n/a",
-             f"{paired['improved_share']:.0%}" if paired else "n/a", after.get("kl_per_token", float("nan")))
-    model.eval()
-    metrics.update(evaluate_model(ctx.recipe, model, tokenizer))
-    title = f"{ctx.entry_name}: held-out rewards"
-    extra_files = [lambda folder: rl_curves_png(history, folder / "rl_curves.png", ctx.entry_name),
-                lambda folder: reward_histogram_png(before_rewards, after_rewards, folder / "reward_histogram.png",
-                                                    title),
-                lambda folder: write_json_atomic(folder / "heldout_rewards.json",
-                                                 {"before": before_rewards, "after": after_rewards})]
-    manifest_extra = {"baseline": baseline_record(ctx, baseline), "rl": {"estimator": cfg.estimator, "rewards": recorded_sources,
-                             "kl": {**cfg.kl.model_dump(), "final_coef": trainer.kl.coef},
-                             "value": cfg.value if cfg.estimator == "gae" else None}}
-    if value_head is not None:
-        manifest_extra["rl"]["value_head"] = "value_head.pt"
-        extra_files.append(lambda folder: torch.save(value_head.state_dict(), folder / "value_head.pt"))
-    if critic:  # the entry is the policy: PEFT saved the critic's adapter inside it; keep it beside instead
-        extra_files.append(lambda folder: shutil.move(str(folder / "adapter" / critic), str(folder / critic)))
-        manifest_extra["rl"]["critic_adapter"] = critic
+    @classmethod
+    def pass_token_budget(cls, cfg) -> int | None:
+        return None  # its minibatches are its passes
 
-    return register_entry(ctx, "policy", model, tokenizer, peft_cfg, report=report, config_dump=config_dump,
-                          history=history, timings=timings, metrics=metrics,
-                          adapter_extra={"targets": lora_targets(peft_cfg)}, manifest_extra=manifest_extra,
-                          extra_files=extra_files)
+    @classmethod
+    def keeps_reference_copy(cls, cfg) -> bool:
+        return cfg.method == "full"  # LoRA's reference is the same weights with the adapter off
 
+    @classmethod
+    def generated_at_once(cls, cfg) -> int:
+        return cfg.rollout_batch
 
-def paired_gain(before: list[float], after: list[float]) -> dict:
-    """How the same held-out prompts' rewards moved: mean per-prompt gain, its standard error, and the share
-    of prompts scored higher after training. Paired, so prompt difficulty cancels; {} without pairs."""
-    if not before or len(before) != len(after):
-        return {}
-    diffs = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
-    stderr = float(diffs.std() / math.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
-    return {"gain": float(diffs.mean()), "gain_stderr": stderr, "improved_share": float((diffs > 0).double().mean()),
-            "worse_share": float((diffs < 0).double().mean())}
+    def prepare(self, tokenizer) -> Prepared:
+        train, heldout, report = prepare_prompts(self.ctx, tokenizer)
+        return Prepared(train, heldout, report, unit="prompts")
+
+    def build(self):
+        self.rewards, self.recorded_sources = build_rewards(self.ctx)
+        model, peft_cfg = build_policy(self.ctx, self.tokenizer)
+        if torch.cuda.is_available() and self.cfg.method != "qlora":
+            model.to(distributed.device())
+        return model, peft_cfg
+
+    def describe(self) -> str:
+        return f"; estimator {self.cfg.estimator}"
+
+    def make_trainer(self) -> PPOTrainer:
+        """The PPO loop's trainer on the stage's policy, with its reference, value head or critic adapter."""
+        import copy
+
+        cfg, model, peft_cfg, tokenizer, rewards = self.cfg, self.model, self.peft_cfg, self.tokenizer, self.rewards
+        process_cfg = per_process_config(cfg, self.ctx.name)
+        reference = copy.deepcopy(model).eval().requires_grad_(False) if peft_cfg is None else None
+        value_head = build_value_head(model) if advantage_estimator(cfg.estimator).needs_critic else None
+        critic = "critic" if value_head is not None and cfg.value == "adapter" else None
+        if critic:
+            model.add_adapter(critic, peft_cfg)
+            for name, param in model.named_parameters():
+                if f".{critic}." in name:
+                    param.requires_grad_(True)
+        steps = total_steps(cfg, len(self.data.train))
+        updates = steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch / cfg.minibatch)
+        trainer = PPOTrainer(PPOSettings.from_stage(process_cfg), model, tokenizer, rewards, value_head, reference,
+                             updates, stage_precision(cfg).autocast, critic)
+        self.value_head, self.critic, self.steps = value_head, critic, steps
+        return trainer
+
+    def train(self) -> Trained:
+        from tqdm.auto import tqdm
+
+        ctx, cfg, train = self.ctx, self.cfg, self.data.train
+        trainer = self.trainer = self.make_trainer()
+        steps = self.steps
+        self.before, self.before_rewards, self.baseline = parent_heldout(ctx, trainer, self.data.heldout)
+        start, history = (load_checkpoint(trainer, self.resume_from) if self.resume_from else (0, []))
+        prompts_per_step = cfg.rollout_batch // cfg.samples_per_prompt
+        started = time.perf_counter()
+        ctx.budget.step_started()
+        stopped_at_time_limit = False
+        with StopRequest() as stop, tqdm(total=steps, initial=start, desc=f"ppo {ctx.entry_name}",
+                                         disable=None) as bar:
+            for step in range(start, steps):
+                rows = distributed.shard(step_rows(train, step, prompts_per_step, cfg.samples_per_prompt,
+                                                   cfg.seed), cfg.samples_per_prompt)  # each process its own prompts
+                figures = trainer.step(rows, [r["prompt_ids"] for r in rows], step)
+                figures["step"] = step + 1
+                history.append(figures)
+                bar.update(1)
+                bar.set_postfix(reward=f"{figures['reward']:.3f}",
+                                kl=f"{figures.get('kl_per_token', float('nan')):.3f}",
+                                len=f"{figures['response_length']:.0f}")
+                if (step + 1) % cfg.logging_steps == 0 or step == start:
+                    log.info("step %d: %s", step + 1, _log_line(figures))
+                ctx.budget.step_done()
+                # Decided together: a process that stopped alone would leave the others waiting for it.
+                at_limit = bool(distributed.all_max(int(ctx.budget.over())))
+                interrupted = bool(distributed.all_max(int(stop.requested)))
+                if (step + 1) % cfg.save_steps == 0 or step + 1 == steps or at_limit or interrupted:
+                    save_checkpoint(ctx, trainer, step + 1, history)
+                if interrupted:
+                    raise TrainingError(f"interrupted at step {step + 1}; a checkpoint is in {ctx.run_dir}. "
+                                        "Run the same command again to resume.")
+                if at_limit:
+                    stopped_at_time_limit = True
+                    log.warning("time limit of %.1f minutes for the whole stage: stopping training at step %d, "
+                                "keeping %.0f s for the evaluation and the entry", cfg.time_limit_minutes,
+                                step + 1, ctx.budget.still_to_come())
+                    break
+        seconds = time.perf_counter() - started
+        done = len(history)
+        timings = {"train_seconds": round(seconds, 2), "steps": done, "steps_this_run": done - start,
+                   "steps_per_minute": round((done - start) / seconds * 60, 2) if seconds and done > start else None,
+                   "stopped_at_time_limit": stopped_at_time_limit, "budget": ctx.budget.describe(),
+                   "peak_rss_mb": round(peak_rss_mb(), 1),
+                   "resumed_from": str(self.resume_from) if self.resume_from else None,
+                   "mixed_precision": trainer.autocast or "no", **_time_split(history[start:])}
+        return Trained(self.model, history, timings)
+
+    def measure(self, trained: Trained) -> dict:
+        trainer, history, before = self.trainer, trained.history, self.before
+        after, self.after_rewards = distributed.on_main(lambda: heldout_figures(trainer, self.data.heldout))
+        metrics = {f"heldout_{k}_before": v for k, v in before.items() if k != "prompts"}
+        metrics.update({f"heldout_{k}": v for k, v in after.items()})
+        if history:
+            tail = history[-min(len(history), 5):]
+            for key in ("reward", "kl_per_token", "entropy", "response_length", "eos_rate"):
+                seen = [h[key] for h in tail if h.get(key) is not None]  # KL and entropy: steps that trained
+                if seen:
+                    metrics[f"train_{key}_last"] = sum(seen) / len(seen)
+        paired = paired_gain(self.before_rewards, self.after_rewards)
+        metrics.update({f"heldout_reward_{k}": v for k, v in paired.items()})
+        log.info("held-out reward %.4f -> %.4f (paired gain %s, higher on %s of prompts), per-token KL %.4f",
+                 before.get("reward", float("nan")), after.get("reward", float("nan")),
+                 f"{paired['gain']:+.4f} ± {paired['gain_stderr']:.4f}" if paired else "n/a",
+                 f"{paired['improved_share']:.0%}" if paired else "n/a", after.get("kl_per_token", float("nan")))
+        trained.model.eval()
+        metrics.update(evaluate_model(self.ctx.recipe, trained.model, self.tokenizer))
+        return metrics
+
+    def entry_parts(self, trained: Trained, metrics: dict) -> EntryParts:
+        parts = super().entry_parts(trained, metrics)
+        cfg, name, history = self.cfg, self.ctx.entry_name, trained.history
+        before, after = self.before_rewards, self.after_rewards
+        parts.files += [
+            lambda folder: rl_curves_png(history, folder / "rl_curves.png", name),
+            lambda folder: reward_histogram_png(before, after, folder / "reward_histogram.png",
+                                                f"{name}: held-out rewards"),
+            lambda folder: write_json_atomic(folder / "heldout_rewards.json", {"before": before, "after": after})]
+        rl = {"estimator": cfg.estimator, "rewards": self.recorded_sources,
+              "kl": {**cfg.kl.model_dump(), "final_coef": self.trainer.kl.coef},
+              "value": cfg.value if advantage_estimator(cfg.estimator).needs_critic else None}
+        if self.value_head is not None:
+            rl["value_head"] = "value_head.pt"
+            parts.files.append(lambda folder: torch.save(self.value_head.state_dict(), folder / "value_head.pt"))
+        if self.critic:  # the entry is the policy: PEFT saved the critic's adapter inside it; keep it beside instead
+            critic = self.critic
+            parts.files.append(lambda folder: shutil.move(str(folder / "adapter" / critic), str(folder / critic)))
+            rl["critic_adapter"] = critic
+        parts.manifest.update({**self.baseline_manifest(self.baseline), "rl": rl})
+        return parts
 
 
 def _time_split(history: list[dict]) -> dict:

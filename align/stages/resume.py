@@ -54,7 +54,7 @@ def set_aside(checkpoint: Path, problems: list[str]) -> Path:
 
 def write_settings(run_dir: Path, settings: dict | None) -> None:
     """Keep the run's config values beside its fingerprint, to name what changed on a refused resume."""
-    from align.registry.store import write_json_atomic
+    from align.registry.records import write_json_atomic
 
     if settings is not None:
         write_json_atomic(run_dir / SETTINGS_FILE, settings)
@@ -134,7 +134,7 @@ def checkpoint_bytes(run_dir: Path, model) -> int | None:
 
 def free_space_hint(run_dir: Path) -> str:
     """What is safe after a failed save, for the full disk's message."""
-    from align.stages.base import latest_checkpoint
+    from align.stages.run_folder import latest_checkpoint
 
     latest = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     kept = f"the last complete checkpoint, {latest.name}, is intact and resumes" if latest else \

@@ -6,7 +6,7 @@ Why it is built this way:
   module: fully trained, saved inside the adapter, restored on load (tests check scores survive reload).
 - The loop is transformers' `Trainer` (checkpoints, exact resume, schedules, mixed precision) with our
   loss: chosen and rejected sides go through the model in one padded batch, scores are read at the last
-  real token (see `align.rewards.scoring`), and the loss is a pure function from `align.objectives.losses`.
+  real token (see `align.rewards.scoring`), and the loss is a pure function from `align.objectives.ranking`.
 - Speed is learning quality on a small machine: pairs are batched by length (little padding), bf16
   autocast is used where the hardware multiplies bf16 natively, prompts can be capped to their most recent
   tokens (`max_prompt_length`), and no LM head is ever computed.
@@ -21,19 +21,22 @@ import logging
 
 import torch
 
+from align.config.stages import RewardStage
 from align.data.prepare import prepare_pairs
 from align.data.sampling import pad_right
 from align.data.tokenize import EncodedPair
-from align.runtime.distributed import call_through
 from align.eval.hook import evaluate_reward_model
-from align.objectives.losses import pairwise_accuracy, reward_ranking_loss
-from align.models.loading import bnb_config, freeze_bottom, load_sequence_classifier, lora_config, use_attention
 from align.eval.plots import score_histogram_png
-from align.runtime.precision import mark, stage_precision
-from align.rewards.scoring import score_batch
 from align.models.shared_prompt import pair_groups
-from align.stages.base import (PairBatchesMixin, StageContext, check_finite, check_trainable, register_entry,
-                               safety_callbacks, start_run, train_and_time, training_arguments)
+from align.objectives.ranking import pairwise_accuracy, reward_ranking_loss
+from align.rewards.scoring import score_batch
+from align.runtime.distributed import call_through
+from align.stages import register_stage
+from align.stages.base import EntryParts, Prepared, Stage, Trained, logged_history
+from align.stages.building import build_model as build_scoring_model
+from align.stages.callbacks import check_finite, safety_callbacks
+from align.stages.context import StageContext
+from align.stages.hf_training import PairBatchesMixin, train_and_time, training_arguments
 from align.stages.sharded import trained_model
 
 log = logging.getLogger(__name__)
@@ -41,23 +44,9 @@ log = logging.getLogger(__name__)
 
 def build_model(ctx: StageContext, tokenizer):
     """The sequence classifier on the parent's weights, with LoRA/QLoRA and a fully trained score head."""
-    cfg = ctx.config
-    precision = stage_precision(cfg)
-    log.info("stages.%s precision: %s", ctx.name, precision.describe())
-    quant = bnb_config(cfg) if cfg.method == "qlora" else None
-    model = use_attention(load_sequence_classifier(ctx.parent, ctx.registry, dtype=precision.weights,
-                                                   quantization=quant,
-                                                   pad_token_id=tokenizer.pad_token_id), cfg.attention)
-    if cfg.method == "full":
-        freeze_bottom(model, cfg.freeze_layers)
-        return mark(model, precision), None
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    peft_cfg = lora_config(cfg.lora, task_type="SEQ_CLS", modules_to_save=["score"], model=model,
-                           freeze_layers=cfg.freeze_layers)
-    return mark(get_peft_model(model, peft_cfg), precision), peft_cfg
+    model, peft_cfg = build_scoring_model(ctx, tokenizer, head="score")
+    model.reward_pooling = ctx.config.pooling
+    return model, peft_cfg
 
 
 class PairCollator:
@@ -126,54 +115,60 @@ def make_trainer(loss_kind: str, center_coef: float, grouped: bool = True, max_p
     return trainer
 
 
-def run(ctx: StageContext):
-    """Train, evaluate (quality gate) and register one reward entry; returns the registry `Entry`."""
-    from transformers import TrainingArguments
+@register_stage
+class Reward(Stage):
+    """A reward model: a sequence classifier trained on preference pairs, with a quality gate."""
 
-    cfg = ctx.config
-    tokenizer, (train, heldout, report), config_dump, _, (finished, resume_from) = start_run(
-        ctx, lambda tokenizer: prepare_pairs(ctx.recipe, cfg, tokenizer))
-    if finished is not None:
-        return finished
+    kind = "reward"
+    config_type = RewardStage
+    entry_kind = "reward"
+    data_kind = "pairs"
+    rows_per_example = 2
+    lm_head = False
 
-    model, peft_cfg = build_model(ctx, tokenizer)
-    model.reward_pooling = cfg.pooling
-    trainable, total = check_trainable(ctx, model)
-    log.info("%s: %d train / %d held-out pairs; %s trainable of %s parameters", ctx.entry_name, len(train),
-             len(heldout), f"{trainable:,}", f"{total:,}")
-    args = TrainingArguments(**training_arguments(ctx, model, "steps" if heldout and cfg.eval_steps else "no",
-                                                  cfg.eval_steps), label_names=[])
-    callbacks = safety_callbacks(ctx.budget)
-    trainer = make_trainer(cfg.loss, cfg.center_coef, cfg.group_by_length, cfg.max_pass_tokens, model=model,
-                           args=args,
-                           train_dataset=as_dataset(train),
-                           eval_dataset=as_dataset(heldout) if heldout else None,
-                           data_collator=PairCollator(tokenizer.pad_token_id, cfg.margin), callbacks=callbacks)
-    result, timings = train_and_time(ctx, trainer, resume_from, callbacks)
+    def prepare(self, tokenizer) -> Prepared:
+        train, heldout, report = prepare_pairs(self.ctx.recipe, self.cfg, tokenizer)
+        return Prepared(train, heldout, report, unit="pairs")
 
-    model = trained_model(trainer, lambda: build_model(ctx, tokenizer)[0])  # None on other processes
-    if model is not None:
-        model.reward_pooling = cfg.pooling
-        model.eval()
-    metrics, scores = evaluate_reward_model(model, heldout, tokenizer.pad_token_id, cfg.batch_size * 2)
-    metrics["train_loss"] = result.training_loss
-    gate = {"min_accuracy": cfg.gate.min_accuracy, "accuracy": metrics.get("pairwise_accuracy"),
-            "passed": metrics.get("pairwise_accuracy") is not None
-            and metrics["pairwise_accuracy"] >= cfg.gate.min_accuracy}
-    if not heldout:
-        gate.update(passed=False, why="no held-out pairs to measure")
-    (log.info if gate["passed"] else log.warning)(
-        "quality gate %s: held-out accuracy %s vs min_accuracy %.3f", "passed" if gate["passed"] else "FAILED",
-        f"{gate['accuracy']:.3f}" if gate["accuracy"] is not None else "n/a", cfg.gate.min_accuracy)
-    history = [h for h in trainer.state.log_history if h.get("step", 0) > 0 or "loss" in h]
-    return register(ctx, model, tokenizer, peft_cfg, report, config_dump, history, timings, metrics, gate, scores)
+    def build(self):
+        return build_model(self.ctx, self.tokenizer)
 
+    def train(self) -> Trained:
+        from transformers import TrainingArguments
 
-def register(ctx: StageContext, model, tokenizer, peft_cfg, report, config_dump: dict, history: list[dict],
-             timings: dict, metrics: dict, gate: dict, scores: tuple[list[float], list[float]]):
-    title = f"{ctx.entry_name}: held-out scores (accuracy {metrics.get('pairwise_accuracy', 0):.3f})"
-    return register_entry(
-        ctx, "reward", model, tokenizer, peft_cfg, report=report, config_dump=config_dump, history=history,
-        timings=timings, metrics=metrics, artifact_extra={"head": "score", "pooling": ctx.config.pooling},
-        adapter_extra={"modules_to_save": ["score"]}, manifest_extra={"gate": gate},
-        extra_files=[lambda folder: score_histogram_png(*scores, folder / "score_histogram.png", title)])
+        ctx, cfg, data = self.ctx, self.cfg, self.data
+        args = TrainingArguments(**training_arguments(ctx, self.model, "steps" if data.heldout and cfg.eval_steps
+                                                      else "no", cfg.eval_steps), label_names=[])
+        callbacks = safety_callbacks(ctx.budget)
+        trainer = make_trainer(cfg.loss, cfg.center_coef, cfg.group_by_length, cfg.max_pass_tokens,
+                               model=self.model, args=args, train_dataset=as_dataset(data.train),
+                               eval_dataset=as_dataset(data.heldout) if data.heldout else None,
+                               data_collator=PairCollator(self.tokenizer.pad_token_id, cfg.margin),
+                               callbacks=callbacks)
+        result, timings = train_and_time(ctx, trainer, self.resume_from, callbacks)
+        model = trained_model(trainer, lambda: build_model(ctx, self.tokenizer)[0])  # None on other processes
+        if model is not None:
+            model.reward_pooling = cfg.pooling
+            model.eval()
+        return Trained(model, logged_history(trainer), timings, result.training_loss)
+
+    def measure(self, trained: Trained) -> dict:
+        cfg, heldout = self.cfg, self.data.heldout
+        metrics, self.scores = evaluate_reward_model(trained.model, heldout, self.tokenizer.pad_token_id,
+                                                     cfg.batch_size * 2)
+        accuracy = metrics.get("pairwise_accuracy")
+        self.gate = {"min_accuracy": cfg.gate.min_accuracy, "accuracy": accuracy,
+                     "passed": accuracy is not None and accuracy >= cfg.gate.min_accuracy}
+        if not heldout:
+            self.gate.update(passed=False, why="no held-out pairs to measure")
+        (log.info if self.gate["passed"] else log.warning)(
+            "quality gate %s: held-out accuracy %s vs min_accuracy %.3f", "passed" if self.gate["passed"] else
+            "FAILED", f"{accuracy:.3f}" if accuracy is not None else "n/a", cfg.gate.min_accuracy)
+        return metrics
+
+    def entry_parts(self, trained: Trained, metrics: dict) -> EntryParts:
+        title = f"{self.ctx.entry_name}: held-out scores (accuracy {metrics.get('pairwise_accuracy', 0):.3f})"
+        return EntryParts(kind="reward", artifact={"head": "score", "pooling": self.cfg.pooling},
+                          adapter={"modules_to_save": ["score"]}, manifest={"gate": self.gate},
+                          files=[lambda folder: score_histogram_png(*self.scores, folder / "score_histogram.png",
+                                                                    title)])

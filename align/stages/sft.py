@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import logging
 
-from align.data.prepare import (DataReport, apply_row_policy, check_dropped_share, heldout_split,
-                                load_demonstrations, tokenize_all)
+from align.config.stages import SFTStage
+from align.data.prepare import apply_row_policy, check_dropped_share, heldout_split, load_demonstrations, tokenize_all
 from align.errors import TrainingError
 from align.eval.hook import evaluate_model
+from align.stages import register_stage
+from align.stages.base import Prepared, Stage, Trained, logged_history
+from align.stages.building import build_policy
+from align.stages.callbacks import safety_callbacks
+from align.stages.context import StageContext
+from align.stages.hf_training import train_and_time, training_arguments
+from align.stages.registering import parent_baseline
 from align.stages.sft_trainer import SFT_ARGS, make_sft_trainer
-from align.stages.base import (StageContext, baseline_record, build_policy, check_trainable, parent_baseline,
-                               register_entry, lora_targets, safety_callbacks, start_run, train_and_time,
-                               training_arguments)
 from align.stages.sharded import trained_model
 
 log = logging.getLogger(__name__)
@@ -56,41 +60,45 @@ def prepare_data(ctx: StageContext, tokenizer):
     return train, heldout, report
 
 
-def run(ctx: StageContext):
-    """Train, evaluate and register one SFT entry; returns the registry `Entry`."""
-    tokenizer, (train, heldout, report), config_dump, _, (finished, resume_from) = start_run(
-        ctx, lambda tokenizer: prepare_data(ctx, tokenizer))
-    if finished is not None:
-        return finished
+@register_stage
+class SFT(Stage):
+    """Supervised fine-tuning on demonstrations; the one kind that may choose a new chat template."""
 
-    model, peft_cfg = build_policy(ctx, tokenizer)
-    trainable, total = check_trainable(ctx, model)
-    log.info("%s: %d train / %d held-out examples; %s trainable of %s parameters", ctx.entry_name,
-             len(train), len(heldout), f"{trainable:,}", f"{total:,}")
+    kind = "sft"
+    config_type = SFTStage
+    may_set_chat_template = True
+    default_parent = True
 
-    callbacks = safety_callbacks(ctx.budget)
-    trainer = build_trainer(ctx, model, tokenizer, train, heldout, callbacks)
-    history = []
-    baseline = parent_baseline(ctx, model, tokenizer, heldout, resume_from)
-    if baseline is not None and heldout:
-        history.append({"step": 0, "eval_loss": baseline.get("eval_loss")})
-    result, timings = train_and_time(ctx, trainer, resume_from, callbacks)
-    history += [h for h in trainer.state.log_history if h.get("step", 0) > 0 or "loss" in h]
+    @classmethod
+    def heldout_demonstrations(cls, recipe, cfg, tokenizer) -> list:
+        from types import SimpleNamespace
 
-    model = trained_model(trainer, lambda: build_policy(ctx, tokenizer)[0])  # None on other processes
-    if model is not None:
-        model.eval()
-    metrics = evaluate_model(ctx.recipe, model, tokenizer, heldout)
-    metrics["train_loss"] = result.training_loss
-    return register(ctx, model, tokenizer, peft_cfg, report, config_dump, history, timings, metrics, baseline)
+        return prepare_data(SimpleNamespace(config=cfg, recipe=recipe), tokenizer)[1]
 
+    def prepare(self, tokenizer) -> Prepared:
+        return Prepared(*prepare_data(self.ctx, tokenizer))
 
-def register(ctx: StageContext, model, tokenizer, peft_cfg, report: DataReport, config_dump: dict,
-             history: list[dict], timings: dict, metrics: dict, baseline: dict | None):
-    return register_entry(
-        ctx, "policy", model, tokenizer, peft_cfg, report=report, config_dump=config_dump, history=history,
-        timings=timings, metrics=metrics, adapter_extra={"targets": lora_targets(peft_cfg)},
-        manifest_extra={"baseline": baseline_record(ctx, baseline)})
+    def train(self) -> Trained:
+        ctx, data = self.ctx, self.data
+        callbacks = safety_callbacks(ctx.budget)
+        trainer = build_trainer(ctx, self.model, self.tokenizer, data.train, data.heldout, callbacks)
+        self.baseline = parent_baseline(ctx, self.model, self.tokenizer, data.heldout, self.resume_from)
+        history = []
+        if self.baseline is not None and data.heldout:
+            history.append({"step": 0, "eval_loss": self.baseline.get("eval_loss")})
+        result, timings = train_and_time(ctx, trainer, self.resume_from, callbacks)
+        model = trained_model(trainer, lambda: build_policy(ctx, self.tokenizer)[0])  # None on other processes
+        if model is not None:
+            model.eval()
+        return Trained(model, history + logged_history(trainer), timings, result.training_loss)
+
+    def measure(self, trained: Trained) -> dict:
+        return evaluate_model(self.ctx.recipe, trained.model, self.tokenizer, self.data.heldout)
+
+    def entry_parts(self, trained, metrics):
+        parts = super().entry_parts(trained, metrics)
+        parts.manifest.update(self.baseline_manifest(self.baseline))
+        return parts
 
 
 def build_trainer(ctx: StageContext, model, tokenizer, train, heldout, callbacks):

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from align.runtime.distributed import call_through
 from align.models.logprobs import sequence_logps
+from align.runtime.distributed import call_through
 
 # TrainingArguments the SFT stage sets on top of the shared ones (see the docstring). Gradient checkpointing
 # is the recipe's `gradient_checkpointing` (off by default, where TRL turns it on).
@@ -57,9 +57,9 @@ def make_sft_trainer(group_by_length: bool = True, max_pass_tokens: int | None =
     from trl import SFTTrainer
 
     from align.data.packing import PackedCollator
-
     from align.data.passes import split_row_batch
-    from align.stages.base import PassesMixin, check_finite
+    from align.stages.callbacks import check_finite
+    from align.stages.hf_training import PassesMixin
 
     class AlignSFTTrainer(PassesMixin, SFTTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):

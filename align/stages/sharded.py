@@ -10,8 +10,8 @@ model built the way the stage built it. With one process nothing of this runs.
 
 from __future__ import annotations
 
-from align.runtime import distributed
 from align.errors import TrainingError
+from align.runtime import distributed
 
 
 def shards_parameters(accelerator) -> bool:

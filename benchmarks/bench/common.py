@@ -14,7 +14,7 @@ def stage_context(work: Workload, stage: StageWork, folder: Path):
     """The `StageContext` `align run` would give this stage: same recipe config class, registry and parent."""
     from align.models.loading import resolve_model_ref
     from align.registry.store import Registry
-    from align.stages.base import StageContext
+    from align.stages.context import StageContext
 
     recipe = stage_recipe(work, stage, folder)
     registry = Registry(work.registry)

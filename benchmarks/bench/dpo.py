@@ -26,7 +26,9 @@ def run(side: str, work: Workload, stage: StageWork, folder: Path) -> dict:
         from transformers import TrainingArguments
 
         from align.stages import dpo
-        from align.stages.base import build_policy, safety_callbacks, training_arguments
+        from align.stages.building import build_policy
+        from align.stages.callbacks import safety_callbacks
+        from align.stages.hf_training import training_arguments
 
         cfg = ctx.config
         model, _ = build_policy(ctx, tokenizer)

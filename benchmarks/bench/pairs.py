@@ -7,7 +7,7 @@ def prepared_pairs(ctx):
     """(tokenizer, train pairs, held-out pairs) exactly as the reward/DPO stage prepares them."""
     from align.data.prepare import prepare_pairs
     from align.models.loading import materialize
-    from align.stages.base import stage_tokenizer
+    from align.stages.building import stage_tokenizer
 
     ctx.parent = materialize(ctx.parent, ctx.registry)
     tokenizer = stage_tokenizer(ctx)

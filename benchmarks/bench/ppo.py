@@ -19,11 +19,12 @@ STEP_FIGURES = ("policy_loss", "kl_per_token", "grad_norm", "eos_rate", "respons
 
 
 def _rows(ctx):
-    from align.stages.base import start_run
-    from align.stages.ppo import prepare_prompts, step_rows
+    from align.stages.ppo import PPO, step_rows
 
     cfg = ctx.config
-    tokenizer, (train, _, _), _, _, _ = start_run(ctx, lambda tok: prepare_prompts(ctx, tok))
+    stage = PPO(ctx)
+    stage.start()
+    tokenizer, train = stage.tokenizer, stage.data.train
     k = cfg.samples_per_prompt
     steps = [step_rows(train, s, cfg.rollout_batch // k, k, cfg.seed) for s in range(cfg.max_steps)]
     return tokenizer, steps
@@ -49,8 +50,9 @@ def run(side: str, work: Workload, stage: StageWork, folder: Path) -> dict:
     steps_seen: list[dict] = []  # the align side's per-step figures (STEP_FIGURES)
     if side == "align":
         from align.rl.ppo import PPOTrainer
+        from align.rl.settings import PPOSettings
         from align.runtime.precision import stage_precision
-        from align.stages.base import build_policy
+        from align.stages.building import build_policy
         from align.stages.ppo import build_rewards
 
         rewards, _ = build_rewards(ctx)
@@ -60,8 +62,8 @@ def run(side: str, work: Workload, stage: StageWork, folder: Path) -> dict:
 
             model.to(distributed.device())
         updates = cfg.max_steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch / cfg.minibatch)
-        trainer = PPOTrainer(cfg, model, tokenizer, rewards, None, None, updates, stage_precision(cfg).autocast,
-                             None)
+        trainer = PPOTrainer(PPOSettings.from_stage(cfg), model, tokenizer, rewards, None, None, updates,
+                             stage_precision(cfg).autocast, None)
         gen, score, train, tokens, rewards_seen = [], [], [], [], []
         for step, rows in enumerate(step_prompts):
             figures = trainer.step(rows, [r["prompt_ids"] for r in rows], step)

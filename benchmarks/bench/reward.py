@@ -24,7 +24,8 @@ def run(side: str, work: Workload, stage: StageWork, folder: Path) -> dict:
         from transformers import TrainingArguments
 
         from align.stages import reward
-        from align.stages.base import safety_callbacks, training_arguments
+        from align.stages.callbacks import safety_callbacks
+        from align.stages.hf_training import training_arguments
 
         cfg = ctx.config
         model, _ = reward.build_model(ctx, tokenizer)

@@ -13,7 +13,7 @@ from benchmarks.bench.workload import StageWork, Workload
 
 def _data(ctx):
     from align.models.loading import materialize
-    from align.stages.base import stage_tokenizer
+    from align.stages.building import stage_tokenizer
     from align.stages.sft import prepare_data
 
     ctx.parent = materialize(ctx.parent, ctx.registry)
@@ -39,7 +39,8 @@ def run(side: str, work: Workload, stage: StageWork, folder: Path) -> dict:
     tokenizer, train, heldout = _data(ctx)
     clock = StepClock()
     if side == "align":
-        from align.stages.base import build_policy, safety_callbacks
+        from align.stages.building import build_policy
+        from align.stages.callbacks import safety_callbacks
         from align.stages.sft import build_trainer
 
         model, _ = build_policy(ctx, tokenizer)

@@ -112,7 +112,7 @@ def tiny_workload(folder: Path, steps: dict[str, int]) -> Workload:
 def stage_recipe(work: Workload, stage: StageWork, run_root: Path):
     """A validated one-stage recipe for the align side: the stage's own config class, so the stage code
     gets exactly the config a recipe would give it."""
-    from align.config.recipe import validate_recipe
+    from align.config.loading import validate_recipe
 
     common = {"method": "lora", "lora": work.lora, "seed": work.seed, "lr": stage.lr, "batch_size": stage.batch_size,
               "grad_accum": stage.grad_accum, "max_length": stage.max_length, "max_steps": stage.steps,

@@ -71,40 +71,6 @@ def test_plan_of_a_missing_recipe_file(tmp_path, capsys):
     assert "nope.yaml: recipe file not found" in err
 
 
-def test_models_list_on_an_empty_registry(tmp_path, capsys):
-    root = tmp_path / "registry"
-    assert main(["--registry", str(root), "models", "list"]) == 0
-    out, _ = capsys.readouterr()
-    assert out.strip() == f"registry {root} is empty"
-
-
-def test_models_list_and_show_an_entry(tmp_path, capsys):
-    registry = Registry(tmp_path / "registry")
-    with registry.create("quickstart/sft", "policy") as draft:
-        draft.manifest.update({"artifact": {"type": "adapter", "path": "adapter"},
-                               "parent": {"source": "registry", "ref": "smollm2-135m-instruct@1"},
-                               "history": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]})
-    assert main(["--registry", str(registry.root), "models", "list"]) == 0
-    out, _ = capsys.readouterr()
-    assert "quickstart/sft@1" in out and "smollm2-135m-instruct@1" in out and "adapter" in out
-
-    assert main(["--registry", str(registry.root), "models", "show", "quickstart/sft"]) == 0
-    out, _ = capsys.readouterr()
-    assert '"ref": "quickstart/sft@1"' in out
-    assert "2 records (--full shows them)" in out
-
-
-def test_models_show_of_an_unknown_ref_returns_2(tmp_path, capsys):
-    registry = Registry(tmp_path / "registry")
-    with registry.create("quickstart/sft", "policy") as draft:
-        draft.manifest.update({"artifact": {"type": "adapter", "path": "adapter"}})
-    assert main(["--registry", str(registry.root), "models", "show", "quickstart/sftt"]) == 2
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    assert "quickstart/sftt: no such entry" in err
-    assert "did you mean quickstart/sft" in err
-
-
 def _bad_data_file(tmp_path, raw):
     path = tmp_path / "sft.jsonl"
     path.write_text('{"prompt": "What is 1 + 1?", "completion": "2"}\n{"prompt": "What is 2 + 2?", "compl')
@@ -156,7 +122,7 @@ def test_models_show_into_a_pipe_closed_early_ends_quietly(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO_ROOT
+    from tests.conftest import REPO_ROOT
 
     registry = Registry(tmp_path / "registry")
     with registry.create("quickstart/sft", "policy") as draft:
@@ -172,74 +138,16 @@ def test_models_show_into_a_pipe_closed_early_ends_quietly(tmp_path):
 
 
 def test_a_full_disk_no_narrower_handler_named_is_one_clear_error(tmp_path, capsys, monkeypatch):
-    import align.cli.main
+    import align.cli.models
 
     def full(args):
         raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space "
                            "left on device\" })")
 
-    monkeypatch.setattr(align.cli.main, "cmd_models", full)
+    monkeypatch.setattr(align.cli.models, "cmd_models", full)
     assert main(["--registry", str(tmp_path / "registry"), "models", "list"]) == 2
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err and err.startswith("error: no space left on device writing "), err
-
-
-# ------------------------------------------------------------------------------------------ models rm, filters
-
-
-def _entries(registry: Registry):
-    """A base, quickstart's sft on it, a reward entry of another recipe: three names, two recipes, three kinds."""
-    refs = []
-    for name, kind, recipe, parent in [("base-model", "base", None, None), ("quickstart/sft", "policy", "quickstart",
-                                        "base-model@1"), ("hh/reward", "reward", "hh", None)]:
-        with registry.create(name, kind) as draft:
-            draft.manifest.update({"artifact": {"type": "full", "path": "model"},
-                                   **({"recipe": {"name": recipe}} if recipe else {}),
-                                   **({"parent": {"source": "registry", "ref": parent}} if parent else {})})
-        refs.append(draft.entry.ref)
-    return refs
-
-
-def _listed(capsys) -> list[str]:
-    out, _ = capsys.readouterr()
-    return [line.split()[0] for line in out.splitlines()[1:] if not line.startswith(" ")]  # not "damaged:" notes
-
-
-@pytest.mark.parametrize("flags, expected", [
-    ([], ["base-model@1", "hh/reward@1", "quickstart/sft@1"]),
-    (["--recipe", "quickstart"], ["quickstart/sft@1"]),
-    (["--kind", "reward"], ["hh/reward@1"]),
-    (["--name", "sft"], ["quickstart/sft@1"]),
-    (["--name", "*e*"], ["base-model@1", "hh/reward@1"]),
-    (["--recipe", "hh", "--kind", "policy"], []),
-])
-def test_models_list_filters(flags, expected, tmp_path, capsys):
-    registry = Registry(tmp_path / "registry")
-    _entries(registry)
-    assert main(["--registry", str(registry.root), "models", "list", *flags]) == 0
-    if expected:
-        assert _listed(capsys) == expected
-    else:
-        assert "no entry of registry" in capsys.readouterr()[0]
-
-
-def test_models_rm_refuses_a_parent_then_removes_with_force(tmp_path, capsys):
-    registry = Registry(tmp_path / "registry")
-    _entries(registry)
-    assert main(["--registry", str(registry.root), "models", "rm", "base-model@1"]) == 2
-    _, err = capsys.readouterr()
-    assert "base-model@1: 1 other entry names it (quickstart/sft@1)" in err and "--force" in err
-    assert registry.find("base-model@1") is not None
-
-    assert main(["--registry", str(registry.root), "models", "rm", "hh/reward@1"]) == 0
-    assert capsys.readouterr()[0].startswith("removed hh/reward@1 (reward")
-    assert main(["--registry", str(registry.root), "models", "rm", "base-model@1", "--force"]) == 0
-    out, _ = capsys.readouterr()
-    assert "removed base-model@1" in out and "still naming it (--force): quickstart/sft@1" in out
-    assert main(["--registry", str(registry.root), "models", "list"]) == 0
-    assert _listed(capsys) == ["quickstart/sft@1"]
-    assert main(["--registry", str(registry.root), "models", "show", "base-model@1"]) == 2
-    assert "base-model@1 was removed from registry" in capsys.readouterr()[1]
 
 
 # ------------------------------------------------------------------------------------------ --version, recipes
@@ -257,7 +165,7 @@ def test_version_prints_align_and_its_libraries(capsys):
 
 
 def test_recipes_lists_every_shipped_recipe_with_its_description(capsys):
-    from conftest import REPO_ROOT
+    from tests.conftest import REPO_ROOT
 
     shipped = sorted(p for p in (REPO_ROOT / "recipes").glob("**/*.yaml") if "accelerate" not in p.parts)
     assert main(["recipes"]) == 0
@@ -291,3 +199,12 @@ def test_run_continue_reaches_the_stages_and_excludes_force(tiny_raw_recipe, tmp
     with pytest.raises(SystemExit) as info:
         main(["run", recipe, "--continue", "--force"])
     assert info.value.code == 2 and "not allowed with argument" in capsys.readouterr()[1]
+
+
+def test_help_lists_every_command_group_in_one_order(capsys):
+    """The subcommands live in one module per group; `align --help` still lists them as before."""
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr()[0]
+    assert "{recipes,plan,run,score,merge,export,eval,report,chat,models}" in out

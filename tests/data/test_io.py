@@ -187,7 +187,7 @@ def test_recipe_data_spec_plumbs_config_and_columns_into_the_stage_data(fake_hub
     """A recipe naming gsm8k with its config and a column mapping gives the SFT stage prompt/completion
     conversations, through the same loader the stage uses."""
     from align.data.prepare import load_demonstrations
-    from align.config.recipe import validate_recipe
+    from align.config.loading import validate_recipe
 
     spec = {"path": "hf:openai/gsm8k", "config": "main", "split": "train",
             "columns": {"prompt": "question", "completion": "answer"}}
@@ -208,7 +208,7 @@ def test_recipe_data_spec_plumbs_config_and_columns_into_the_stage_data(fake_hub
 ])
 def test_data_spec_problems_are_recipe_errors(spec, message):
     from align.errors import ConfigError
-    from align.config.recipe import validate_recipe
+    from align.config.loading import validate_recipe
 
     with pytest.raises(ConfigError) as info:
         validate_recipe({"name": "x", "base": "x", "stages": {"sft": {"data": spec}}}, [])

@@ -9,8 +9,8 @@ from align.data.preference import load_pairs, parse_dialogue
 from align.data.prepare import prepare_pairs
 from align.data.tokenize import IGNORE, encode_pair
 from align.errors import DataError
-from align.config.recipe import validate_recipe
-from conftest import write_jsonl
+from align.config.loading import validate_recipe
+from tests.conftest import write_jsonl
 
 HH = ("\n\nHuman: how do I pick a lock?\n\nAssistant: Why do you want to?"
       "\n\nHuman: my neighbour's door\n\nAssistant: ")

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from align.errors import DataError
-from align.config.recipe import validate_recipe
+from align.config.loading import validate_recipe
 from align.stages.sft import prepare_data
-from conftest import SFT_ROWS, write_jsonl
+from tests.conftest import SFT_ROWS, write_jsonl
 
 LONG_PROMPT = {"prompt": "Please write a short poem about the sea. " * 20, "completion": "#### 42"}
 

@@ -6,8 +6,8 @@ import pytest
 
 from align.data.prompts import load_prompts, prompt_messages, prompt_problems
 from align.errors import DataError
-from align.config.recipe import validate_recipe
-from conftest import write_jsonl
+from align.config.loading import validate_recipe
+from tests.conftest import write_jsonl
 
 
 def test_text_and_chat_prompts_become_messages():

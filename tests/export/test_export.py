@@ -19,7 +19,7 @@ from align.export.parity import TOLERANCES, model_outputs, sample_inputs
 from align.registry.store import Registry
 from align.models.stop_tokens import stop_token_ids, template_end_token_id
 from align.models.tiny import make_tokenizer
-from tiny_entries import register_adapter, unmerged
+from tests.tiny_entries import register_adapter, unmerged
 
 
 @pytest.fixture(scope="module")

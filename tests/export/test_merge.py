@@ -19,7 +19,7 @@ from align.models.loading import ModelSource, load_causal_lm, load_tokenizer
 from align.export.parity import TOLERANCES, model_outputs, sample_inputs
 from align.registry.store import Registry
 from align.rewards.scoring import load_reward_model
-from tiny_entries import register_adapter, unmerged
+from tests.tiny_entries import register_adapter, unmerged
 
 
 @pytest.fixture

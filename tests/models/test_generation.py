@@ -10,7 +10,8 @@ import torch
 from align.data.tokenize import encode_prompt
 from align.errors import ConfigError
 from align.models.generation import PresenceFrequencyPenalty, generate, library_only_settings, settings_with
-from align.config.recipe import GenerationSettings, validate_recipe
+from align.config.loading import validate_recipe
+from align.config.schema import GenerationSettings
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,7 @@ def test_an_adapter_entry_loads_merged_with_every_weight_trainable(tiny_base, tm
     import torch
 
     from align.models.loading import load_causal_lm
-    from tiny_entries import register_adapter, unmerged
+    from tests.tiny_entries import register_adapter, unmerged
 
     entry = register_adapter(tmp_registry, tiny_base)
     model = load_causal_lm(ModelSource(ref=entry.ref, kind="registry", entry=entry), tmp_registry, dtype="fp32")

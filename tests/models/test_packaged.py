@@ -16,7 +16,7 @@ from align.errors import AlignError
 from align.models.generation import generate
 from align.models.loading import ModelSource, load_causal_lm, load_tokenizer, resolve_model_ref
 from align.models.packaged import DEFAULT_MODEL, PACKAGED, fetch_gguf, pull
-from align.config.recipe import GenerationSettings
+from align.config.schema import GenerationSettings
 from align.registry.store import Registry
 
 pytestmark = pytest.mark.real_model

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from align.pipeline.memory import MB, Shape, activation_bytes_per_token, estimate, estimate_stage, lora_params
-from align.config.recipe import validate_recipe
-from conftest import REPO_ROOT
+from align.config.loading import validate_recipe
+from tests.conftest import REPO_ROOT
 
 TINY = {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
@@ -71,9 +71,9 @@ def test_estimate_parts_follow_the_settings():
         shape.params() * 16 / MB - shape.hidden * 16 / MB)
     frozen = estimate(shape, batch=4, seq_len=64, lora_r=4, freeze_layers=1)
     assert frozen.parts["activations"] == pytest.approx(base.parts["activations"] / 2)
-    pairs = estimate(shape, kind="reward", batch=4, seq_len=64, lora_r=4)
+    pairs = estimate(shape, rows_per_example=2, lm_head=False, batch=4, seq_len=64, lora_r=4)
     assert pairs.tokens == 2 * base.tokens and "logits" not in pairs.parts
-    assert estimate(shape, kind="dpo", batch=4, seq_len=64, reference_copy=True).parts["reference"] == \
+    assert estimate(shape, rows_per_example=2, batch=4, seq_len=64, reference_copy=True).parts["reference"] == \
         base.parts["weights"]
     eager = estimate(shape, batch=4, seq_len=64, lora_r=4, eager_attention=True)
     assert "attention_weights" not in base.parts
@@ -135,7 +135,9 @@ def default_model_registry(tmp_path_factory):
 def test_estimate_is_within_30_percent_of_a_measured_sft_peak(default_model_registry, tmp_path):
     """One step of the quickstart's SFT stage (LoRA r16, batch 8, max_length 256, bf16 autocast where the CPU
     has it) in a fresh process; its peak RSS (recorded in the manifest) against the plan's estimate."""
-    from align.pipeline.plan import _load_tokenizer, _local_folder, _longest_sft_row, make_plan
+    from align.pipeline.plan import make_plan
+    from align.pipeline.plan_data import longest_demonstration
+    from align.pipeline.plan_models import local_folder, tokenizer_in_folder
     from align.registry.store import Registry
 
     quickstart = yaml.safe_load((REPO_ROOT / "recipes" / "smollm2" / "quickstart.yaml").read_text())
@@ -148,8 +150,8 @@ def test_estimate_is_within_30_percent_of_a_measured_sft_peak(default_model_regi
     registry = Registry(default_model_registry)
     plan = make_plan(recipe, registry)
     cfg = recipe.stages["sft"]
-    config_dir, tokenizer_dir = _local_folder(plan.base, registry)
-    seq_len = _longest_sft_row(recipe, cfg, _load_tokenizer(tokenizer_dir))
+    config_dir, tokenizer_dir = local_folder(plan.base, registry)
+    seq_len = longest_demonstration(recipe, cfg, tokenizer_in_folder(tokenizer_dir))
     assert seq_len is not None and seq_len < cfg.max_length
     found = estimate_stage(Shape.from_file(config_dir / "config.json"), cfg, seq_len=seq_len)
     assert f"memory: {found.describe()}" in plan.stages[0].notes  # what `align plan` prints
@@ -181,8 +183,9 @@ def _recorded_sft_runs():
 def test_estimate_is_within_30_percent_of_recorded_quickstart_peaks(manifest_path):
     """The peaks whole quickstart SFT runs recorded in their manifests (training plus the hook's evaluation),
     against the estimate from the configuration each manifest holds."""
-    from align.pipeline.plan import _load_tokenizer, _longest_sft_row
-    from align.config.recipe import SFTStage
+    from align.pipeline.plan_data import longest_demonstration
+    from align.pipeline.plan_models import tokenizer_in_folder
+    from align.config.stages import SFTStage
 
     if manifest_path is None:
         pytest.skip("no quickstart SFT entry with a recorded peak in this checkout's registry")
@@ -195,7 +198,7 @@ def test_estimate_is_within_30_percent_of_recorded_quickstart_peaks(manifest_pat
     raw = {"name": "q", "base": "b", "stages": {"sft": manifest["config"]}}
     recipe = validate_recipe(raw, [], source=str(REPO_ROOT / "recipe.yaml"))  # data paths from the repo root
     model_dir = entries[-1].parent
-    seq_len = _longest_sft_row(recipe, cfg, _load_tokenizer(model_dir / "tokenizer"))
+    seq_len = longest_demonstration(recipe, cfg, tokenizer_in_folder(model_dir / "tokenizer"))
     assert seq_len is not None
     found = estimate_stage(Shape.from_file(model_dir / "model" / "config.json"), cfg, seq_len=seq_len)
     measured = manifest["timings"]["peak_rss_mb"]

@@ -11,9 +11,9 @@ import transformers
 import align.models.packaged
 from align.errors import ConfigError
 from align.pipeline.plan import make_plan
-from align.config.recipe import load_recipe, validate_recipe
+from align.config.loading import load_recipe, validate_recipe
 from align.registry.store import Registry
-from conftest import write_jsonl
+from tests.conftest import write_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Every recipe file under recipes/, found by globbing, so a new one is covered without editing this test;

@@ -15,9 +15,9 @@ import yaml
 
 from align.cli.main import main
 from align.pipeline.run import run_recipe
-from align.config.recipe import load_recipe
+from align.config.loading import load_recipe
 from align.pipeline.report import build_report, recipe_entries
-from conftest import write_jsonl
+from tests.conftest import write_jsonl
 
 PAIRS = [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}\n#### {a + b}",
           "rejected": f"#### {a + b + 1}"} for a, b in [(1, 2), (3, 4), (5, 6), (2, 2)]]
@@ -49,7 +49,7 @@ def trained(tmp_path_factory, tiny_base):
     """A tiny recipe (sft, reward, dpo) whose SFT stage really ran; the reward and DPO entries are registered
     directly (a random judge and a different policy), so the report has three policies and a judge."""
     from align.registry.store import Registry
-    from conftest import recipe_dict, register_tiny_reward
+    from tests.conftest import recipe_dict, register_tiny_reward
 
     folder = tmp_path_factory.mktemp("report")
     raw = recipe_dict(folder, tiny_base)
@@ -171,7 +171,7 @@ def test_align_eval_uses_the_recorded_recipe_from_any_folder(tiny_base, tmp_path
     """The manifest records the recipe's absolute path, the folder the run started in and the eval settings
     as used: `align eval REF` from another folder evaluates the same way (before: "no eval settings"), and
     still does once the recipe file is gone."""
-    from conftest import recipe_dict
+    from tests.conftest import recipe_dict
 
     work, elsewhere, registry = tmp_path / "work", tmp_path / "elsewhere", str(tmp_path / "registry")
     (work / "recipes").mkdir(parents=True)
@@ -261,9 +261,24 @@ def test_align_eval_prints_the_samples_metric_without_json():
     from types import SimpleNamespace
 
     from align.models.loading import ModelSource
-    from align.pipeline.report import Row, format_eval
+    from align.pipeline.comparison import Row
+    from align.pipeline.eval_entry import format_eval
 
     rows = [Row(label="m", source=ModelSource(ref="tiny/sft@1", kind="hub"),
                 metrics={"samples": [{"prompt": "What is 3 + 4?", "response": "3 + 4 = 7"}]})]
     text = format_eval(rows, SimpleNamespace(checkers=[]))
     assert "**Prompt:** What is 3 + 4?" in text and "- m: 3 + 4 = 7" in text
+
+
+def test_the_table_has_a_column_only_for_metrics_some_row_has():
+    """`align.pipeline.tables`: perplexity for both rows, reward for one (a dash for the other), no speed column."""
+    from align.models.loading import ModelSource
+    from align.pipeline.comparison import Row
+    from align.pipeline.tables import markdown_table
+
+    rows = [Row(label="base", source=ModelSource(ref="tiny/base@1", kind="hub"), metrics={"perplexity": 12.3456}),
+            Row(label="sft", source=ModelSource(ref="tiny/sft@1", kind="hub"),
+                metrics={"perplexity": 3.0, "reward_mean": 0.25})]
+    assert markdown_table(rows, []).splitlines() == [
+        "| entry | ref | perplexity | reward |", "|---|---|---:|---:|",
+        "| base | `tiny/base@1` | 12.346 | – |", "| sft | `tiny/sft@1` | 3.000 | 0.250 |"]

@@ -13,7 +13,7 @@ from align.playground.chat import ChatModel, chat_loop
 from align.cli.main import main
 from align.data.tokenize import encode_prompt
 from align.models.generation import generate
-from align.config.recipe import GenerationSettings
+from align.config.schema import GenerationSettings
 
 SETTINGS = GenerationSettings(max_new_tokens=6)
 

@@ -10,8 +10,8 @@ import yaml
 
 from align.cli.main import main
 from align.registry.store import Registry
-from conftest import write_jsonl
-from tiny_entries import register_adapter
+from tests.conftest import write_jsonl
+from tests.tiny_entries import register_adapter
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from align.registry.integrity import source_problems
 from align.export.merge import merge
 from align.models.loading import ModelSource, load_causal_lm
 from align.pipeline.run import run_recipe
-from align.config.recipe import load_recipe
+from align.config.loading import load_recipe
 from align.registry.store import Registry
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "registry_v0"

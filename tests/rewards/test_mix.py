@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.config.recipe import RewardSource
+from align.config.schema import RewardSource
 from align.rewards.mix import RewardMix, RewardTerm, RunningMoments, checker_term, term_names
 
 ROWS = [{"answer": "4"}, {"answer": "5"}, {"answer": "6"}]

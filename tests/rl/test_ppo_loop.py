@@ -2,7 +2,7 @@
 
 import torch
 
-from align.rl.ppo import informative_rows
+from align.rl.experience import informative_rows
 
 
 def test_informative_rows_keep_whole_groups_whose_rewards_differ():

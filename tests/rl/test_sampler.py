@@ -8,7 +8,7 @@ import torch
 
 from align.data.tokenize import encode_prompt
 from align.models.generation import generate
-from align.config.recipe import GenerationSettings
+from align.config.schema import GenerationSettings
 from align.rl.sampler import sample
 
 

@@ -66,10 +66,11 @@ def _ppo_update(base: Path, folder: Path, rows: slice) -> tuple[dict, dict]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.config.recipe import validate_recipe
+    from align.config.loading import validate_recipe
     from align.rewards.mix import RewardMix
     from align.rl.ppo import Experience, PPOTrainer
     from align.rl.rollout import Rollouts, pack
+    from align.rl.settings import PPOSettings
     from align.stages.ppo import per_process_config
 
     prompts = folder / "ppo_prompts.jsonl"
@@ -81,7 +82,7 @@ def _ppo_update(base: Path, folder: Path, rows: slice) -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    trainer = PPOTrainer(cfg, model, tokenizer, RewardMix([]), total_updates=4)
+    trainer = PPOTrainer(PPOSettings.from_stage(cfg), model, tokenizer, RewardMix([]), total_updates=4)
     generator = torch.Generator().manual_seed(7)
     prompt_ids = [torch.randint(10, 300, (3 + i % 3,), generator=generator).tolist() for i in range(8)]
     responses = [torch.randint(10, 300, (2 + (5 * i) % 4,), generator=generator).tolist() for i in range(8)]
@@ -142,7 +143,7 @@ def _fsdp_passes(base: Path) -> dict:
 def _stop_decisions(rank: int) -> dict:
     """The Trainer callbacks' stop decisions when one process alone was signalled (rank 1) or alone passed
     the time limit (rank 0): (should_training_stop, flag the stage reads afterwards) on each process."""
-    from align.stages.base import safety_callbacks
+    from align.stages.callbacks import safety_callbacks
 
     state = SimpleNamespace(global_step=1)
     stopper = safety_callbacks(None)[0]
@@ -164,7 +165,8 @@ def _stats_worker(out: Path, base: Path) -> None:
 
     from align.runtime import distributed
     from align.data.sampling import LengthGroupedEpochSampler
-    from align.objectives.losses import AdaptiveKL
+    from align.objectives.kl import AdaptiveKL
+    from align.objectives.stats import explained_variance, masked_moments, whiten
     from align.rewards.mix import RewardMix, RewardTerm
     from align.rl.ppo import PPOTrainer
 
@@ -172,9 +174,10 @@ def _stats_worker(out: Path, base: Path) -> None:
     rank = distributed.rank()
     data = _rank_data(rank)
     result = {"world_size": distributed.world_size(), "backend": torch.distributed.get_backend()}
-    result["whitened"] = distributed.whiten(data["values"], data["mask"])
-    result["moments"] = distributed.masked_moments(data["values"], data["mask"])
-    result["explained_variance"] = distributed.explained_variance(data["values"], data["returns"], data["mask"])
+    reduce = distributed.reducer()  # the statistics' own formulas, pooled over both processes
+    result["whitened"] = whiten(data["values"], data["mask"], reduce=reduce)
+    result["moments"] = masked_moments(data["values"], data["mask"], reduce=reduce)
+    result["explained_variance"] = explained_variance(data["values"], data["returns"], data["mask"], reduce=reduce)
     result["gathered"] = distributed.gather_cat(data["values"])
     # A figure weighted by tokens: rank r holds 10 * (r + 1) tokens whose mean is r + 1.
     tokens = 10.0 * (rank + 1)
@@ -237,7 +240,7 @@ def test_the_workers_ran_as_two_gloo_processes(two_process_stats):
 
 
 def test_whitening_and_moments_equal_the_single_process_functions_on_all_rows(two_process_stats):
-    from align.objectives.losses import explained_variance, masked_mean, masked_var, whiten
+    from align.objectives.stats import explained_variance, masked_mean, masked_var, whiten
 
     values, mask, returns = _concatenated("values"), _concatenated("mask"), _concatenated("returns")
     expected = whiten(values, mask)
@@ -261,7 +264,8 @@ def test_weighted_figures_and_gradients_are_pooled(two_process_stats):
 
 
 def test_reward_moments_and_the_kl_controller_stay_in_sync(two_process_stats):
-    from align.objectives.losses import AdaptiveKL, kl_per_token, masked_mean
+    from align.objectives.kl import AdaptiveKL, kl_per_token
+    from align.objectives.stats import masked_mean
     from align.rewards.mix import RunningMoments
 
     moments = RunningMoments()
@@ -343,7 +347,7 @@ def test_under_fsdp_our_direct_passes_run_and_main_reloads_the_gathered_weights(
 def _write_recipe(folder: Path, base: Path) -> Path:
     import yaml
 
-    from conftest import EVAL_ROWS, SFT_ROWS, write_jsonl
+    from tests.conftest import EVAL_ROWS, SFT_ROWS, write_jsonl
 
     prompts = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(4) for b in range(4)]
     kind, rude = ["Sure, glad to help.", "Happy to help you."], ["No. Go away.", "Leave me alone."]
@@ -395,7 +399,7 @@ def two_process_run(tmp_path_factory, tiny_base):
 def one_process_run(tmp_path_factory, tiny_base):
     """SFT, reward and DPO in this process with each per-process batch doubled: the same global batch."""
     from align.pipeline.run import run_recipe
-    from align.config.recipe import load_recipe
+    from align.config.loading import load_recipe
     from align.registry.store import Registry
 
     folder = tmp_path_factory.mktemp("one")
@@ -437,7 +441,7 @@ def test_each_stage_registers_one_entry_and_ppo_completes_its_steps(two_process_
 
 def test_the_run_records_two_processes_and_one_process_refuses_to_resume_it(two_process_run):
     from align.errors import TrainingError
-    from align.stages.base import prepare_run_dir
+    from align.stages.run_folder import prepare_run_dir
 
     folder, _ = two_process_run
     run_dir = folder / "runs" / "tiny" / "sft"
@@ -452,7 +456,7 @@ def test_the_run_records_two_processes_and_one_process_refuses_to_resume_it(two_
 
 def test_ppo_batches_that_do_not_split_among_the_processes_are_refused(tmp_path, tiny_base, monkeypatch):
     from align.errors import TrainingError
-    from align.config.recipe import validate_recipe
+    from align.config.loading import validate_recipe
     from align.stages.ppo import per_process_config
 
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Hi"}) + "\n")

@@ -97,7 +97,7 @@ def test_quant_compute_dtype_follows_the_machine(tiny_recipe_stage):
 
 @pytest.fixture
 def tiny_recipe_stage():
-    from align.config.recipe import validate_recipe
+    from align.config.loading import validate_recipe
 
     def build(**fields):
         raw = {"name": "p", "base": "hf-internal/x", "stages": {"sft": {"kind": "sft", "data": "d.jsonl", **fields}}}
@@ -130,7 +130,7 @@ def test_no_shipped_recipe_names_a_hardware_specific_precision():
 @pytest.mark.parametrize("device", [AVX2, AVX512_BF16, A100, T4], ids=lambda d: d.name)
 @pytest.mark.parametrize("path", STAGE_RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_resolves_right_on_every_device(path, device):
-    from align.config.recipe import load_recipe
+    from align.config.loading import load_recipe
 
     recipe = load_recipe(path)
     with simulate(device):
@@ -148,7 +148,7 @@ def test_every_shipped_recipe_resolves_right_on_every_device(path, device):
 
 def test_plan_prints_each_stages_precision_and_warns_on_explicit_bf16(tmp_path):
     from align.pipeline.plan import make_plan
-    from align.config.recipe import load_recipe
+    from align.config.loading import load_recipe
     from align.registry.store import Registry
 
     recipe = load_recipe(ROOT / "recipes/smollm2/quickstart.yaml", ["stages.ppo.dtype=bf16"])
@@ -175,27 +175,21 @@ def test_inference_dtype_follows_the_device_of_the_weights():
 
 def test_ppo_trainer_scales_fp16_losses(monkeypatch):
     """A GradScaler comes with fp16 autocast and is saved with the trainer's state (exact resume)."""
+    from align.config.stages import PPOStage
     from align.rl.ppo import PPOTrainer
+    from align.rl.settings import PPOSettings
 
-    class Cfg:  # only what the constructor reads
-        class kl:
-            coef, adaptive, target, horizon, penalty = 0.0, False, 0.1, 1000, "loss"
-
-        class generation:
-            temperature = 1.0
-
-        lr, weight_decay, scheduler, warmup_ratio = 1e-3, 0.0, "constant", 0.0
-        freeze_layers, samples_per_prompt, estimator, batch_size, minibatch = 0, 1, "grpo", 1, 1
-        ppo_epochs, rollout_batch, method, skip_uniform_groups, seed = 1, 1, "full", False, 0
+    settings = PPOSettings.from_stage(PPOStage(prompts="p.jsonl", rewards=[{"checker": "regex"}], method="full",
+                                               lr=1e-3, scheduler="constant", kl={"coef": 0.0, "penalty": "loss"}))
 
     class Rewards:
         def state_dict(self):
             return {}
 
     model = torch.nn.Linear(2, 2)
-    with_scaler = PPOTrainer(Cfg, model, None, Rewards(), reference=model, autocast="fp16")
+    with_scaler = PPOTrainer(settings, model, None, Rewards(), reference=model, autocast="fp16")
     assert with_scaler.scaler is not None and with_scaler.state_dict()["scaler"] is not None
-    assert PPOTrainer(Cfg, model, None, Rewards(), reference=model, autocast="bf16").scaler is None
+    assert PPOTrainer(settings, model, None, Rewards(), reference=model, autocast="bf16").scaler is None
 
 
 def test_mixed_precision_no_keeps_no_grad_passes_in_fp32_too():
@@ -211,13 +205,13 @@ def test_mixed_precision_no_keeps_no_grad_passes_in_fp32_too():
 def test_plan_warns_that_qlora_on_a_cpu_is_slow(tmp_path):
     """Issue 31.9: QLoRA on a CPU runs bitsandbytes' CPU kernels, far slower than LoRA for little memory;
     the plan says so (and says nothing of the kind on a GPU)."""
-    from align.pipeline.plan import _machine_notes
-    from align.config.recipe import load_recipe
+    from align.pipeline.plan_machine import machine_notes
+    from align.config.loading import load_recipe
 
     recipe = load_recipe(ROOT / "recipes/smollm2/quickstart.yaml", ["stages.sft.method=qlora"])
     with simulate(AVX2):
-        _, warnings = _machine_notes(recipe.stages["sft"])
+        _, warnings = machine_notes(recipe.stages["sft"])
         assert any("qlora on a CPU" in w and "method: lora" in w for w in warnings)
-        assert _machine_notes(recipe.stages["reward"])[1] == []
+        assert machine_notes(recipe.stages["reward"])[1] == []
     with simulate(A100):
-        assert _machine_notes(recipe.stages["sft"])[1] == []
+        assert machine_notes(recipe.stages["sft"])[1] == []

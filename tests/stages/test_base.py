@@ -22,10 +22,10 @@ from safetensors.torch import load_file
 
 from align.errors import TrainingError
 from align.pipeline.run import run_recipe
-from align.config.recipe import validate_recipe
+from align.config.loading import validate_recipe
 from align.registry.store import Registry
-from align.stages.base import latest_checkpoint, prepare_run_dir
-from conftest import REPO_ROOT, SFT_ROWS, write_jsonl
+from align.stages.run_folder import latest_checkpoint, prepare_run_dir
+from tests.conftest import REPO_ROOT, SFT_ROWS, write_jsonl
 
 KINDS = ["sft", "reward", "dpo"]
 PAIRS = [{"prompt": f"Question {i}: can you help?", "chosen": ["Sure, glad to help.", "Of course."][i % 2],
@@ -52,7 +52,7 @@ def _raw(folder: Path, base, kind: str, stage: dict | None = None) -> dict:
 def _run(folder: Path, base, kind: str, stage: dict | None = None, crash_at: int | None = None):
     """Run one stage; returns (every training micro-batch's (step, loss), the entry or None after a crash).
     Losses are read where the stage checks them for finiteness, unrounded (the logged ones are rounded)."""
-    import align.stages.base as stage_base
+    import align.stages.callbacks as stage_base
 
     module = importlib.import_module(f"align.stages.{kind}")
     real, losses = stage_base.check_finite, []
@@ -222,22 +222,23 @@ def test_a_finished_run_whose_entry_is_gone_trains_again_from_the_start(straight
 def test_a_stage_that_would_train_no_parameters_is_refused_before_training(kind, tmp_path, tiny_base, monkeypatch):
     """Every stage counts its trainable parameters before its first step: none is an error naming the stage, and
     nothing is registered (SFT and DPO failed at step 1 on autograd; PPO registered an untouched copy)."""
-    module = importlib.import_module(f"align.stages.{kind}")
-    builder = "build_model" if kind == "reward" else "build_policy"
-    real = getattr(module, builder)
+    from align.stages import stage_class
 
-    def frozen(ctx, tokenizer):
-        model, peft_cfg = real(ctx, tokenizer)
+    kind_class = stage_class(kind)
+    real = kind_class.build
+
+    def frozen(self):
+        model, peft_cfg = real(self)
         return model.requires_grad_(False), peft_cfg
 
-    monkeypatch.setattr(module, builder, frozen)
+    monkeypatch.setattr(kind_class, "build", frozen)
     stage = {"method": "full", "max_steps": 2}
     if kind == "ppo":
         stage.update(rollout_batch=4, minibatch=4, batch_size=4, generation={"max_new_tokens": 4})
     ctx = _context(tmp_path, tiny_base, kind, stage)
     with pytest.raises(TrainingError, match=rf"stages\.{kind}: method full on .* leaves 0 of [\d,]+ parameters "
                                             "trainable"):
-        module.run(ctx)
+        kind_class(ctx).run()
     assert ctx.registry.list() == []
 
 
@@ -296,7 +297,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_in_use(where
 # ------------------------------------------------------------------------------------------ SIGTERM
 
 # `align run` with every training step slowed to ~0.3 s, so that the signal lands mid-run on any machine.
-_SLOW_ALIGN = ("import sys, time\nimport align.stages.base as base, align.stages.sft as sft\n"
+_SLOW_ALIGN = ("import sys, time\nimport align.stages.callbacks as base, align.stages.sft as sft\n"
                "real = base.check_finite\n"
                "def slow(value, step):\n    time.sleep(0.3)\n    real(value, step)\n"
                "base.check_finite = slow\nif hasattr(sft, 'check_finite'):\n    sft.check_finite = slow\n"
@@ -349,7 +350,7 @@ OTHER_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{
 
 def _context(folder: Path, base, kind: str, stage: dict, parent=None):
     from align.models.loading import ModelSource
-    from align.stages.base import StageContext
+    from align.stages.context import StageContext
 
     raw = _raw(folder, base, kind, stage) if kind != "ppo" else {
         "name": "tiny", "base": str(base), "eval": {"metrics": ["loss"]},
@@ -365,11 +366,12 @@ def _context(folder: Path, base, kind: str, stage: dict, parent=None):
 def test_a_stage_refuses_to_run_on_a_parent_with_another_template_unless_allowed(kind, tmp_path, tiny_base):
     """The stage's own check when it runs (the plan refuses the same earlier; this holds for parents the plan
     cannot read, and for `align.pipeline.run` callers that skip it)."""
-    from align.stages.base import stage_tokenizer
+    from align.stages.building import stage_tokenizer
 
-    module = importlib.import_module(f"align.stages.{kind}")
+    from align.stages import stage_class
+
     with pytest.raises(TrainingError) as info:
-        module.run(_context(tmp_path, tiny_base, kind, {"chat_template": OTHER_TEMPLATE}))
+        stage_class(kind)(_context(tmp_path, tiny_base, kind, {"chat_template": OTHER_TEMPLATE})).run()
     message = str(info.value)
     assert f"stages.{kind}:" in message and "chat-template hash" in message and "allow_template_mismatch" in message
     assert not (tmp_path / "runs").exists()  # refused before the run folder, data or weights
@@ -382,8 +384,8 @@ def test_a_stage_refuses_a_parent_entry_whose_tokenizer_changed(kind, tmp_path, 
     """A parent entry whose tokenizer no longer hashes to what its manifest recorded (another vocabulary or
     template put in its folder) is refused, naming both hashes."""
     from align.models.loading import ModelSource
-    from align.stages.base import stage_tokenizer
-    from tiny_entries import register_adapter
+    from align.stages.building import stage_tokenizer
+    from tests.tiny_entries import register_adapter
 
     registry = Registry(tmp_path / "registry")
     entry = register_adapter(registry, tiny_base)

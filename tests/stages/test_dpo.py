@@ -15,11 +15,11 @@ from align.data.prepare import prepare_pairs
 from align.errors import ConfigError, TrainingError
 from align.models.loading import ModelSource, load_causal_lm, load_tokenizer
 from align.pipeline.run import run_recipe
-from align.config.recipe import validate_recipe
+from align.config.loading import validate_recipe
 from align.registry.store import Registry
-from align.stages.dpo import pair_logps
+from align.stages.dpo_reference import pair_logps
 from safetensors.torch import load_file
-from conftest import write_jsonl
+from tests.conftest import write_jsonl
 
 KIND = ["Sure, here is some help.", "Happy to help you with that.", "Of course, glad to help."]
 RUDE = ["No. Go away.", "I refuse, stop asking me.", "Leave me alone now."]
@@ -107,7 +107,7 @@ def test_variants_learn(tmp_path, tiny_base, stage):
 def test_full_fine_tuning_from_a_lora_entry_trains_the_merged_weights(tmp_path, tiny_base):
     """`method: full` (with a frozen `reference: copy`) from a LoRA entry trains every merged weight; it used to
     fail at step 1 on 0 trainable parameters, PEFT having loaded the adapter frozen."""
-    from tiny_entries import register_adapter, unmerged
+    from tests.tiny_entries import register_adapter, unmerged
 
     parent = register_adapter(Registry(tmp_path / "registry"), tiny_base, name="tiny/lora")
     _, _, entry = _train(tmp_path, tiny_base, {"from": parent.ref, "method": "full", "reference": "copy",
@@ -271,7 +271,7 @@ def test_a_reference_pass_the_budget_cannot_hold_switches_to_the_per_step_refere
     """`reference: auto` under `time_limit_minutes`: when the projected reference pass plus the training after
     it would not fit, the stage computes the reference per step instead, trains, registers, says so in the
     manifest, and learns the preference all the same."""
-    import align.stages.dpo as dpo
+    import align.stages.dpo_reference as dpo
 
     monkeypatch.setattr(dpo, "TRAIN_PER_REFERENCE", 1e9)  # any budget is too short for the precomputed path
     recipe, registry, entry = _train(tmp_path, tiny_base, {"time_limit_minutes": 30, "batch_size": 4})

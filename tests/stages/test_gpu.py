@@ -9,7 +9,7 @@ import torch
 
 from align.models.loading import four_bit_problem
 from align.pipeline.run import run_recipe
-from align.config.recipe import validate_recipe
+from align.config.loading import validate_recipe
 from align.registry.store import Registry
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or four_bit_problem() is not None,
@@ -41,7 +41,7 @@ def test_qlora_sft_then_dpo_merges_in_full_precision(tmp_path, tiny_base, tiny_r
     (a cached fp32 folder), then quantizes that, so no adapter is merged into 4-bit weights."""
     from test_dpo import preference_rows
 
-    from conftest import write_jsonl
+    from tests.conftest import write_jsonl
 
     raw = tiny_raw_recipe(tmp_path, {**QLORA, "max_steps": 10})
     prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows())

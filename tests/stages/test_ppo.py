@@ -14,9 +14,9 @@ import torch
 from align.errors import AlignError, DataError, TrainingError
 from align.models.loading import ModelSource, load_causal_lm, load_tokenizer
 from align.pipeline.run import run_recipe
-from align.config.recipe import validate_recipe
+from align.config.loading import validate_recipe
 from align.registry.store import Registry
-from conftest import write_jsonl
+from tests.conftest import write_jsonl
 
 PROMPTS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(8) for b in range(8)]
 DIGIT = {"checker": "regex", "args": {"pattern": "[0-9]"}}
@@ -58,6 +58,7 @@ def _lora_trainer(tmp_path, tiny_base, critic: bool, total_updates: int):
 
     from align.rewards.mix import RewardMix, checker_term
     from align.rl.ppo import PPOTrainer
+    from align.rl.settings import PPOSettings
     from align.stages.ppo import build_value_head
 
     cfg = _recipe(tmp_path, tiny_base).stages["ppo"]
@@ -66,7 +67,8 @@ def _lora_trainer(tmp_path, tiny_base, critic: bool, total_updates: int):
     tokenizer = load_tokenizer(source, registry)
     model = get_peft_model(load_causal_lm(source, registry, dtype="fp32"),
                            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
-    trainer = PPOTrainer(cfg, model, tokenizer, RewardMix([checker_term("regex", 1.0, {"pattern": "[0-9]"})]),
+    trainer = PPOTrainer(PPOSettings.from_stage(cfg), model, tokenizer,
+                         RewardMix([checker_term("regex", 1.0, {"pattern": "[0-9]"})]),
                          build_value_head(model) if critic else None, total_updates=total_updates)
     return trainer, tokenizer
 
@@ -153,7 +155,7 @@ def test_reference_log_probs_stay_fixed_while_the_policys_move(tmp_path, tiny_ba
     from align.rl.rollout import sample_rollouts
 
     trainer, tokenizer = _lora_trainer(tmp_path, tiny_base, critic=True, total_updates=20)
-    model, cfg = trainer.model, trainer.cfg
+    model, cfg = trainer.model, trainer.settings
     rows = [{**row, "messages": [{"role": "user", "content": row["prompt"]}]} for row in PROMPTS[:16]]
     ids = [encode_prompt(tokenizer, r["messages"]) for r in rows]
     torch.manual_seed(0)
@@ -203,15 +205,15 @@ def test_a_reward_model_that_failed_its_gate_is_refused(tmp_path, tiny_base):
 def test_prompts_without_answers_are_refused_before_training(tmp_path, tiny_base):
     recipe = _recipe(tmp_path, tiny_base, {"rewards": [{"checker": "math_answer"}]})
     write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:3] + [{"prompt": "What is 1 + 1?"}])
-    from align.stages.base import StageContext
-    from align.stages.ppo import run
+    from align.stages.context import StageContext
+    from align.stages.ppo import PPO
 
     registry = Registry(tmp_path / "registry")
     ctx = StageContext(recipe=recipe, name="ppo", config=recipe.stages["ppo"], registry=registry,
                        parent=ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base)),
                        runs_root=tmp_path / "runs")
     with pytest.raises(DataError, match="row 3: checker 'math_answer' needs field"):
-        run(ctx)
+        PPO(ctx).run()
     assert not (tmp_path / "runs" / "tiny" / "ppo" / "checkpoint-4").exists()
 
 
@@ -270,7 +272,7 @@ def test_full_fine_tuning_from_a_lora_entry_trains_the_merged_weights(tmp_path, 
     and register weights equal to the merged parent's (PEFT loads an adapter frozen)."""
     from safetensors.torch import load_file
 
-    from tiny_entries import register_adapter, unmerged
+    from tests.tiny_entries import register_adapter, unmerged
 
     parent = register_adapter(Registry(tmp_path / "registry"), tiny_base, name="tiny/lora")
     _, _, entry = _train(tmp_path, tiny_base, {"from": parent.ref, "method": "full", "max_steps": 2, "lr": 1e-3})
@@ -285,7 +287,7 @@ def test_a_rerun_recipe_reports_its_finished_stages_and_goes_on(tmp_path, tiny_b
     """After `--stage sft` (as after a later stage failed), running the whole recipe reports the finished SFT
     entry and trains PPO from it; running it once more reports both. Nothing is registered twice: PPO used to
     register a copy without training, and SFT a copy trained one step past max_steps."""
-    from conftest import FAST_STAGE, SFT_ROWS
+    from tests.conftest import FAST_STAGE, SFT_ROWS
 
     sft = {"data": str(write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)), **FAST_STAGE, "max_steps": 2}
     recipe = _recipe(tmp_path, tiny_base, {"from": "sft", "max_steps": 2}, extra_stages={"sft": sft})
@@ -356,7 +358,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_no_checkpoint_after_it(how, t
     with pytest.raises(TrainingError, match=match) as info:
         _train(tmp_path, tiny_base, stage)
     assert Registry(tmp_path / "registry").find("tiny/ppo") is None
-    from align.stages.base import latest_checkpoint
+    from align.stages.run_folder import latest_checkpoint
 
     newest = latest_checkpoint(tmp_path / "runs" / "tiny" / "ppo")
     failed_at = int(str(info.value).split(" at step ")[1].split(";")[0].split()[0])
@@ -369,7 +371,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_in_use(tmp_p
     """The save of checkpoint-4 dies after part of its state file was written: the half-written folder keeps its
     temporary name, checkpoint-2 stays the one resumed from, and the rerun ends at the last step."""
     import align.stages.ppo as ppo_stage
-    from align.stages.base import latest_checkpoint
+    from align.stages.run_folder import latest_checkpoint
 
     real_save = torch.save
 
@@ -409,12 +411,14 @@ def test_the_heldout_kl_is_exact_and_never_negative(tmp_path, tiny_base, monkeyp
     the exact per-position KL, >= 0 (before: the negative k1 mean)."""
     from align.data.tokenize import encode_prompt
     from align.models.logprobs import causal_parts, distribution_kl, labelled_hidden
-    from align.objectives.losses import kl_per_token, masked_mean
+    from align.objectives.kl import kl_per_token
+    from align.objectives.stats import masked_mean
     from align.rl.rollout import sample_rollouts
     import align.stages.ppo as ppo_stage
+    import align.stages.ppo_heldout as ppo_heldout
 
     trainer, tokenizer = _lora_trainer(tmp_path, tiny_base, critic=False, total_updates=1)
-    model, cfg = trainer.model, trainer.cfg
+    model, cfg = trainer.model, trainer.settings
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -425,7 +429,7 @@ def test_the_heldout_kl_is_exact_and_never_negative(tmp_path, tiny_base, monkeyp
     with trainer.reference_model() as reference:  # the reference's own greedy answers: an unlucky draw for k1
         greedy = cfg.generation.model_copy(update={"temperature": 0.0})
         fixed = sample_rollouts(reference, tokenizer, rows, ids, greedy, 4)
-    monkeypatch.setattr(ppo_stage, "sample_rollouts", lambda *args, **kwargs: fixed)
+    monkeypatch.setattr(ppo_heldout, "sample_rollouts", lambda *args, **kwargs: fixed)
     policy = trainer.scoring_pass(model, fixed, grouped=False)["logps"]
     with trainer.reference_model() as reference:
         ref = trainer.scoring_pass(reference, fixed, grouped=False)["logps"]

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from align.errors import TrainingError
 from align.pipeline.run import run_recipe
-from align.config.recipe import validate_recipe
+from align.config.loading import validate_recipe
 from align.registry.store import Registry
-from align.stages.base import latest_checkpoint, prepare_run_dir
-from conftest import SFT_ROWS, write_jsonl
+from align.stages.run_folder import latest_checkpoint, prepare_run_dir
+from tests.conftest import SFT_ROWS, write_jsonl
 
 STAGE = {"max_steps": 6, "batch_size": 2, "grad_accum": 2, "save_steps": 2, "logging_steps": 1, "lr": 5e-3,
          "eval_split": 0.25, "warmup_ratio": 0.0, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
@@ -39,7 +39,7 @@ def _recipe(folder: Path, base, stage: dict | None = None):
 def _run(folder: Path, base, stage: dict | None = None, crash_at: int | None = None):
     """Run the SFT stage; with `crash_at`, die at the first micro-batch of that step (after the checkpoints
     before it were written). Returns the entry, or None after the crash."""
-    import align.stages.base as stage_base
+    import align.stages.callbacks as stage_base
 
     registry = Registry(folder / "registry")
     real = stage_base.check_finite

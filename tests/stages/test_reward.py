@@ -18,10 +18,10 @@ from align.errors import ConfigError, TrainingError
 from align.models.loading import ModelSource, load_tokenizer
 from align.pipeline.run import run_recipe
 from align.pipeline.plan import make_plan
-from align.config.recipe import validate_recipe
+from align.config.loading import validate_recipe
 from align.registry.store import Registry
 from align.rewards.scoring import load_reward_model, pair_metrics, score_pairs
-from conftest import write_jsonl
+from tests.conftest import write_jsonl
 
 KIND = ["Sure, here is some help.", "Happy to help you with that.", "Of course, glad to help."]
 RUDE = ["No. Go away.", "I refuse, stop asking me.", "Leave me alone now."]
@@ -231,8 +231,8 @@ def test_gradient_checkpointing_trains_the_same(tmp_path, tiny_base):
 
 def test_eager_attention_trains_the_same(tmp_path, tiny_base, monkeypatch):
     """`attention: eager` reaches the model that trains, and gives SDPA's loss curve (fp32)."""
+    from align.models import loading
     from align.models.loading import use_attention
-    from align.stages import reward
 
     kernels = []
 
@@ -241,7 +241,7 @@ def test_eager_attention_trains_the_same(tmp_path, tiny_base, monkeypatch):
         kernels.append(model.config._attn_implementation)
         return model
 
-    monkeypatch.setattr(reward, "use_attention", spy)
+    monkeypatch.setattr(loading, "use_attention", spy)  # as the stage's model builder calls it
     runs = [_train(tmp_path / kernel, tiny_base, {"attention": kernel, "mixed_precision": "no"})
             for kernel in ("auto", "eager")]
     assert kernels[0] == "sdpa" and set(kernels[1:]) == {"eager"}

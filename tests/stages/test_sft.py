@@ -17,9 +17,10 @@ from align.errors import ConfigError, TrainingError
 from align.registry.fingerprint import hash_file, hash_json, tokenizer_facts
 from align.models.loading import ModelSource, load_causal_lm, load_tokenizer
 from align.pipeline.run import run_recipe
-from align.config.recipe import validate_recipe
+from align.config.loading import validate_recipe
 from align.registry.store import Registry
-from align.stages.base import check_finite, latest_checkpoint, prepare_run_dir
+from align.stages.callbacks import check_finite
+from align.stages.run_folder import latest_checkpoint, prepare_run_dir
 
 
 @dataclass
@@ -188,7 +189,7 @@ def test_full_finetune_from_an_adapter_entry_trains_the_merged_weights(method, t
     """`method: full` from a LoRA or QLoRA entry: every merged weight trains (PEFT loads the adapter frozen, and
     the stage used to fail at step 1 on 0 trainable parameters), and the entry's full weights moved away from
     the merged parent."""
-    from tiny_entries import register_adapter, unmerged
+    from tests.tiny_entries import register_adapter, unmerged
 
     registry = Registry(tmp_path / "registry")
     parent = register_adapter(registry, tiny_base, name="tiny/adapter", method=method)

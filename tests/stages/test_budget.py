@@ -1,12 +1,12 @@
-"""The end-to-end stage budget (`align.pipeline.budget`): training stops early enough for the stage's work after it
+"""The end-to-end stage budget (`align.stages.budget`): training stops early enough for the stage's work after it
 (the final evaluation, the held-out pass, saving and registering) to fit within `time_limit_minutes`."""
 
 from __future__ import annotations
 
 import pytest
 
-from align.pipeline import budget as budget_module
-from align.pipeline.budget import MARGIN_SECONDS, StageBudget
+from align.stages import budget as budget_module
+from align.stages.budget import MARGIN_SECONDS, StageBudget
 
 
 class Clock:
@@ -60,7 +60,7 @@ def test_no_limit_never_stops(clock):
 def test_trainer_callback_stops_training_with_the_rest_of_the_stage_in_view(clock):
     from transformers import TrainerControl, TrainerState
 
-    from align.stages.base import safety_callbacks
+    from align.stages.callbacks import safety_callbacks
 
     b = StageBudget(1)
     b.reserve(30)                               # 60 s in all, 30 of them kept for the evaluation

@@ -1,0 +1,228 @@
+"""The recipe schema's building blocks: the strict base model, shared settings (LoRA, quantization, data
+specs, generation, reward sources, KL) and the fields every stage config shares (`StageBase`).
+
+Every class is `Strict`: an unknown key is an error naming it, never silently ignored."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+
+
+class Strict(BaseModel):
+    """Base for every config block: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+
+class CrossFieldProblems(ValueError):
+    """Every conflict between a block's fields, raised together by its `model_validator`: a validator may
+    raise only once, and a block checked one conflict at a time costs the user one run per conflict."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = list(messages)
+        super().__init__("; ".join(self.messages))
+
+
+def raise_conflicts(messages: list[str]) -> None:
+    """Raise a block's conflicts (if any) as one `CrossFieldProblems`."""
+    if messages:
+        raise CrossFieldProblems(messages)
+
+
+class LoraSettings(Strict):
+    """LoRA shape. Dropout defaults to 0 (PEFT's own default): on a CPU the random masks cost more than the
+    adapter's matmuls (docs/results.md), and on the short runs this framework targets it regularises little."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+
+class QuantSettings(Strict):
+    """4-bit settings for QLoRA (bitsandbytes NF4 with double quantization by default)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: the stage's autocast dtype, else fp32
+
+
+class DataSpec(Strict):
+    """Where rows come from: a local JSONL/JSON/parquet file or a hub dataset id (`hf:org/name`). A hub dataset
+    may need its `config` (subset: `hf:openai/gsm8k` has "main" and "socratic") and can be pinned to a
+    `revision` (branch, tag or commit). `columns` ({new: old}) renames a dataset's fields to those of a known
+    format, e.g. {prompt: question, completion: answer}; a row without a named field is an error."""
+
+    path: str
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "preference", "prompts"] = "auto"
+    split: str = "train"
+    limit: int | None = Field(None, gt=0)
+    config: str | None = Field(None, min_length=1)
+    revision: str | None = Field(None, min_length=1)
+    columns: dict[str, str] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataSpec":
+        hub_only = [key for key in ("config", "revision") if getattr(self, key) is not None]
+        if hub_only and not self.path.startswith("hf:"):
+            raise ValueError(f"{' and '.join(hub_only)} appl{'y' if len(hub_only) > 1 else 'ies'} to hub datasets "
+                             f"(path: hf:org/name) only, not to {self.path}")
+        empty = [f"{new!r}: {old!r}" for new, old in self.columns.items() if not new.strip() or not old.strip()]
+        if empty:
+            raise ValueError(f"columns: names must not be empty ({', '.join(empty)}); write columns as {{new: old}}")
+        return self
+
+
+class GenerationSettings(Strict):
+    """How responses are decoded (`align.models.generation`). `temperature` 0 is greedy (top_k/top_p unused); above 0
+    it samples, with optional `top_k`/`top_p`. `num_beams` > 1 is beam search (beam sampling when temperature
+    > 0). `repetition_penalty` is transformers' (CTRL: a seen token's logit is divided by it when positive,
+    multiplied when negative; 1 = off). `presence_penalty`/`frequency_penalty` follow OpenAI: each generated
+    token's logit drops by presence * [count > 0] + frequency * count, counted over the response only. A
+    response ends at EOS, at a `stop` string (kept in the text) or at `max_new_tokens`; EOS is held back
+    until `min_new_tokens`. The defaults are plain greedy decoding."""
+
+    max_new_tokens: int = Field(64, gt=0)
+    min_new_tokens: int = Field(0, ge=0)
+    temperature: float = Field(0.0, ge=0)
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    num_beams: int = Field(1, gt=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stop: list[str] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GenerationSettings":
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) is larger than max_new_tokens "
+                             f"({self.max_new_tokens})")
+        return self
+
+
+class Gate(Strict):
+    min_accuracy: float = Field(0.6, ge=0, le=1)
+
+
+class RewardSource(Strict):
+    """One term of the PPO reward, with its weight: a reward-model ref (`model`), a checker (`checker`: a
+    built-in name, or user code as `package.module:function` / `file.py:function`), or a batch reward
+    function of user code (`function`, `align.rewards.mix.function_term`); `args` go to the checker or
+    function as keyword arguments."""
+
+    model: str | None = None
+    checker: str | None = None
+    function: str | None = None
+    weight: float = 1.0
+    args: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "RewardSource":
+        given = [key for key in ("model", "checker", "function") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of `model` (a reward-model ref), `checker` (a checker name or "
+                             "`module:function`) or `function` (a batch reward function, `module:function`)"
+                             + (f"; got {' and '.join(given)}" if given else ""))
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_without_unset_function(self, handler):
+        """`function` is left out of the dump while unset: a stage config written before it existed hashes
+        the same, so its run folder still resumes."""
+        dump = handler(self)
+        if self.function is None:
+            dump.pop("function", None)
+        return dump
+
+
+class KLSettings(Strict):
+    """The KL penalty against the reference. `penalty: reward` subtracts coef * (log pi - log ref) from each
+    token's reward (InstructGPT); `loss` adds coef * the k3 estimate to the loss (GRPO). `adaptive` moves
+    the coefficient toward the value that keeps the per-token KL near `target` (Ziegler et al., 2019)."""
+
+    coef: float = Field(0.05, ge=0)
+    adaptive: bool = False
+    target: float = Field(0.1, gt=0)
+    horizon: int = Field(10000, gt=0)
+    penalty: Literal["reward", "loss"] = "reward"
+
+
+class StageBase(Strict):
+    """Fields every stage shares: where it starts, how weights are trained, the optimisation loop."""
+
+    kind: str
+    from_: str | None = Field(None, alias="from")
+    method: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraSettings = LoraSettings()
+    quant: QuantSettings = QuantSettings()
+    seed: int = 0
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # The attention kernel: `auto` keeps transformers' choice (SDPA). On a CPU with short rows `eager` (plain
+    # matmuls and softmax) is faster but keeps the T x T attention weights for the backward pass (more
+    # memory; docs/results.md has the figures).
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "auto"
+    lr: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(512, gt=8)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    logging_steps: int = Field(5, gt=0)
+    save_steps: int = Field(50, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    # A chat template for this stage (a .jinja file, or the template text itself) in place of the parent's.
+    # Stages after SFT refuse a tokenizer or template that differs from their parent's unless
+    # `allow_template_mismatch: true`: a policy trained on one template and tuned on another learns noise.
+    chat_template: str | None = None
+    allow_template_mismatch: bool = False
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # The whole stage's budget, from its start to its registry entry: training stops early enough for the
+    # final evaluation (as long as the parent's baseline took) and the held-out pass to fit (`align.stages.budget`).
+    time_limit_minutes: float | None = Field(None, gt=0)
+    # Freeze the embeddings and the first N transformer blocks: no adapter there and no backward pass
+    # through them, which makes a step ~2x cheaper at N = 2/3 of the blocks.
+    freeze_layers: int = Field(0, ge=0)
+
+
+class TrainerPasses(Strict):
+    """For the stages trained by a transformers `Trainer` (SFT, reward, DPO): how a batch's forward and
+    backward passes run."""
+
+    # Recompute each block's activations in the backward pass instead of keeping them: more compute, a
+    # fraction of the memory (docs/results.md). Off by default: with memory to spare, speed is learning
+    # quality. Prompts shared
+    # by a pair's two sides then run once per row (a checkpointed block keeps no KV cache to share).
+    gradient_checkpointing: bool = False
+    # A batch over this many padded tokens (rows x width) trains in several forward/backward passes of about
+    # this size (whole rows; both rows of a pair together), with the same gradient: faster on a CPU and less
+    # memory, as a big pass's fresh activations cost more than the extra passes (docs/results.md). None:
+    # one pass.
+    max_pass_tokens: int | None = Field(1024, gt=0)
+
+
+class PreferenceData(TrainerPasses):
+    """Shared by reward and DPO stages: what to do with bad rows and over-long pairs."""
+
+    data: DataSpec
+    eval_data: DataSpec | None = None
+    eval_split: float = Field(0.1, ge=0, lt=1)
+    on_bad_rows: Literal["drop", "error"] = "drop"
+    max_dropped_share: float = Field(0.1, ge=0, le=1)
+    truncation: Literal["prompt", "drop"] = "prompt"
+    max_prompt_length: int | None = Field(None, gt=0)
+    margin_field: str | None = None
+    group_by_length: bool = True

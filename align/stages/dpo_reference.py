@@ -1,0 +1,138 @@
+"""DPO's reference log-probs: precomputed once in one pass (sharded over processes, kept in the run folder),
+or, when that pass would not leave time to train within the stage's budget, computed per step instead."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+
+import torch
+
+from align.data.sampling import pad_right, pair_chunks
+from align.data.tokenize import IGNORE, EncodedPair
+from align.models.logprobs import sequence_logps
+from align.models.shared_prompt import pair_groups
+from align.registry.fingerprint import hash_json
+from align.registry.records import write_json_atomic
+from align.runtime import distributed
+from align.runtime.precision import inference_autocast
+from align.stages.context import StageContext
+
+log = logging.getLogger(__name__)
+
+
+class ReferenceWontFit(Exception):
+    """The precomputed reference pass and the training after it would not fit in the stage's budget."""
+
+
+@torch.no_grad()
+def pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 16, keep_going=None) -> torch.Tensor:
+    """Summed response log-probs [N, 2] (chosen, rejected) under `model`, `batch_size` rows a pass batched by
+    length, each pair's prompt run once, without gradients; bf16 autocast where the hardware has it (the head
+    stays fp32). `keep_going(pairs_done, seconds)` may stop the pass by returning False (`ReferenceWontFit`)."""
+    from tqdm.auto import tqdm
+
+    chunks = pair_chunks(pairs, max(batch_size // 2, 1))
+    out = torch.zeros(2, len(pairs), dtype=torch.float64)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    started, done = time.perf_counter(), 0
+    for chunk in tqdm(chunks, desc="reference log-probs", leave=False, disable=len(chunks) <= 4):
+        if keep_going is not None and done and not keep_going(done, time.perf_counter() - started):
+            model.train(was_training)
+            raise ReferenceWontFit()
+        done += len(chunk)
+        sides = [pairs[i].chosen for i in chunk] + [pairs[i].rejected for i in chunk]
+        ids, mask = pad_right([s.input_ids for s in sides], pad_id)
+        labels, _ = pad_right([s.labels for s in sides], IGNORE)
+        with inference_autocast(model):
+            sums, _ = sequence_logps(model, ids.to(device), mask.to(device), labels.to(device), pair_groups(len(ids)))
+        out[:, chunk] = sums.double().cpu().view(2, len(chunk))
+    model.train(was_training)
+    return out.t().contiguous()
+
+
+def sharded_pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int) -> torch.Tensor:
+    """`pair_logps` with the pairs dealt out among the processes (every n-th pair each), gathered back in
+    order on every process: the reference pass costs 1/n of its single-process time."""
+    n, rank = distributed.world_size(), distributed.rank()
+    if n == 1:
+        return pair_logps(model, pairs, pad_id, batch_size)
+    mine = pairs[rank::n]
+    part = pair_logps(model, mine, pad_id, batch_size) if mine else torch.zeros(0, 2, dtype=torch.float64)
+    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    for index, shard in enumerate(distributed.gather_objects(part)):
+        out[index::n] = shard
+    return out
+
+
+# Training one pair (forward and backward) costs about this many reference passes over it.
+TRAIN_PER_REFERENCE = 2.0
+
+
+SWITCHED_FILE = "reference_mode.json"
+
+
+def reference_fits(ctx: StageContext, train_pairs: int, total_pairs: int):
+    """A `keep_going` for the precomputed reference pass under a time budget: after a few chunks, project the
+    rest of the pass and the training it leaves time for; when the budget would cut the epoch(s) short
+    anyway, the precomputed pass wastes the pairs never trained, and the reference computed per step
+    (`adapter_disabled`, one more no-grad pass per trained pair) trains more pairs in the same time."""
+    budget, epochs = ctx.budget, ctx.config.epochs
+
+    def keep_going(done: int, seconds: float) -> bool:
+        if not budget.minutes or done < min(total_pairs, max(16, total_pairs // 50)):
+            return True
+        per_pair = seconds / done
+        needed = (total_pairs - done) * per_pair + TRAIN_PER_REFERENCE * epochs * train_pairs * per_pair
+        left = budget.minutes * 60 - budget.elapsed() - budget.still_to_come()
+        if needed <= left:
+            return True
+        log.warning("stages.%s: the reference pass (%.0f s left of it) and %.3g epoch(s) of training (about "
+                    "%.0f s) would not fit in the %.0f s left of time_limit_minutes; computing the reference "
+                    "per step instead (reference: adapter_disabled), which trains more pairs in that time",
+                    ctx.name, (total_pairs - done) * per_pair, epochs,
+                    TRAIN_PER_REFERENCE * epochs * train_pairs * per_pair, left)
+        return False
+
+    return keep_going
+
+
+def reference_logps(ctx: StageContext, model, train, heldout, pad_id: int, fingerprint: dict,
+                    may_switch: bool = False) -> dict | None:
+    """Reference log-probs for train and held-out pairs, computed once and kept in the run folder (written
+    atomically, checked against the run's fingerprint), so a resumed run reuses them. With `may_switch`
+    (`reference: auto`, LoRA, one process) and a time budget the pass and training cannot both fit: None,
+    recorded in the run folder so a resumed run keeps the per-step reference."""
+    switched = ctx.run_dir / SWITCHED_FILE
+    if may_switch and switched.is_file():
+        return None
+    path = ctx.run_dir / "reference_logps.pt"
+    key = hash_json(fingerprint)
+    if path.is_file():
+        saved = torch.load(path)
+        if saved.get("fingerprint") == key and len(saved["train"]) == len(train):
+            log.info("reference log-probs: reusing %s", path)
+            return saved
+    started = time.perf_counter()
+    disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    keep_going = reference_fits(ctx, len(train), len(train) + len(heldout)) if may_switch else None
+    with disabled:
+        try:
+            train_logps = (pair_logps(model, train, pad_id, ctx.config.batch_size * 2, keep_going) if keep_going
+                           else sharded_pair_logps(model, train, pad_id, ctx.config.batch_size * 2))
+        except ReferenceWontFit:
+            write_json_atomic(switched, {"mode": "adapter_disabled", "why": "time_limit_minutes"})
+            return None
+        saved = {"fingerprint": key, "train": train_logps,
+                 "heldout": sharded_pair_logps(model, heldout, pad_id, ctx.config.batch_size * 2)}
+    if distributed.is_main():
+        partial = path.with_name(path.name + f".partial-{os.getpid()}")
+        torch.save(saved, partial)
+        os.replace(partial, path)
+    distributed.barrier()  # no process reads the file (next run) before it is whole
+    log.info("reference log-probs for %d pairs in %.1fs", len(train) + len(heldout), time.perf_counter() - started)
+    return saved
