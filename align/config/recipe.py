@@ -26,6 +26,8 @@ from align.config.schema import (
     QuantSettings,
     StageBase,
     Strict,
+    ReportSetting,
+    TrackingSettings,
 )
 
 
@@ -54,6 +56,8 @@ class Defaults(Strict):
     batch_size: int | None = Field(None, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] | None = None
     freeze_layers: int | None = Field(None, ge=0)
+    report: ReportSetting | None = None
+    tracking: TrackingSettings | None = None
 
 
 class EvalSettings(Strict):

@@ -5,9 +5,9 @@ Every class is `Strict`: an unknown key is an error naming it, never silently ig
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 
@@ -157,6 +157,37 @@ class KLSettings(Strict):
     penalty: Literal["reward", "loss"] = "reward"
 
 
+# The trackers a stage may `report` to. Only `tensorboard` is built; the others are named so that `align plan`
+# can say they are not supported yet by this version (`align.stages.tracker`), rather than "unknown value".
+TrackerName = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+TRACKER_NAMES = get_args(TrackerName)
+
+
+def _one_report_problem(value: Any) -> Any:
+    """One clear error for a bad `report` (a union of its forms would give one error per form)."""
+    names = [value] if isinstance(value, str) else value
+    if value == "none" or (isinstance(names, list) and names and all(n in TRACKER_NAMES for n in names)):
+        return value
+    raise ValueError(f"expected none, a tracker or a list of trackers ({', '.join(TRACKER_NAMES)}), got "
+                     f"{value!r}" + ("; write `none` alone, not in a list" if isinstance(value, list)
+                                     and "none" in value else ""))
+
+
+# `none`, one tracker, or a list of them (`tensorboard` or `[tensorboard, wandb]`).
+ReportSetting = Annotated[Union[Literal["none"], TrackerName, list[TrackerName]], BeforeValidator(_one_report_problem)]
+
+
+class TrackingSettings(Strict):
+    """How a stage's tracker run is named and where it is written (`report`). `dir`: TensorBoard writes to
+    `<dir>/<run_name>` (default run name `<recipe>/<stage>`) instead of the run folder's `tensorboard/`;
+    `project`, `run_name` and `tags` are also recorded with the run's hyperparameters."""
+
+    project: str | None = Field(None, min_length=1)
+    run_name: str | None = Field(None, min_length=1)
+    tags: list[str] = []
+    dir: str | None = Field(None, min_length=1)
+
+
 class StageBase(Strict):
     """Fields every stage shares: where it starts, how weights are trained, the optimisation loop."""
 
@@ -196,6 +227,22 @@ class StageBase(Strict):
     # Freeze the embeddings and the first N transformer blocks: no adapter there and no backward pass
     # through them, which makes a step ~2x cheaper at N = 2/3 of the blocks.
     freeze_layers: int = Field(0, ge=0)
+    # Trackers the stage logs to besides `metrics.jsonl` (always written): none by default, so a run creates
+    # no other files and imports no tracker unless asked; `tensorboard` is one word away (`align.stages.tracker`).
+    report: ReportSetting = "none"
+    tracking: TrackingSettings = TrackingSettings()
+
+    def model_dump(self, **kwargs) -> dict:
+        """`report` and `tracking` are left out of the dump while at their defaults: a stage config written
+        before they existed hashes the same, so its run folder still resumes. Done here rather than in a
+        `model_serializer` (as `RewardSource` does): a kind's config with a serializer of its own (PPO's)
+        would replace an inherited one, while every kind inherits this."""
+        dump = super().model_dump(**kwargs)
+        if self.report == "none":
+            dump.pop("report", None)
+        if self.tracking == TrackingSettings():
+            dump.pop("tracking", None)
+        return dump
 
 
 class TrainerPasses(Strict):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from align.config.schema import (
     DataSpec,
@@ -130,6 +130,19 @@ class PPOStage(StageBase):
     reward_clip: float | None = Field(None, gt=0)
     missing_eos_penalty: float | None = Field(None, ge=0)
     allow_failed_gate: bool = False
+    # Stop the run at the step where the sampler's log-prob of a token it drew differs from the trained
+    # policy's by more than this many nats (that step's `logprob_mismatch_max`, `align.rl.logprob_mismatch`);
+    # None: the mismatch is only logged.
+    max_logprob_mismatch: float | None = Field(None, gt=0)
+
+    @model_serializer(mode="wrap")
+    def _dump_without_unset_mismatch_limit(self, handler):
+        """`max_logprob_mismatch` is left out of the dump while unset: a stage config written before it
+        existed hashes the same, so its run folder still resumes."""
+        dump = handler(self)
+        if self.max_logprob_mismatch is None:
+            dump.pop("max_logprob_mismatch", None)
+        return dump
 
     @model_validator(mode="after")
     def _consistent(self) -> "PPOStage":

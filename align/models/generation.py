@@ -27,6 +27,9 @@ class Generated:
     text: str
     token_ids: list[int]
     ended_with_eos: bool
+    # The sampler's log-prob of each of `token_ids` (`align.rl.sampler.sampled_logps`); None from `generate`,
+    # which does not return them.
+    token_logps: list[float] | None = None
 
 
 class PresenceFrequencyPenalty:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from align.data.sampling import pad_left, pad_right
+from align.models.renamed_arguments import cache_argument
 
 
 def pair_groups(rows: int) -> list[list[int]]:
@@ -71,12 +72,13 @@ def shared_prompt_states(trunk, input_ids: torch.Tensor, attention_mask: torch.T
     prompt_ids, prompt_mask = (t.to(device) for t in pad_left(prompts, 0))
     response_ids, response_mask = (t.to(device) for t in pad_right(responses, 0))
     cache = DynamicCache()
-    prompt_out = trunk(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache, use_cache=True,
+    cached = {cache_argument(trunk): cache, "use_cache": True}
+    prompt_out = trunk(input_ids=prompt_ids, attention_mask=prompt_mask, **cached,
                        position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0)).last_hidden_state
     cache.batch_repeat_interleave(k)
     prompt_width = prompt_ids.size(1)
     group_starts = torch.tensor([starts[g[0]] for g in groups], device=device)
-    response_out = trunk(input_ids=response_ids, past_key_values=cache, use_cache=True,
+    response_out = trunk(input_ids=response_ids, **cached,
                          attention_mask=torch.cat([prompt_mask.repeat_interleave(k, dim=0), response_mask], dim=1),
                          position_ids=group_starts.repeat_interleave(k)[:, None]
                          + torch.arange(response_ids.size(1), device=device)[None, :]).last_hidden_state

@@ -9,10 +9,12 @@ from align.pipeline.plan_data import data_kind, longest_demonstration
 from align.pipeline.plan_models import local_folder, tokenizer_in_folder
 from align.registry.store import Registry
 from align.stages import stage_kinds
+from align.stages.tracker import report_names, tracker_problem
 
 
 def setting_problems(recipe, cfg, where: str, bad: set[str]) -> list[Problem]:
-    """A stage's settings this version or machine cannot honour (kind, qlora, flash attention, template file)."""
+    """A stage's settings this version or machine cannot honour (kind, qlora, flash attention, trackers not
+    built or not installed, template file)."""
     problems = []
     if cfg.kind not in stage_kinds():
         problems.append(Problem(where, f"stage kind {cfg.kind!r} is not implemented in this version of align"))
@@ -24,6 +26,9 @@ def setting_problems(recipe, cfg, where: str, bad: set[str]) -> list[Problem]:
         why = flash_attention_problem(cfg.attention)
         if why:
             problems.append(Problem(f"{where}.attention", why))
+    if "report" not in bad:
+        problems += [Problem(f"{where}.report", why) for name in report_names(cfg.report)
+                     if (why := tracker_problem(name))]
     template = cfg.chat_template
     if template is not None and "{{" not in template and "{%" not in template and "chat_template" not in bad:
         if not recipe.resolve_path(template).is_file():

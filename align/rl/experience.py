@@ -27,6 +27,20 @@ class Experience:
     sampled: Rollouts
     sampled_scores: torch.Tensor
     prefixes: list[torch.Tensor] | None = None  # per row [L_i, H]: output of the frozen blocks, when shared
+    # On-policy (`old_logps` None): the policy's log-probs from the update's own pass, before its optimizer
+    # step, for the sampler mismatch figure (`align.rl.logprob_mismatch`).
+    update_logps: torch.Tensor | None = None
+
+    def record_update_logps(self, index: list[int], width: int, logps: torch.Tensor) -> None:
+        """Keep the rows `index` (first `width` positions) of the update pass's log-probs."""
+        if self.update_logps is None:
+            self.update_logps = torch.zeros_like(self.mask)
+        self.update_logps[index, :width] = logps.detach().float().cpu()
+
+    @property
+    def policy_logps(self) -> torch.Tensor | None:
+        """[B, T] the trained policy's log-probs of the sampled tokens before this step's update."""
+        return self.old_logps if self.old_logps is not None else self.update_logps
 
 
 def informative_rows(scores: torch.Tensor, k: int) -> list[int]:

@@ -17,7 +17,8 @@ estimator (`align.objectives.kl`). The advantage estimator is looked up in `alig
 whose properties (needs a critic, needs groups of samples) decide which passes run; losses and statistics
 are the pure functions of `align.objectives`, checked against hand-computed values in the tests. The
 trainer reads only `PPOSettings` (`align.rl.settings`). Every step returns its figures: reward per source,
-KL, entropy, clip fraction, value loss, explained variance, response length, EOS share and the time split.
+KL, entropy, clip fraction, value loss, explained variance, response length, EOS share, the time split, and
+how far the sampler's log-probs are from the policy's (`align.rl.logprob_mismatch`, which can stop the run).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from align.objectives.kl import FIGURE_ESTIMATOR, kl_per_token
 from align.objectives.ppo_losses import ppo_policy_loss, ppo_value_loss
 from align.objectives.stats import masked_mean, whiten
 from align.rl.experience import Experience, informative_rows
+from align.rl.logprob_mismatch import mismatch_figures, stop_if_mismatched, warn_if_unmeasured
 from align.rl.pass_checks import SharedPassChecks
 from align.rl.rollout import Rollouts, sample_rollouts, trimmed
 from align.rl.settings import PPOSettings
@@ -104,6 +106,7 @@ class PPOTrainer(SharedPassChecks, StepFigures):
             half = inference_dtype(model)
             self.sampling = build(model, dtype=torch_dtype(half) if half else None)
         self.skip_uniform = settings.skip_uniform_groups and estimator.needs_groups and settings.kl.in_loss
+        warn_if_unmeasured(settings.generation, settings.max_logprob_mismatch)
 
     @property
     def cfg(self) -> PPOSettings:
@@ -300,6 +303,7 @@ class PPOTrainer(SharedPassChecks, StepFigures):
                     policy_loss, clip_fraction, approx_kl = ppo_policy_loss(
                         out["logps"], old, exp.advantages[micro, :t].to(self.device), mask, settings.clip)
                     if exp.old_logps is None:  # on-policy: the sampling-time figures come from this pass
+                        exp.record_update_logps(micro, t, old)
                         add("kl_per_token", masked_mean(kl_per_token(old, ref, FIGURE_ESTIMATOR), mask), share)
                         add("entropy", masked_mean(out["entropy"], mask), share)
                     loss = policy_loss
@@ -352,6 +356,8 @@ class PPOTrainer(SharedPassChecks, StepFigures):
         timings["train"] = time.perf_counter() - started
         if not self.on_policy:  # else the update's own pass measured them
             stats.update(self.sampling_figures(exp))
+        stats.update(mismatch_figures(exp))
+        stop_if_mismatched(stats, self.settings.max_logprob_mismatch, step)
         observed_kl = stats.get("kl_per_token")  # None when no row was trained on (all groups uniform)
         coef = self.kl.coef
         if observed_kl is not None:  # the global KL and row count: the coefficient stays the same everywhere

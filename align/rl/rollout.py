@@ -4,6 +4,7 @@ Sampling (`align.rl.sampler`: finished responses leave the batch) runs in bf16 a
 multiplies bf16 natively (`align.runtime.precision`; faster, docs/results.md). The policy's log-probs
 are then recomputed in one teacher-forced pass (fp32 head), so the sampler's small numeric differences
 never enter the PPO ratio: the old log-probs, the reference's and the trained ones come from the same code.
+How large those differences are is measured every step (`Rollouts.sampler_logps`, `align.rl.logprob_mismatch`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class Rollouts:
     attention_mask: torch.Tensor
     labels: torch.Tensor        # [B, L] response tokens; -100 on the prompt and padding
     ended: torch.Tensor         # [B] bool: the response ended with EOS (not cut at max_new_tokens)
+    # [B, L - 1] like `mask`: the sampler's log-prob of each response token (`align.rl.sampler.sampled_logps`),
+    # NaN where it kept none; None when `generate` sampled the step (it keeps none).
+    sampler_logps: torch.Tensor | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -42,7 +46,8 @@ class Rollouts:
         """The rows `index`, in that order."""
         return Rollouts(rows=[self.rows[i] for i in index], texts=[self.texts[i] for i in index],
                         input_ids=self.input_ids[index], attention_mask=self.attention_mask[index],
-                        labels=self.labels[index], ended=self.ended[index])
+                        labels=self.labels[index], ended=self.ended[index],
+                        sampler_logps=None if self.sampler_logps is None else self.sampler_logps[index])
 
 
 def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
@@ -78,7 +83,20 @@ def sample_rollouts(model, tokenizer, rows: list[dict], prompt_ids: list[list[in
     input_ids, attention_mask, labels = pack(prompt_ids, responses, tokenizer.pad_token_id)
     return Rollouts(rows=rows, texts=[g.text for g in generated], input_ids=input_ids,
                     attention_mask=attention_mask, labels=labels,
-                    ended=torch.tensor([g.ended_with_eos for g in generated]))
+                    ended=torch.tensor([g.ended_with_eos for g in generated]),
+                    sampler_logps=_sampler_logps(prompt_ids, generated, input_ids.size(1) - 1))
+
+
+def _sampler_logps(prompt_ids: list[list[int]], generated: list, width: int) -> torch.Tensor | None:
+    """[B, width]: each response's sampler log-probs where `Rollouts.mask` has its tokens (the token at
+    sequence position p sits at p - 1), NaN elsewhere; None when no response kept any."""
+    if all(g.token_logps is None for g in generated):
+        return None
+    out = torch.full((len(generated), width), float("nan"))
+    for row, (prompt, g) in enumerate(zip(prompt_ids, generated)):
+        if g.token_logps:
+            out[row, len(prompt) - 1: len(prompt) - 1 + len(g.token_logps)] = torch.tensor(g.token_logps)
+    return out
 
 
 def trimmed(rollouts: Rollouts, index: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

@@ -10,6 +10,10 @@ with stop strings checked on each row's decoded tail.
 RL samples k responses per prompt: with `group=k` each prompt is prefilled once and its KV cache repeated for
 its k rows (SmolLM2's chat prompt is about 40 tokens, longer than a typical arithmetic answer).
 
+Each response keeps the sampler's log-prob of every token it drew (`Generated.token_logps`, see
+`sampled_logps`), so the PPO loop can measure how far the sampler is from the policy it trains
+(`align.rl.logprob_mismatch`).
+
 `sample` returns None when the model's cache cannot drop rows; callers then use `generate`.
 """
 
@@ -42,6 +46,18 @@ def _next_tokens(logits: torch.Tensor, settings) -> torch.Tensor:
     return draw(torch.softmax(logits, dim=-1))
 
 
+def sampled_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float | None) -> torch.Tensor:
+    """log softmax(logits / T)[token] for each row, in fp32, with T = `temperature` (1 for greedy decoding).
+
+    What the trained policy's log-probs are (`align.models.logprobs.token_logps` at the loop's temperature,
+    also 1 for greedy), so the two compare like with like: the same scaling, and no top-k/top-p filtering
+    (which changes which tokens can be drawn, not the log-prob the PPO ratio uses). What differs is only how
+    the sampler computed its logits: its own copy of the weights (the adapter folded in, maybe bf16), bf16
+    autocast, the KV cache."""
+    scaled = logits.float() / (temperature or 1.0)
+    return scaled.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+
+
 def draw(probs: torch.Tensor) -> torch.Tensor:
     """One token per row of `probs` [rows, vocab], by inverting each row's CDF at one uniform number.
 
@@ -66,6 +82,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings, group: int =
     from transformers import DynamicCache
 
     from align.models.loading import contiguous_head_input
+    from align.models.renamed_arguments import cache_argument
 
     contiguous_head_input(model)
     device = next(model.parameters()).device
@@ -81,10 +98,10 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings, group: int =
     cache = DynamicCache(config=model.config)
     if not hasattr(cache, "batch_select_indices"):
         return None
+    cached = {cache_argument(model): cache, "use_cache": True}
     was_training = model.training
     model.eval()
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, **cached, logits_to_keep=1)
     logits = out.logits[:, -1]
     if shared:
         cache.batch_repeat_interleave(group)
@@ -92,13 +109,16 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings, group: int =
     active = torch.arange(rows)
     next_position = positions[:, -1] + 1
     generated: list[list[int]] = [[] for _ in range(rows)]
+    logps: list[list[float]] = [[] for _ in range(rows)]
     ended = [False] * rows
     stops = list(settings.stop or [])
     for step in range(settings.max_new_tokens):
         tokens = _next_tokens(logits, settings)
         done = tokens == eos
+        drawn = sampled_logps(logits, tokens, settings.temperature).tolist()
         for slot, (row, token) in enumerate(zip(active.tolist(), tokens.tolist())):
             generated[row].append(token)
+            logps[row].append(drawn[slot])
             if token == eos:
                 ended[row] = True
             elif stops:
@@ -116,9 +136,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings, group: int =
                 next_position[index]
         attention = torch.cat([attention, attention.new_ones(attention.size(0), 1)], dim=-1)
         out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position[:, None],
-                    past_key_values=cache, use_cache=True)
+                    **cached)
         logits = out.logits[:, -1]
         next_position = next_position + 1
     model.train(was_training)
     return [Generated(text=tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True), token_ids=ids,
-                      ended_with_eos=ended[row]) for row, ids in enumerate(generated)]
+                      ended_with_eos=ended[row], token_logps=logps[row]) for row, ids in enumerate(generated)]

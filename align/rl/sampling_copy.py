@@ -15,7 +15,10 @@ None and rollouts decode through the adapter as before.
 Where sampling runs in bf16 anyway (fp32 weights, hardware that multiplies bf16 natively: rollouts are
 sampled under bf16 autocast), the copy holds bf16 weights instead (`dtype`): the same rounded values the
 autocast would make, without casting every weight at every generated token. Then it shares nothing and
-costs half the fp32 model's memory, and decodes faster (docs/results.md).
+costs half the fp32 model's memory, and decodes faster (docs/results.md). Where the stage keeps its no-grad
+passes in fp32 (`mixed_precision: no`), the fp32 copy carries that choice (`align.runtime.precision.mark`),
+so its rollouts are not sampled under bf16 autocast either (the sampler-vs-policy mismatch figure,
+`align.rl.logprob_mismatch`, shows ~1e-3 nats a token on the tiny test model otherwise).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def build(policy, adapter: str = "default", dtype: torch.dtype | None = None) ->
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
+    from align.runtime.precision import MARK
+
     if not hasattr(policy, "peft_config") or getattr(policy.peft_config.get(adapter), "modules_to_save", None):
         return None
     targets: dict[str, object] = {}
@@ -82,5 +87,7 @@ def build(policy, adapter: str = "default", dtype: torch.dtype | None = None) ->
         copy.tie_weights()
     copy.requires_grad_(False)
     copy.eval()
+    if hasattr(policy, MARK):  # the precision its stage resolved for no-grad passes, sampling included
+        setattr(copy, MARK, getattr(policy, MARK))
     copy.generation_config = wrapped.generation_config
     return SamplingCopy(policy, copy.to(next(policy.parameters()).device), targets, adapter)

@@ -48,6 +48,8 @@ class PPOSettings:
     # the model
     method: str                        # full, lora or qlora: only lora samples from a merged copy
     freeze_layers: int                 # frozen bottom blocks, whose pass policy and reference can share
+    # health
+    max_logprob_mismatch: float | None = None  # stop when the sampler's log-probs differ more (nats, per token)
 
     @classmethod
     def from_stage(cls, cfg: PPOStage) -> "PPOSettings":
@@ -62,7 +64,8 @@ class PPOSettings:
             kl=KLPenalty.from_recipe(cfg.kl), clip=cfg.clip, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
             lr=cfg.lr, weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, warmup_ratio=cfg.warmup_ratio,
             max_grad_norm=cfg.max_grad_norm, ppo_epochs=cfg.ppo_epochs, minibatch=cfg.minibatch,
-            batch_size=cfg.batch_size, seed=cfg.seed, method=cfg.method, freeze_layers=cfg.freeze_layers)
+            batch_size=cfg.batch_size, seed=cfg.seed, method=cfg.method, freeze_layers=cfg.freeze_layers,
+            max_logprob_mismatch=cfg.max_logprob_mismatch)
 
     @property
     def estimator(self) -> AdvantageEstimator:

@@ -20,10 +20,16 @@ from align.registry.store import Entry
 from align.rewards.plugins import plugin_hashes
 from align.stages.building import build_policy, check_trainable, lora_targets, stage_tokenizer
 from align.stages.context import StageContext
-from align.stages.registering import baseline_record, register_entry
+from align.stages.registering import base_lineage, baseline_record, register_entry
+from align.stages.resume import resumed_step
 from align.stages.run_folder import open_run
+from align.stages.tracker import Tracker, stage_tracking
 
 log = logging.getLogger(__name__)
+
+# Config keys that say how a run is watched, not what it trains: left out of the run's fingerprint, so
+# adding `--report tensorboard` to an interrupted or finished run resumes it instead of refusing it.
+WATCHING_KEYS = ("report", "tracking")
 
 
 @dataclass
@@ -115,6 +121,11 @@ class Stage:
         """Sequences the stage generates at once while training (their KV cache), 0 for none."""
         return 0
 
+    @property
+    def tracker(self) -> Tracker:
+        """Where the run logs its figures (`StageContext.tracker`): disabled until the run starts training."""
+        return self.ctx.tracker
+
     # ---------------------------------------------------------------- the lifecycle
 
     def run(self) -> Entry:
@@ -122,6 +133,14 @@ class Stage:
         finished = self.start()
         if finished is not None:
             return finished
+        # metrics.jsonl, and TensorBoard when `report` asks (`align.stages.tracker`), for the rest of the run
+        with stage_tracking(self.ctx, resumed_step(self.resume_from) if self.resume_from else None):
+            if self.resume_from is None:
+                self.tracker.log_start(self.config_dump, self.lineage_record(), self.cfg.tracking)
+            return self.train_and_register()
+
+    def train_and_register(self) -> Entry:
+        """Build, train, measure and register (`run` after its start)."""
         self.model, self.peft_cfg = self.build()
         trainable, total = check_trainable(self.ctx, self.model)
         log.info("%s: %d train / %d held-out %s; %s trainable of %s parameters%s", self.ctx.entry_name,
@@ -145,7 +164,8 @@ class Stage:
         self.tokenizer = stage_tokenizer(ctx, may_set_template=self.may_set_chat_template)
         self.data = self.prepare(self.tokenizer)
         self.config_dump = cfg.model_dump(by_alias=True)
-        self.fingerprint = {"config": hash_json(self.config_dump), "data": self.data.report.fingerprint,
+        trained = {k: v for k, v in self.config_dump.items() if k not in WATCHING_KEYS}
+        self.fingerprint = {"config": hash_json(trained), "data": self.data.report.fingerprint,
                             "seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                             "parent": ctx.parent.lineage(), "tokenizer": tokenizer_facts(self.tokenizer)["hash"]}
         plugins = plugin_hashes(self.plugin_specs(), ctx.recipe.resolve_path)
@@ -186,11 +206,27 @@ class Stage:
 
     def register(self, trained: Trained, metrics: dict) -> Entry:
         parts = self.entry_parts(trained, metrics)
-        return register_entry(
+        last_step = trained.timings.get("steps") or max((h.get("step", 0) for h in trained.history), default=0)
+        self.tracker.log_evaluation(last_step, metrics)  # the entry's figures, at the step it was trained to
+        tracking = self.tracker.record()
+        if tracking:  # where this run's curves are: metrics.jsonl, and the TensorBoard folder when reported
+            parts.manifest["tracking"] = tracking
+        entry = register_entry(
             self.ctx, parts.kind, trained.model, self.tokenizer, self.peft_cfg, report=self.data.report,
             config_dump=self.config_dump, history=trained.history, timings=trained.timings, metrics=metrics,
             artifact_extra=parts.artifact, adapter_extra=parts.adapter, manifest_extra=parts.manifest,
             extra_files=parts.files)
+        self.tracker.log_entry(entry.ref, last_step)
+        return entry
+
+    def lineage_record(self) -> dict:
+        """What the tracker records of the run's entry: its name, parent and base refs, config and data hashes."""
+        def ref(lineage: dict) -> str:
+            return str(lineage.get("ref") or lineage.get("id") or lineage.get("path"))
+
+        return {"entry": f"{self.ctx.entry_name} (its version is given at registration)",
+                "parent": ref(self.ctx.parent.lineage()), "base": ref(base_lineage(self.ctx)),
+                "config_hash": hash_json(self.config_dump), "data_hash": self.fingerprint.get("data")}
 
     def baseline_manifest(self, baseline: dict | None) -> dict:
         return {"baseline": baseline_record(self.ctx, baseline)}

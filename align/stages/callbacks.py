@@ -1,4 +1,5 @@
-"""What makes a run safe to interrupt: a graceful stop on SIGTERM/SIGINT, the time limit, a non-finite loss stop.
+"""What makes a run safe to interrupt: a graceful stop on SIGTERM/SIGINT, the time limit, a non-finite loss stop;
+and what every Trainer stage logs to its tracker (`metrics.jsonl`, TensorBoard when asked).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from align.errors import TrainingError
 from align.runtime.distributed import all_max
 from align.stages.budget import StageBudget
 from align.stages.run_folder import record_world_size
+from align.stages.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,10 @@ class StopRequest:
         self._previous = {}
 
 
-def safety_callbacks(time_limit: StageBudget | float | None = None):
-    """Callbacks for HF/TRL trainers: [graceful stop, time limit]. The graceful stop's `requested` flag
-    tells the caller the run was interrupted (SIGTERM/SIGINT: checkpoint saved, stop); the time limit's
+def safety_callbacks(time_limit: StageBudget | float | None = None, tracker: Tracker | None = None):
+    """Callbacks for HF/TRL trainers: [graceful stop, time limit, ...], then those that log to `tracker` (the
+    stage's `ctx.tracker`; none given: nothing is logged beyond the trainer's history). The graceful stop's
+    `requested` flag tells the caller the run was interrupted (SIGTERM/SIGINT: checkpoint saved, stop); the time limit's
     `reached` flag says training ended early at the recipe's `time_limit_minutes` (checkpoint saved, the
     stage then evaluates and registers what it has, and says so in the manifest)."""
     from transformers import TrainerCallback
@@ -112,7 +115,36 @@ def safety_callbacks(time_limit: StageBudget | float | None = None):
     from align.stages.continuing import schedule_callback
 
     budget = time_limit if isinstance(time_limit, StageBudget) else StageBudget(time_limit)
-    return [GracefulStop(), TimeLimit(budget), RecordWorldSize(), LogAtSave(), progress_callback(), schedule_callback()]
+    return [GracefulStop(), TimeLimit(budget), RecordWorldSize(), LogAtSave(), progress_callback(), schedule_callback(),
+            *tracking_callbacks(tracker or Tracker())]
+
+
+def tracking_callbacks(tracker: Tracker) -> list:
+    """Callbacks for HF/TRL trainers that log to the stage's tracker (`align.stages.tracker`): every log into
+    `metrics.jsonl`, and, when the stage reports to TensorBoard, transformers' own TensorBoard callback on
+    the tracker's writer (its `train/` and `eval/` names)."""
+    from transformers import TrainerCallback
+
+    class MetricsLog(TrainerCallback):
+        """Each log the Trainer makes (the records of its `log_history`) as a line of `metrics.jsonl`."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                tracker.log_training(state.global_step, logs)
+
+    callbacks = [MetricsLog()]
+    if tracker.writer is not None:
+        from transformers.integrations import TensorBoardCallback
+
+        class StageTensorBoard(TensorBoardCallback):
+            """transformers' TensorBoard logging on the tracker's writer, left open when training ends: the
+            evaluation after training logs to it too, and the tracker closes it."""
+
+            def on_train_end(self, args, state, control, **kwargs):
+                self.tb_writer.flush()
+
+        callbacks.append(StageTensorBoard(tb_writer=tracker.writer))
+    return callbacks
 
 
 def check_finite(loss_value: float, step: int) -> None:

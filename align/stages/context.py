@@ -9,6 +9,7 @@ from pathlib import Path
 from align.models.loading import ModelSource
 from align.registry.store import Registry
 from align.stages.budget import StageBudget
+from align.stages.tracker import Tracker
 
 
 @dataclass
@@ -23,6 +24,9 @@ class StageContext:
     continue_run: bool = False  # `--continue`: train a finished run on for more steps (`align.stages.continuing`)
     started: float = field(default_factory=time.monotonic)  # the stage's clock, from its first line
     continues: dict | None = None  # set when this run continues a finished entry (`align.stages.continuing`)
+    # Where the run logs its figures (`align.stages.tracker`): metrics.jsonl and any tracker `report` names;
+    # a disabled one until the run starts training.
+    tracker: Tracker = field(default_factory=Tracker, repr=False)
     _budget: StageBudget | None = field(default=None, repr=False)
 
     @property

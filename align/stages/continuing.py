@@ -32,7 +32,8 @@ from align.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
-LENGTH_KEYS = ("max_steps", "epochs", "time_limit_minutes", "save_steps", "logging_steps", "eval_steps")
+LENGTH_KEYS = ("max_steps", "epochs", "time_limit_minutes", "save_steps", "logging_steps", "eval_steps",
+               "report", "tracking")  # and how the run is watched
 CONTINUES_FILE = "continues.json"
 
 

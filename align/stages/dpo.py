@@ -257,7 +257,7 @@ class DPO(Stage):
                                         self.resume_from)
         args = TrainingArguments(**training_arguments(ctx, self.model, "steps" if data.heldout and cfg.eval_steps
                                                       else "no", cfg.eval_steps), label_names=[])
-        callbacks = safety_callbacks(ctx.budget)
+        callbacks = safety_callbacks(ctx.budget, ctx.tracker)
         trainer = make_trainer(cfg, mode, ref_model, model=self.model, args=args,
                                train_dataset=as_dataset(data.train, self.reference["train"]),
                                eval_dataset=as_dataset(data.heldout, self.reference["heldout"]) if data.heldout

@@ -21,6 +21,8 @@ def training_arguments(ctx: StageContext, model, eval_strategy: str, eval_steps:
     `save_steps` (two kept), seeds, mixed precision, token counting; CPU unless a GPU is there."""
     import torch
 
+    from align.models.renamed_arguments import checkpointing_arguments
+
     cfg = ctx.config
     return dict(
         output_dir=str(ctx.run_dir), per_device_train_batch_size=cfg.batch_size,
@@ -30,14 +32,16 @@ def training_arguments(ctx: StageContext, model, eval_strategy: str, eval_steps:
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         save_total_limit=2, eval_strategy=eval_strategy, eval_steps=eval_steps, seed=cfg.seed,
+        # `report: tensorboard` logs through transformers' own TensorBoard callback, added with the stage's writer
+        # (`align.stages.callbacks.tracking_callbacks`): transformers 5 has no `logging_dir`, and `report_to`
+        # would open a second writer under output_dir/runs/<time>/, a new folder on each resume.
         data_seed=cfg.seed, report_to="none", remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0, logging_first_step=True,
         # Several processes: every trainable weight (LoRA, heads, unfrozen blocks) takes part in every step, so
         # DDP need not search the graph for unused ones each step (its default for PEFT models).
         ddp_find_unused_parameters=False, **stage_precision(cfg).trainer_flags(),
-        gradient_checkpointing=getattr(cfg, "gradient_checkpointing", False),
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+        **checkpointing_arguments(getattr(cfg, "gradient_checkpointing", False)))  # transformers' current names
 
 
 def train_and_time(ctx: StageContext, trainer, resume_from: Path | None, callbacks) -> tuple[object, dict]:

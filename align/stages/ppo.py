@@ -272,6 +272,8 @@ class PPO(Stage):
         trainer = self.trainer = self.make_trainer()
         steps = self.steps
         self.before, self.before_rewards, self.baseline = parent_heldout(ctx, trainer, self.data.heldout)
+        if self.resume_from is None:  # a resumed run's metrics.jsonl and events have them already
+            self.tracker.log_evaluation(0, {**self.before, **(self.baseline or {})})
         start, history = (load_checkpoint(trainer, self.resume_from) if self.resume_from else (0, []))
         prompts_per_step = cfg.rollout_batch // cfg.samples_per_prompt
         started = time.perf_counter()
@@ -285,6 +287,7 @@ class PPO(Stage):
                 figures = trainer.step(rows, [r["prompt_ids"] for r in rows], step)
                 figures["step"] = step + 1
                 history.append(figures)
+                self.tracker.log_step(step + 1, figures)  # metrics.jsonl, and TensorBoard when reported
                 bar.update(1)
                 bar.set_postfix(reward=f"{figures['reward']:.3f}",
                                 kl=f"{figures.get('kl_per_token', float('nan')):.3f}",
@@ -373,6 +376,6 @@ def _time_split(history: list[dict]) -> dict:
 
 def _log_line(figures: dict) -> str:
     keys = ["reward", "kl_per_token", "kl_coef", "entropy", "response_length", "eos_rate", "clip_fraction",
-            "value_loss", "explained_variance", "time_generate", "time_score", "time_train"]
+            "value_loss", "explained_variance", "logprob_mismatch_max", "time_generate", "time_score", "time_train"]
     keys += [k for k in figures if k.startswith("reward/")]
     return ", ".join(f"{k} {figures[k]:.4g}" for k in keys if isinstance(figures.get(k), (int, float)))

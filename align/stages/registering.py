@@ -51,6 +51,7 @@ def parent_baseline(ctx: StageContext, model, tokenizer, examples, resume_from: 
     if is_main():
         write_json_atomic(path, baseline)
         write_json_atomic(timing, {"seconds": round(seconds, 2)})
+    ctx.tracker.log_evaluation(0, baseline)  # the parent's figures start the curves, at step 0
     return baseline
 
 

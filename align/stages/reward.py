@@ -139,7 +139,7 @@ class Reward(Stage):
         ctx, cfg, data = self.ctx, self.cfg, self.data
         args = TrainingArguments(**training_arguments(ctx, self.model, "steps" if data.heldout and cfg.eval_steps
                                                       else "no", cfg.eval_steps), label_names=[])
-        callbacks = safety_callbacks(ctx.budget)
+        callbacks = safety_callbacks(ctx.budget, ctx.tracker)
         trainer = make_trainer(cfg.loss, cfg.center_coef, cfg.group_by_length, cfg.max_pass_tokens,
                                model=self.model, args=args, train_dataset=as_dataset(data.train),
                                eval_dataset=as_dataset(data.heldout) if data.heldout else None,

@@ -80,7 +80,7 @@ class SFT(Stage):
 
     def train(self) -> Trained:
         ctx, data = self.ctx, self.data
-        callbacks = safety_callbacks(ctx.budget)
+        callbacks = safety_callbacks(ctx.budget, ctx.tracker)
         trainer = build_trainer(ctx, self.model, self.tokenizer, data.train, data.heldout, callbacks)
         self.baseline = parent_baseline(ctx, self.model, self.tokenizer, data.heldout, self.resume_from)
         history = []

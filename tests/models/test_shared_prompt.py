@@ -126,7 +126,10 @@ def test_consecutive_groups():
 
 def test_checkpointed_blocks_in_training_leave_rows_to_the_plain_pass():
     model = make_model(make_tokenizer("chatml"), seed=1, layers=2)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.23 on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trunk, _ = causal_parts(model)
     ids, mask, _, starts = _pairs()
     model.train()

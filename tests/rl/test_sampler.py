@@ -113,3 +113,27 @@ def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
         assert torch.allclose(freq, probs[row].double(), atol=0.012), freq
         assert freq[probs[row] == 0].sum() == 0
     assert draw(torch.tensor([[0.0, 0.0, 1.0]])).tolist() == [2]
+
+
+@pytest.mark.parametrize("settings", [GenerationSettings(max_new_tokens=8, temperature=0.0),
+                                      GenerationSettings(max_new_tokens=8, temperature=0.7, top_k=5)],
+                         ids=["greedy", "t0.7-top5"])
+def test_the_sampler_keeps_the_log_prob_the_policy_gives_each_drawn_token(tiny, settings):
+    """Greedy: at temperature 1; sampling: at the sampling temperature, before top-k. Both are what the
+    teacher-forced policy pass gives the same tokens (`token_logps` at the PPO loop's temperature), so in fp32
+    they agree to rounding; the top-k-renormalized log-prob would not (it is higher)."""
+    from align.models.logprobs import token_logps
+    from align.rl.rollout import pack
+
+    model, tokenizer, prompts = tiny
+    torch.manual_seed(4)
+    out = sample(model, tokenizer, prompts, settings)
+    assert all(len(g.token_logps) == len(g.token_ids) for g in out)
+    ids, mask, labels = pack(prompts, [g.token_ids for g in out], tokenizer.pad_token_id)
+    with torch.no_grad():
+        teacher = token_logps(model, ids, mask, labels, settings.temperature or 1.0)["logps"]
+    for row, (prompt, g) in enumerate(zip(prompts, out)):
+        expected = teacher[row, len(prompt) - 1: len(prompt) - 1 + len(g.token_ids)]
+        assert torch.allclose(torch.tensor(g.token_logps), expected, atol=1e-4), (g.token_logps, expected)
+    drawn = torch.tensor([lp for g in out for lp in g.token_logps])
+    assert bool((drawn < -1e-3).any())  # not all certain: the comparison has something to compare

@@ -85,3 +85,18 @@ def test_a_bf16_copy_follows_the_policy_as_bf16_sampling_would():
         assert rounding < 0.1 * adapter  # bf16 rounding (residual stream too) is small next to the adapter
     assert all(p.dtype == torch.float32 for p in base.parameters())
     assert all(torch.equal(p, before[name]) for name, p in base.named_parameters() if "lora_" not in name)
+
+
+def test_a_policy_kept_in_fp32_samples_from_its_copy_in_fp32():
+    """`mixed_precision: no` keeps a stage's no-grad passes in fp32 (`mark`); its copy follows, so rollouts are
+    not sampled under the device's bf16 autocast (the CPU rule for an unmarked model)."""
+    from align.runtime.precision import Device, inference_dtype, mark, resolve, simulate
+
+    bf16_cpu = Device("cpu", "simulated bf16 CPU", bf16=True, fp16=False)
+    with simulate(bf16_cpu):
+        policy, _ = _policy()
+        unmarked = build(policy)
+        assert inference_dtype(unmarked.model) == "bf16"  # the device's rule, for a model no stage marked
+        mark(policy, resolve("auto", "no", "lora", bf16_cpu))
+        copy = build(policy)
+        assert inference_dtype(policy) is None and inference_dtype(copy.model) is None

@@ -43,3 +43,12 @@ def test_under_several_processes_the_settings_hold_this_process_share(monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "2")
     settings = PPOSettings.from_stage(per_process_config(_stage(rollout_batch=16, minibatch=8), "ppo"))
     assert (settings.rollout_batch, settings.minibatch) == (8, 4)
+
+
+def test_the_mismatch_limit_is_carried_and_left_out_of_the_dump_while_unset():
+    """The stage dump is hashed into run fingerprints: a config without the key hashes as before it existed."""
+    unset, limited = _stage(), _stage(max_logprob_mismatch=0.5)
+    assert PPOSettings.from_stage(unset).max_logprob_mismatch is None
+    assert PPOSettings.from_stage(limited).max_logprob_mismatch == 0.5
+    assert "max_logprob_mismatch" not in unset.model_dump(by_alias=True)
+    assert limited.model_dump(by_alias=True)["max_logprob_mismatch"] == 0.5

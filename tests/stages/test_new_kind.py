@@ -63,7 +63,7 @@ def _pretrain_kind():
 
         def train(self) -> Trained:
             ctx = self.ctx
-            callbacks = safety_callbacks(ctx.budget)
+            callbacks = safety_callbacks(ctx.budget, ctx.tracker)
             trainer = build_trainer(ctx, self.model, self.tokenizer, self.data.train, self.data.heldout, callbacks)
             result, timings = train_and_time(ctx, trainer, self.resume_from, callbacks)
             return Trained(self.model.eval(), logged_history(trainer), timings, result.training_loss)
