@@ -17,6 +17,7 @@ from align.config.schema import (
     PreferenceData,
     RewardSource,
     StageBase,
+    Strict,
     TrainerPasses,
     raise_conflicts,
 )
@@ -91,6 +92,19 @@ class DPOStage(StageBase, PreferenceData):
         return self
 
 
+# PPO keys added after run folders were first written, with the default at which the dump leaves them out
+ADDED_KEY_DEFAULTS = {"max_logprob_mismatch": None, "policy_loss": "ppo", "loss_aggregation": "token_mean",
+                      "clip_low": None, "clip_high": None, "overlong": None}
+
+
+class OverlongShaping(Strict):
+    """DAPO's soft overlong punishment (`align.rl.reward_shaping`): a response in the last `buffer` tokens
+    before `generation.max_new_tokens` loses up to `penalty` of its reward, linearly with its length."""
+
+    buffer: int = Field(..., gt=0)
+    penalty: float = Field(1.0, ge=0)
+
+
 class PPOStage(StageBase):
     """RL against reward models, checkers, or a weighted mix (`rewards`), our own PPO (`align.rl.ppo`).
 
@@ -120,6 +134,16 @@ class PPOStage(StageBase):
     ppo_epochs: int = Field(2, gt=0)
     minibatch: int = Field(8, gt=0)
     clip: float = Field(0.2, gt=0)
+    # The policy loss (a name registered in `align.objectives.policy_losses`): ppo (the clipped surrogate),
+    # gspo (the sequence's ratio, clipped per sequence), cispo (the clipped ratio as a weight on log pi).
+    policy_loss: Annotated[str, registered_name("align.objectives.policy_losses.POLICY_LOSSES")] = "ppo"
+    # token_mean (DAPO) | sequence_mean (GRPO) | constant (Dr. GRPO: sum / (max_new_tokens * rows))
+    loss_aggregation: Annotated[str, registered_name("align.objectives.policy_losses.LOSS_AGGREGATIONS")] = \
+        "token_mean"
+    # The ratio's bounds 1 - clip_low and 1 + clip_high (DAPO's clip-higher); None: `clip`.
+    clip_low: float | None = None
+    clip_high: float | None = None
+    overlong: OverlongShaping | None = None
     value_clip: float = Field(0.2, gt=0)
     gamma: float = Field(1.0, gt=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
@@ -136,17 +160,20 @@ class PPOStage(StageBase):
     max_logprob_mismatch: float | None = Field(None, gt=0)
 
     @model_serializer(mode="wrap")
-    def _dump_without_unset_mismatch_limit(self, handler):
-        """`max_logprob_mismatch` is left out of the dump while unset: a stage config written before it
-        existed hashes the same, so its run folder still resumes."""
+    def _dump_without_keys_at_their_defaults(self, handler):
+        """Keys added since run folders were first written are left out of the dump while at their defaults
+        (`ADDED_KEY_DEFAULTS`): a stage config written before they existed hashes the same, so its run folder
+        still resumes."""
         dump = handler(self)
-        if self.max_logprob_mismatch is None:
-            dump.pop("max_logprob_mismatch", None)
+        for key, default in ADDED_KEY_DEFAULTS.items():
+            if getattr(self, key) == default:
+                dump.pop(key, None)
         return dump
 
     @model_validator(mode="after")
     def _consistent(self) -> "PPOStage":
         from align.objectives.advantages import ADVANTAGE_ESTIMATORS  # what each estimator needs
+        from align.objectives.policy_losses import POLICY_LOSSES  # what each policy loss needs
 
         conflicts = []
         if self.rollout_batch % self.samples_per_prompt:
@@ -155,6 +182,14 @@ class PPOStage(StageBase):
         if ADVANTAGE_ESTIMATORS[self.estimator].needs_groups and self.samples_per_prompt < 2:
             conflicts.append(f"estimator {self.estimator} compares the samples of a prompt: set "
                              "samples_per_prompt >= 2")
+        if POLICY_LOSSES[self.policy_loss].needs_groups and self.samples_per_prompt < 2:
+            conflicts.append(f"policy_loss {self.policy_loss} is made for several samples of a prompt: set "
+                             "samples_per_prompt >= 2")
+        conflicts += [f"{key} must be > 0, got {getattr(self, key)}" for key in ("clip_low", "clip_high")
+                      if getattr(self, key) is not None and getattr(self, key) <= 0]
+        if self.overlong and self.overlong.buffer > self.generation.max_new_tokens:
+            conflicts.append(f"overlong.buffer ({self.overlong.buffer}) must be at most generation.max_new_tokens "
+                             f"({self.generation.max_new_tokens})")
         if self.value == "adapter" and self.method == "full":
             conflicts.append("value: adapter puts the critic on a second LoRA adapter; it needs method lora or "
                              "qlora (use value: head with full fine-tuning)")

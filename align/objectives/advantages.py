@@ -8,6 +8,8 @@ the `samples_per_prompt` responses to each prompt, so those must stay together).
   gae   generalized advantage estimation on per-token rewards (Schulman et al., 2016), with a critic
   grpo  each response's reward minus its prompt's group mean, over the group's std (Shao et al., 2024)
   rloo  each response's reward minus the mean of the other responses to its prompt (Ahmadian et al., 2024)
+  reinforce_pp  REINFORCE++ (Hu et al., 2025): each token's discounted return (the score at the last token,
+        -coef * KL at each) normalised over the whole batch's tokens; no critic, no groups
 
 Tensors are [B, T] over response tokens with `mask` [B, T] (1 = a real response token).
 """
@@ -20,6 +22,7 @@ from typing import Callable
 import torch
 
 from align.objectives.registry import Registry
+from align.objectives.stats import whiten
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,8 @@ ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimat
 
 def register_advantage_estimator(name: str, *, needs_critic: bool = False, needs_groups: bool = False):
     """Decorator: register `compute(batch, settings) -> (advantages, returns | None)` as estimator `name`."""
-
-    def decorate(compute: Compute) -> Compute:
-        ADVANTAGE_ESTIMATORS.add(name, AdvantageEstimator(name, compute, needs_critic, needs_groups))
-        return compute
-
-    return decorate
+    return ADVANTAGE_ESTIMATORS.register(name, lambda compute: AdvantageEstimator(name, compute, needs_critic,
+                                                                                  needs_groups))
 
 
 def advantage_estimator(name: str) -> AdvantageEstimator:
@@ -119,7 +118,20 @@ def leave_one_out(batch: AdvantageBatch, settings: AdvantageSettings):
     return leave_one_out_advantages(batch.sequence_rewards(), settings.group_size)[:, None] * batch.mask, None
 
 
+@register_advantage_estimator("reinforce_pp")
+def reinforce_plus_plus(batch: AdvantageBatch, settings: AdvantageSettings):
+    """Normalised over this process's rows; the trainer's pooled whitening (`whiten_advantages`) then makes
+    it over every process's."""
+    return whiten(reward_to_go(batch.token_rewards(), batch.mask, settings.gamma), batch.mask), None
+
+
 # ------------------------------------------------------------------------------------------ the formulas
+
+
+def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Each response token's discounted sum of the rewards from it to the response's end: GAE with lambda 1
+    and no critic (values 0)."""
+    return gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0)[0]
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,

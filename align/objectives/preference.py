@@ -90,13 +90,8 @@ PREFERENCE_LOSSES: Registry[PreferenceLoss] = Registry("DPO loss")
 def register_preference_loss(name: str, *, reference_free: bool = False, mean_logps: bool = False,
                              reads: tuple[str, ...] = (), requires: dict[str, str] | None = None):
     """Decorator: register `compute(pairs, settings) -> per-pair loss [B]` as the DPO loss `name`."""
-
-    def decorate(compute: Compute) -> Compute:
-        PREFERENCE_LOSSES.add(name, PreferenceLoss(name, compute, reference_free, mean_logps, reads,
-                                                   dict(requires or {})))
-        return compute
-
-    return decorate
+    return PREFERENCE_LOSSES.register(name, lambda compute: PreferenceLoss(name, compute, reference_free, mean_logps,
+                                                                          reads, dict(requires or {})))
 
 
 def preference_loss(name: str) -> PreferenceLoss:

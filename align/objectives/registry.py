@@ -36,11 +36,13 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
-    def register(self, name: str):
-        """Decorator: add the decorated function under `name` (for variants that are the function itself)."""
+    def register(self, name: str, wrap=None):
+        """Decorator: add the decorated function under `name`, or what `wrap(function)` makes of it (the
+        variant with its properties); the function itself is returned, so it stays callable as written."""
 
-        def decorate(entry: T) -> T:
-            return self.add(name, entry)
+        def decorate(function):
+            self.add(name, wrap(function) if wrap is not None else function)
+            return function
 
         return decorate
 

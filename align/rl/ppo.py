@@ -40,6 +40,7 @@ from align.objectives.stats import masked_mean, whiten
 from align.rl.experience import Experience, informative_rows
 from align.rl.logprob_mismatch import mismatch_figures, stop_if_mismatched, warn_if_unmeasured
 from align.rl.pass_checks import SharedPassChecks
+from align.rl.reward_shaping import shaped_scores
 from align.rl.rollout import Rollouts, sample_rollouts, trimmed
 from align.rl.settings import PPOSettings
 from align.rl.step_figures import StepFigures
@@ -216,8 +217,7 @@ class PPOTrainer(SharedPassChecks, StepFigures):
                                    settings.rollout_batch, settings.samples_per_prompt)
         generated = time.perf_counter()
         scores, per_source = self.rewards(rows, rollouts.texts)
-        if settings.missing_eos_penalty:
-            scores = scores - abs(settings.missing_eos_penalty) * (~rollouts.ended).float()
+        scores = shaped_scores(scores, rollouts, settings)  # missing-EOS and overlong penalties
         sampled, sampled_scores = rollouts, scores
         if self.skip_uniform:
             keep = informative_rows(scores, settings.samples_per_prompt)
@@ -262,7 +262,7 @@ class PPOTrainer(SharedPassChecks, StepFigures):
 
     def update(self, exp: Experience, step: int) -> dict:
         """`ppo_epochs` passes over the rollouts in minibatches of `minibatch` rows (accumulated in micro-batches
-        of `batch_size`); token-level means over each minibatch."""
+        of `batch_size`); the policy loss aggregated over a minibatch by `loss_aggregation`, the rest token means."""
         settings = self.settings
         rows = len(exp.rollouts)
         generator = torch.Generator().manual_seed(settings.seed * 100_003 + step)
@@ -279,6 +279,7 @@ class PPOTrainer(SharedPassChecks, StepFigures):
         # as many optimizer steps (a process short of rows adds zero gradients), and a minibatch's loss is the
         # token mean over all processes' rows (gradients summed, each scaled by the global token count).
         minibatches = distributed.all_max(math.ceil(rows / settings.minibatch))
+        aggregation = settings.loss_aggregation
         for _ in range(settings.ppo_epochs):
             if self.group > 1:  # minibatches and micro-batches hold whole groups (their prompt runs once)
                 groups = torch.randperm(rows // self.group, generator=generator).tolist()
@@ -288,6 +289,9 @@ class PPOTrainer(SharedPassChecks, StepFigures):
             for start in range(0, minibatches * settings.minibatch, settings.minibatch):
                 minibatch = order[start:start + settings.minibatch]
                 minibatch_tokens = float(distributed.all_sum(exp.mask[minibatch].sum()).clamp(min=1.0))
+                # the policy loss's micro-batches weigh by their tokens or (a per-row aggregation) their rows
+                minibatch_weight = (float(distributed.all_sum(torch.tensor(float(len(minibatch)))).clamp(min=1.0))
+                                    if aggregation.per_row else minibatch_tokens)
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(minibatch), settings.batch_size):
                     micro = minibatch[micro_start:micro_start + settings.batch_size]
@@ -297,17 +301,18 @@ class PPOTrainer(SharedPassChecks, StepFigures):
                         out["values"] = self._values(exp.rollouts, micro, exp.prefixes)[0]["values"]
                     mask = exp.mask[micro, :t].to(self.device)
                     share = float(mask.sum()) / minibatch_tokens
+                    policy_share = float(aggregation.weight(mask)) / minibatch_weight
                     old = (out["logps"].detach() if exp.old_logps is None
                            else exp.old_logps[micro, :t].to(self.device))
                     ref = exp.ref_logps[micro, :t].to(self.device)
                     policy_loss, clip_fraction, approx_kl = ppo_policy_loss(
-                        out["logps"], old, exp.advantages[micro, :t].to(self.device), mask, settings.clip)
+                        out["logps"], old, exp.advantages[micro, :t].to(self.device), mask, settings.policy)
                     if exp.old_logps is None:  # on-policy: the sampling-time figures come from this pass
                         exp.record_update_logps(micro, t, old)
                         add("kl_per_token", masked_mean(kl_per_token(old, ref, FIGURE_ESTIMATOR), mask), share)
                         add("entropy", masked_mean(out["entropy"], mask), share)
-                    loss = policy_loss
-                    add("policy_loss", policy_loss.detach(), share)
+                    loss = policy_loss if policy_share == share else policy_loss * (policy_share / max(share, 1e-12))
+                    add("policy_loss", policy_loss.detach(), policy_share)
                     add("clip_fraction", clip_fraction, share)
                     add("approx_kl", approx_kl, share)
                     if self.value_head is not None:

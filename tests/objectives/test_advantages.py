@@ -10,7 +10,7 @@ from align.errors import ConfigError
 from align.config.loading import validate_recipe
 from align.objectives.advantages import (ADVANTAGE_ESTIMATORS, AdvantageBatch, AdvantageSettings, advantage_estimator,
                                          gae, group_advantages, last_positions, leave_one_out_advantages,
-                                         register_advantage_estimator)
+                                         register_advantage_estimator, reward_to_go)
 
 
 def test_gae_by_hand_and_padding_changes_nothing():
@@ -54,10 +54,29 @@ def test_the_registered_estimators_shape_the_reward_with_the_kl_penalty():
     assert grpo.tolist() == [[0.5, 0.5, 0.0], [-0.5, -0.5, -0.5]]
 
 
+def test_reinforce_pp_normalises_the_per_token_returns_over_the_batch():
+    """Token rewards (score at the last token, -0.5 * KL at each): [-0.5, 0.5 | pad] and [0, -1, 0]. Returns
+    to go (gamma 1): [0, 0.5] and [-1, -1, 0]; over the 5 tokens mean -0.3, variance
+    (0.09 + 0.64 + 0.49 + 0.49 + 0.09) / 5 = 0.36, std 0.6."""
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    batch = AdvantageBatch(scores=torch.tensor([1.0, 0.0]), kl=torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 0.0]]),
+                           kl_coef=0.5, mask=mask)
+    settings = AdvantageSettings(estimator="reinforce_pp", gamma=1.0, lam=0.95, group_size=1, group_scale=False,
+                                 whiten=False)
+    advantages, returns = advantage_estimator("reinforce_pp")(batch, settings)
+    expected = [[(0 + 0.3) / 0.6, (0.5 + 0.3) / 0.6, 0.0], [(-1 + 0.3) / 0.6, (-1 + 0.3) / 0.6, (0 + 0.3) / 0.6]]
+    torch.testing.assert_close(advantages, torch.tensor(expected), atol=1e-5, rtol=0)
+    assert returns is None  # no critic to train
+    discounted = reward_to_go(torch.tensor([[0.0, 0.0, 1.0]]), torch.ones(1, 3), gamma=0.5)
+    assert discounted.tolist()[0] == pytest.approx([0.25, 0.5, 1.0])
+
+
 def test_each_estimator_says_what_it_needs():
     needs = {name: (e.needs_critic, e.needs_groups) for name, e in ADVANTAGE_ESTIMATORS.items()}
-    assert needs == {"gae": (True, False), "grpo": (False, True), "rloo": (False, True)}
-    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'; expected one of 'gae', 'grpo' or 'rloo'"):
+    assert needs == {"gae": (True, False), "grpo": (False, True), "rloo": (False, True),
+                     "reinforce_pp": (False, False)}
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'; expected one of 'gae', 'grpo', 'rloo' "
+                                         "or 'reinforce_pp'"):
         advantage_estimator("ppo")
 
 
@@ -121,7 +140,7 @@ def test_an_unregistered_estimator_is_refused_at_its_yaml_path_with_the_known_na
     with pytest.raises(ConfigError) as err:
         _ppo_stage(estimator="batch_baseline")
     assert [str(p) for p in err.value.problems] == [
-        "stages.ppo.estimator: expected one of 'gae', 'grpo' or 'rloo', got \"batch_baseline\""]
+        "stages.ppo.estimator: expected one of 'gae', 'grpo', 'rloo' or 'reinforce_pp', got \"batch_baseline\""]
 
 
 def test_a_grouped_estimator_still_needs_several_samples_per_prompt():

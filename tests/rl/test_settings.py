@@ -52,3 +52,38 @@ def test_the_mismatch_limit_is_carried_and_left_out_of_the_dump_while_unset():
     assert PPOSettings.from_stage(limited).max_logprob_mismatch == 0.5
     assert "max_logprob_mismatch" not in unset.model_dump(by_alias=True)
     assert limited.model_dump(by_alias=True)["max_logprob_mismatch"] == 0.5
+
+
+def test_the_policy_loss_keys_are_carried_with_the_clip_bounds_defaulting_to_clip():
+    plain = PPOSettings.from_stage(_stage(clip=0.3))
+    assert dataclasses.astuple(plain.policy) == ("ppo", 0.3, 0.3, "token_mean", 64)
+    chosen = PPOSettings.from_stage(_stage(policy_loss="gspo", samples_per_prompt=2, rollout_batch=8, minibatch=8,
+                                           loss_aggregation="constant", clip_low=0.1, clip_high=0.28,
+                                           generation={"max_new_tokens": 32}))
+    assert dataclasses.astuple(chosen.policy) == ("gspo", 0.1, 0.28, "constant", 32)
+    assert chosen.policy_loss.sequence_level and chosen.loss_aggregation.per_row
+
+
+def test_the_new_policy_loss_keys_are_left_out_of_the_dump_at_their_defaults():
+    """The stage dump is hashed into run fingerprints: without the keys it is the dump of before they existed."""
+    keys = {"policy_loss", "loss_aggregation", "clip_low", "clip_high"}
+    assert not keys & set(_stage().model_dump(by_alias=True))
+    dump = _stage(policy_loss="cispo", loss_aggregation="sequence_mean", clip_low=0.2, clip_high=5.0).model_dump(
+        by_alias=True)
+    assert {key: dump[key] for key in keys} == {"policy_loss": "cispo", "loss_aggregation": "sequence_mean",
+                                                "clip_low": 0.2, "clip_high": 5.0}
+
+
+def test_the_plan_refuses_gspo_with_one_sample_and_non_positive_clip_bounds():
+    from align.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="policy_loss gspo is made for several samples of a prompt: set "
+                                          "samples_per_prompt >= 2"):
+        _stage(policy_loss="gspo")
+    with pytest.raises(ConfigError) as err:
+        _stage(clip_low=0.0, clip_high=-1.0)
+    assert "clip_low must be > 0, got 0.0" in str(err.value) and "clip_high must be > 0, got -1.0" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        _stage(policy_loss="dapo")
+    assert [str(p) for p in err.value.problems] == [
+        "stages.ppo.policy_loss: expected one of 'ppo', 'gspo' or 'cispo', got \"dapo\""]
