@@ -128,9 +128,9 @@ def _partial_recipe(raw: dict, names: list[str], source: str | None, workdir: st
     bodies = raw.get("stages") if isinstance(raw.get("stages"), dict) else {}
     if not isinstance(raw.get("stages"), dict):
         broken_top.add("stages")
-    stages, broken = {}, {}
+    stages, broken, kinds = {}, {}, stage_config_types()
     for name, body in bodies.items():
-        model = stage_config_types().get(body.get("kind")) if isinstance(body, dict) else None
+        model = kinds.get(body.get("kind")) if isinstance(body, dict) else None
         if model is not None:
             stages[name], broken[f"stages.{name}"] = _valid_block(model, body)
     settings, broken["eval"] = EvalSettings(), set()
@@ -194,9 +194,10 @@ def _cross_field_problems(raw: dict, errors: list[dict], found: list[Problem]) -
             bad.setdefault(loc[1], []).append(loc[2:])
     seen = {str(p) for p in found}
     extra: list[Problem] = []
+    kinds = stage_config_types()
     for name, locs in bad.items():
         body = stages[name]
-        model = stage_config_types().get(body.get("kind"))
+        model = kinds.get(body.get("kind"))
         if model is not None:
             for problem in _after_checks(model, body, ("stages", name), locs):
                 if str(problem) not in seen:
@@ -279,7 +280,7 @@ def _merge_defaults_and_kinds(raw: dict, problems: list[Problem], inherited: dic
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
         defaults = {}
-    merged = {}
+    merged, kinds = {}, stage_config_types()
     for name, body in stages.items():
         if body is None:
             body = {}
@@ -288,7 +289,6 @@ def _merge_defaults_and_kinds(raw: dict, problems: list[Problem], inherited: dic
             continue
         body = dict(body)
         kind = body.get("kind", name)
-        kinds = stage_config_types()
         if kind not in kinds:
             known = ", ".join(kinds)
             where = f"stages.{name}.kind" if "kind" in body else f"stages.{name}"

@@ -147,8 +147,7 @@ class Reward(Stage):
                                callbacks=callbacks)
         result, timings = train_and_time(ctx, trainer, self.resume_from, callbacks)
         model = trained_model(trainer, lambda: build_model(ctx, self.tokenizer)[0])  # None on other processes
-        if model is not None:
-            model.reward_pooling = cfg.pooling
+        if model is not None:  # its pooling set where it was built (`build_model`)
             model.eval()
         return Trained(model, logged_history(trainer), timings, result.training_loss)
 

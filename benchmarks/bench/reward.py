@@ -28,8 +28,7 @@ def run(side: str, work: Workload, stage: StageWork, folder: Path) -> dict:
         from align.stages.hf_training import training_arguments
 
         cfg = ctx.config
-        model, _ = reward.build_model(ctx, tokenizer)
-        model.reward_pooling = cfg.pooling
+        model, _ = reward.build_model(ctx, tokenizer)  # with the stage's pooling
         args = TrainingArguments(**training_arguments(ctx, model, "no", None), label_names=[])
         trainer = reward.make_trainer(cfg.loss, cfg.center_coef, cfg.group_by_length, cfg.max_pass_tokens,
                                       model=model, args=args,

@@ -139,7 +139,8 @@ def test_a_run_without_report_writes_metrics_jsonl_and_no_tensorboard_folder(tmp
     assert "report" not in entry.manifest["config"] and "tracking" not in entry.manifest["config"]
 
 
-def test_a_resumed_run_logs_each_step_once(tmp_path, tiny_base, monkeypatch):
+def _run_killed_at_step_4(folder: Path, base, stage: dict, monkeypatch) -> None:
+    """Run an SFT stage that dies at the first micro-batch of step 4 (after checkpoint-2 was written)."""
     import align.stages.callbacks as callbacks
 
     real = callbacks.check_finite
@@ -152,10 +153,14 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, tiny_base, monkeypatch):
             raise Crash("killed at step 4")
         real(value, step)
 
-    stage = {"report": "tensorboard", "max_steps": 5}
     monkeypatch.setattr(callbacks, "check_finite", crash_at_step_4)
     with pytest.raises(Crash):
-        _run(tmp_path, tiny_base, "sft", stage)
+        _run(folder, base, "sft", stage)
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path, tiny_base, monkeypatch):
+    stage = {"report": "tensorboard", "max_steps": 5}
+    _run_killed_at_step_4(tmp_path, tiny_base, stage, monkeypatch)
     run_dir = tmp_path / "runs" / "tiny" / "sft"
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]  # checkpoint-2 saved
     monkeypatch.undo()
@@ -172,21 +177,7 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, tiny_base, monkeypatch):
 def test_a_run_interrupted_without_a_tracker_resumes_with_one(tmp_path, tiny_base, monkeypatch):
     """`report` says how a run is watched, not what it trains: adding it to an interrupted run resumes the
     run (its fingerprint leaves the key out) instead of refusing it as another config."""
-    import align.stages.callbacks as callbacks
-
-    real = callbacks.check_finite
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_step_4(value: float, step: int) -> None:
-        if step == 4:
-            raise Crash("killed at step 4")
-        real(value, step)
-
-    monkeypatch.setattr(callbacks, "check_finite", crash_at_step_4)
-    with pytest.raises(Crash):
-        _run(tmp_path, tiny_base, "sft", {"max_steps": 5})
+    _run_killed_at_step_4(tmp_path, tiny_base, {"max_steps": 5}, monkeypatch)
     monkeypatch.undo()
     entry = _run(tmp_path, tiny_base, "sft", {"max_steps": 5, "report": "tensorboard"})
     assert entry.manifest["timings"]["resumed_from"].endswith("checkpoint-2")
