@@ -59,7 +59,10 @@ class DPOStage(StageBase, PreferenceData):
 
     `reference` (reference-based losses): `precomputed` log-probs from one pass before training (no model
     kept; the cheapest), `adapter_disabled` (LoRA/QLoRA: the same weights with the adapter switched off),
-    `copy` (a frozen second copy), or `auto` = precomputed."""
+    `copy` (a frozen second copy), `frozen_prefix` (LoRA/QLoRA with `freeze_layers`: each step runs the
+    frozen bottom blocks once for both and the top blocks with the adapter switched off; no pass before
+    training), or `auto`: frozen_prefix where it costs less than precomputed (`align.stages.dpo.chosen_reference`),
+    else precomputed."""
 
     kind: Literal["dpo"] = "dpo"
     beta: float = Field(0.1, gt=0)
@@ -70,7 +73,7 @@ class DPOStage(StageBase, PreferenceData):
     # Adds rpo_alpha * the chosen responses' per-token NLL (RPO, Pang et al. 2024): keeps DPO from lowering
     # the likelihood of the preferred answers along with the rejected ones (which can cost EOS and format).
     rpo_alpha: float = Field(0.0, ge=0)
-    reference: Literal["auto", "adapter_disabled", "copy", "precomputed"] = "auto"
+    reference: Literal["auto", "adapter_disabled", "copy", "precomputed", "frozen_prefix"] = "auto"
 
     @model_validator(mode="after")
     def _consistent(self) -> "DPOStage":
@@ -85,9 +88,12 @@ class DPOStage(StageBase, PreferenceData):
             conflicts.append(f"label_smoothing applies to the {' and '.join(smoothed)} losses, not {self.loss}")
         if loss.reference_free and self.reference not in ("auto",):
             conflicts.append(f"loss {self.loss} is reference-free; remove reference: {self.reference}")
-        if self.reference == "adapter_disabled" and self.method == "full":
-            conflicts.append("reference adapter_disabled needs method lora or qlora (full fine-tuning has no "
+        if self.reference in ("adapter_disabled", "frozen_prefix") and self.method == "full":
+            conflicts.append(f"reference {self.reference} needs method lora or qlora (full fine-tuning has no "
                              "adapter to switch off); use precomputed or copy")
+        if self.reference == "frozen_prefix" and not self.freeze_layers:
+            conflicts.append("reference frozen_prefix needs freeze_layers > 0 (the frozen bottom blocks are what "
+                             "the policy and the reference share)")
         raise_conflicts(conflicts)
         return self
 

@@ -48,15 +48,22 @@ def head_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                   groups: list[list[int]] | None = None,
-                   position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   groups: list[list[int]] | None = None, position_ids: torch.Tensor | None = None,
+                   prefix: torch.Tensor | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probs of the labelled tokens [B], number of labelled tokens [B]) for right-padded rows.
     `labels` is `input_ids` with unscored positions set to -100; position t is predicted from t - 1.
     `groups`: rows sharing their prompt (the unlabelled start), run once per group where they do
     (`align.models.shared_prompt`; e.g. `pair_groups` for a batch of chosen then rejected rows). `position_ids`
-    without an attention mask: packed rows (`align.data.packing`), sums per row, not per conversation."""
+    without an attention mask: packed rows (`align.data.packing`), sums per row, not per conversation.
+    `prefix`/`start`: begin at block `start` from the hidden states entering it (`frozen_prefix_states`)."""
     trunk, head = causal_parts(model)
-    hidden = _shared_hidden(model, input_ids, attention_mask, labels, groups) if groups else None
+    if prefix is not None:
+        with _blocks(trunk, start, None, final_norm=True):
+            hidden = _shared_hidden(model, input_ids, attention_mask, labels, groups, prefix) if groups else None
+            if hidden is None:
+                hidden = trunk(inputs_embeds=prefix, attention_mask=attention_mask).last_hidden_state
+    else:
+        hidden = _shared_hidden(model, input_ids, attention_mask, labels, groups) if groups else None
     if hidden is None and position_ids is not None:
         hidden = trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
     elif hidden is None:
@@ -100,13 +107,21 @@ SPLITTABLE = {"llama", "mistral", "qwen2", "qwen3"}  # decoder stacks whose forw
 def _blocks(trunk, start: int, stop: int | None, final_norm: bool):
     """Temporarily keep only blocks [start, stop) of a decoder stack (and drop its final norm)."""
     layers, norm = trunk.layers, trunk.norm
-    trunk.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    kept = list(layers)[start:stop]
+    trunk.layers = torch.nn.ModuleList(kept)
     if not final_norm:
         trunk.norm = torch.nn.Identity()
+    # A KV cache is indexed by each attention's `layer_idx`, and its length read at index 0: the kept blocks
+    # are numbered from 0 while they run alone (`frozen_prefix_states` shares prompts through a cache).
+    numbered = [(m, m.layer_idx) for block in kept for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    for module, index in numbered:
+        module.layer_idx = index - start
     try:
         yield
     finally:
         trunk.layers, trunk.norm = layers, norm
+        for module, index in numbered:
+            module.layer_idx = index
 
 
 def can_split(model) -> bool:
@@ -120,6 +135,19 @@ def prefix_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     trunk, _ = causal_parts(model)
     with _blocks(trunk, 0, blocks, final_norm=False):
         return trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def frozen_prefix_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                         groups: list[list[int]] | None, blocks: int) -> torch.Tensor:
+    """The hidden states entering block `blocks`, for right-padded rows (zeros at padding), each group's
+    prompt run once where the rows share it: the frozen bottom blocks' output, the same for a policy and its
+    adapter-disabled reference, so both start their top blocks from it (`sequence_logps(prefix=...)`)."""
+    trunk, _ = causal_parts(model)
+    with _blocks(trunk, 0, blocks, final_norm=False):
+        hidden = _shared_hidden(model, input_ids, attention_mask, labels, groups) if groups else None
+        if hidden is None:
+            hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden
 
 
 def trunk_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: torch.Tensor | None = None,
@@ -173,11 +201,11 @@ def grouped_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return hidden[:, :-1]
 
 
-def _shared_hidden(model, input_ids, attention_mask, labels, groups) -> torch.Tensor | None:
+def _shared_hidden(model, input_ids, attention_mask, labels, groups, states=None) -> torch.Tensor | None:
     trunk, _ = causal_parts(model)
     labelled = labels != IGNORE
     starts = torch.where(labelled.any(dim=1), labelled.int().argmax(dim=1), 0).tolist()  # prompt lengths
-    return shared_prompt_states(trunk, input_ids, attention_mask, starts, groups)
+    return shared_prompt_states(trunk, input_ids, attention_mask, starts, groups, states)
 
 
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,

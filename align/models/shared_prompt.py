@@ -51,12 +51,21 @@ def _split(input_ids: torch.Tensor, lengths: list[int], starts: list[int],
     return prompts, responses
 
 
+def _pad_states(rows: list[torch.Tensor], left: bool) -> torch.Tensor:
+    """[n, width, H] from rows of [length, H], zero-padded on the left or the right."""
+    width = max(r.size(0) for r in rows)
+    pad = [(0, 0, width - r.size(0), 0) if left else (0, 0, 0, width - r.size(0)) for r in rows]
+    return torch.stack([torch.nn.functional.pad(r, p) for r, p in zip(rows, pad)])
+
+
 def shared_prompt_states(trunk, input_ids: torch.Tensor, attention_mask: torch.Tensor, starts: list[int],
-                         groups: list[list[int]]) -> torch.Tensor | None:
+                         groups: list[list[int]], states: torch.Tensor | None = None) -> torch.Tensor | None:
     """`trunk(input_ids, attention_mask).last_hidden_state` for right-padded rows (zeros at padding), with
     each group's prompt (its rows' first `starts[row]` tokens, identical within a group) computed once.
     Groups must all have the same size k >= 2, and every row a response after its prompt. Returns None when
-    the rows do not fit that shape (a prompt differs, a response is empty): the caller runs the plain pass."""
+    the rows do not fit that shape (a prompt differs, a response is empty): the caller runs the plain pass.
+    `states` [B, L, H]: the hidden states entering the trunk's first block, in the plain layout, instead of
+    the token embeddings (a trunk cut to its top blocks, `align.models.logprobs.top_blocks`)."""
     from transformers import DynamicCache
 
     if trunk.training and any(getattr(m, "gradient_checkpointing", False) for m in trunk.modules()):
@@ -71,14 +80,20 @@ def shared_prompt_states(trunk, input_ids: torch.Tensor, attention_mask: torch.T
     device = input_ids.device
     prompt_ids, prompt_mask = (t.to(device) for t in pad_left(prompts, 0))
     response_ids, response_mask = (t.to(device) for t in pad_right(responses, 0))
+    if states is None:
+        prompt_input, response_input = {"input_ids": prompt_ids}, {"input_ids": response_ids}
+    else:  # the same rows' incoming states, cut and padded the same way
+        prompt_input = {"inputs_embeds": _pad_states([states[g[0], : starts[g[0]]] for g in groups], left=True)}
+        response_input = {"inputs_embeds": _pad_states([states[row, starts[row]: lengths[row]]
+                                                         for g in groups for row in g], left=False)}
     cache = DynamicCache()
     cached = {cache_argument(trunk): cache, "use_cache": True}
-    prompt_out = trunk(input_ids=prompt_ids, attention_mask=prompt_mask, **cached,
+    prompt_out = trunk(**prompt_input, attention_mask=prompt_mask, **cached,
                        position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0)).last_hidden_state
     cache.batch_repeat_interleave(k)
     prompt_width = prompt_ids.size(1)
     group_starts = torch.tensor([starts[g[0]] for g in groups], device=device)
-    response_out = trunk(input_ids=response_ids, **cached,
+    response_out = trunk(**response_input, **cached,
                          attention_mask=torch.cat([prompt_mask.repeat_interleave(k, dim=0), response_mask], dim=1),
                          position_ids=group_starts.repeat_interleave(k)[:, None]
                          + torch.arange(response_ids.size(1), device=device)[None, :]).last_hidden_state

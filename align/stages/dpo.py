@@ -35,7 +35,7 @@ from align.data.sampling import pad_right
 from align.data.tokenize import IGNORE, EncodedPair
 from align.eval.hook import evaluate_model
 from align.eval.plots import margin_histogram_png
-from align.models.logprobs import sequence_logps
+from align.models.logprobs import frozen_prefix_states, sequence_logps
 from align.models.shared_prompt import pair_groups
 from align.objectives.preference import PairLogps
 from align.objectives.preference import preference_loss as registered_loss
@@ -54,10 +54,35 @@ log = logging.getLogger(__name__)
 
 
 def reference_mode(cfg) -> str | None:
-    """How the stage gets reference log-probs: None for reference-free losses (`align.objectives.preference`)."""
+    """How the stage gets reference log-probs, as configured: None for reference-free losses
+    (`align.objectives.preference`); `auto` is `precomputed` until `chosen_reference` sees the model."""
     if registered_loss(cfg.loss).reference_free:
         return None
     return "precomputed" if cfg.reference == "auto" else cfg.reference
+
+
+def chosen_reference(cfg, model, peft_cfg, train_pairs: int, run_dir) -> str | None:
+    """`reference_mode`, with `auto` made `frozen_prefix` where that costs less than the precomputed pass.
+
+    Per pair, in blocks run (L blocks, the bottom N frozen, M = L - N trained, E epochs): the precomputed
+    reference costs L once, then E * (L + 2M) for training; computed in each step from the frozen prefix,
+    E * (N + M + M + 2M) = E * (L + 3M). So the prefix wins when E * M < L (one epoch with 14 of 30 blocks
+    frozen: 78 against 92), and it trains from the first second: a time limit that cuts the epoch wastes no
+    reference work. A run folder that already holds precomputed (or per-step) reference figures keeps its mode."""
+    from align.models.logprobs import can_split
+    from align.stages.dpo_reference import SWITCHED_FILE
+
+    mode = reference_mode(cfg)
+    if cfg.reference != "auto" or mode is None or peft_cfg is None or not cfg.freeze_layers or not can_split(model):
+        return mode
+    if (run_dir / "reference_logps.pt").is_file() or (run_dir / SWITCHED_FILE).is_file():
+        return mode
+    blocks = model.config.num_hidden_layers
+    epochs = cfg.epochs
+    if cfg.max_steps:
+        epochs = min(epochs, cfg.max_steps * cfg.batch_size * cfg.grad_accum * distributed.world_size()
+                     / max(train_pairs, 1))
+    return "frozen_prefix" if epochs * (blocks - cfg.freeze_layers) < blocks else mode
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -120,28 +145,39 @@ def make_trainer(cfg, mode: str | None, ref_model=None, **kwargs):
     class PreferenceTrainer(PairBatchesMixin, Trainer):
         group_by_length = cfg.group_by_length
 
-        def batch_logps(self, model, inputs):
+        def batch_logps(self, model, inputs, prefix=None):
             # sequence_logps calls the trunk and head directly, past the autocast accelerate wraps around
             # model.forward, so mixed precision is entered here.
             # Through the wrapper's forward under several processes (`distributed.call_through`).
+            top = {} if prefix is None else {"prefix": prefix, "start": cfg.freeze_layers}
             with self.accelerator.autocast():
-                return distributed.call_through(model, sequence_logps, inputs["input_ids"],
-                                                inputs["attention_mask"], inputs["labels"],
-                                                pair_groups(len(inputs["input_ids"])))  # one prompt pass a pair
+                return distributed.call_through(
+                    model, lambda m, *args: sequence_logps(m, *args, **top), inputs["input_ids"],
+                    inputs["attention_mask"], inputs["labels"], pair_groups(len(inputs["input_ids"])))
 
-        def reference(self, model, inputs):
+        def frozen_prefix(self, model, inputs):
+            """The frozen bottom blocks' output, once for the policy and its reference (`frozen_prefix`)."""
+            if mode != "frozen_prefix":
+                return None
+            inner = self.accelerator.unwrap_model(model)
+            with torch.no_grad(), self.accelerator.autocast():
+                return frozen_prefix_states(inner, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
+                                            pair_groups(len(inputs["input_ids"])), cfg.freeze_layers)
+
+        def reference(self, model, inputs, prefix=None):
             if mode in (None, "precomputed"):
                 return inputs["reference"]
             with torch.no_grad():
-                if mode == "adapter_disabled":  # no gradients: the unwrapped model, outside DDP
+                if mode in ("adapter_disabled", "frozen_prefix"):  # no gradients: the unwrapped model, outside DDP
                     inner = self.accelerator.unwrap_model(model)
                     with inner.disable_adapter():
-                        return self.batch_logps(inner, inputs)[0]
+                        return self.batch_logps(inner, inputs, prefix)[0]
                 return self.batch_logps(ref_model, inputs)[0]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            reference = self.reference(model, inputs)
-            logp, counts = self.batch_logps(model, inputs)
+            prefix = self.frozen_prefix(model, inputs)
+            reference = self.reference(model, inputs, prefix)
+            logp, counts = self.batch_logps(model, inputs, prefix)
             loss, chosen, rejected = preference_loss(cfg, logp, counts, reference)
             if model.training:
                 check_finite(float(loss.detach()), self.state.global_step + 1)
@@ -230,7 +266,7 @@ class DPO(Stage):
         measured once up front for every mode that has a reference."""
         ctx, cfg, data, model = self.ctx, self.cfg, self.data, self.model
         pad_id = self.tokenizer.pad_token_id
-        mode = reference_mode(cfg)
+        mode = chosen_reference(cfg, model, self.peft_cfg, len(data.train), ctx.run_dir)
         ref_model, reference = None, {"train": None, "heldout": None}
         if mode == "precomputed":
             may_switch = (cfg.reference == "auto" and self.peft_cfg is not None and distributed.world_size() == 1
@@ -241,11 +277,12 @@ class DPO(Stage):
                 mode, reference = "adapter_disabled", {"train": None, "heldout": None}
         elif mode == "copy":
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        if mode in ("adapter_disabled", "copy"):
-            with (model.disable_adapter() if mode == "adapter_disabled" else contextlib.nullcontext()):
+        if mode in ("adapter_disabled", "frozen_prefix", "copy"):
+            with (contextlib.nullcontext() if mode == "copy" else model.disable_adapter()):
                 reference["heldout"] = sharded_pair_logps(ref_model or model, data.heldout, pad_id,
                                                           cfg.batch_size * 2)
         log.info("%s: reference %s", ctx.entry_name, mode or "none (reference-free loss)")
+        self.reference_used = mode
         return mode, ref_model, reference
 
     def train(self) -> Trained:
@@ -287,5 +324,5 @@ class DPO(Stage):
         parts.files.append(lambda folder: margin_histogram_png(self.margins, folder / "margin_histogram.png", title))
         parts.manifest.update({**self.baseline_manifest(self.baseline),
                                "preference": {"loss": self.cfg.loss, "beta": self.cfg.beta,
-                                              "reference": reference_mode(self.cfg)}})
+                                              "reference": self.reference_used}})
         return parts

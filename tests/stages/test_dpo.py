@@ -179,6 +179,7 @@ def test_template_mismatch_allowed_when_overridden(tmp_path, tiny_base):
     ({"loss": "ipo", "label_smoothing": 0.1}, "label_smoothing"),
     ({"loss": "simpo", "reference": "copy"}, "reference-free"),
     ({"method": "full", "reference": "adapter_disabled"}, "adapter_disabled"),
+    ({"reference": "frozen_prefix"}, "freeze_layers > 0"),
     ({"beta": 0}, "beta"),
 ])
 def test_bad_settings_are_named(tmp_path, tiny_base, stage, key):
@@ -284,3 +285,29 @@ def test_a_reference_pass_the_budget_cannot_hold_switches_to_the_per_step_refere
 def test_a_budget_that_holds_the_reference_pass_keeps_it_precomputed(tmp_path, tiny_base):
     recipe, registry, entry = _train(tmp_path, tiny_base, {"time_limit_minutes": 30, "batch_size": 4})
     assert entry.manifest["timings"]["reference"] == "precomputed"
+
+
+def test_the_reference_from_the_frozen_prefix_trains_as_the_adapter_disabled_one(tmp_path, tiny_base):
+    """`frozen_prefix`: the bottom block runs once a step for policy and reference, the reference's top block
+    is the policy's with the adapter off: the same losses and weights as the full adapter-disabled pass
+    (fp32), and no reference pass before training."""
+    stage = {"freeze_layers": 1, "mixed_precision": "no", "max_steps": 8}
+    runs = {mode: _train(tmp_path / mode, tiny_base, {**stage, "reference": mode})
+            for mode in ("adapter_disabled", "frozen_prefix")}
+    entries = {mode: entry for mode, (_, _, entry) in runs.items()}
+    losses = {m: [h["loss"] for h in e.manifest["history"] if "loss" in h] for m, e in entries.items()}
+    assert len(losses["frozen_prefix"]) > 1 and losses["frozen_prefix"] == pytest.approx(losses["adapter_disabled"],
+                                                                                         abs=1e-5)
+    assert losses["frozen_prefix"][-1] < losses["frozen_prefix"][0]
+    for mode, entry in entries.items():
+        assert entry.manifest["timings"]["reference"] == mode == entry.manifest["preference"]["reference"]
+    metrics = {m: e.manifest["metrics"]["preference_accuracy"] for m, e in entries.items()}
+    assert metrics["frozen_prefix"] == metrics["adapter_disabled"]
+    assert not (tmp_path / "frozen_prefix" / "runs" / "tiny" / "dpo" / "reference_logps.pt").exists()
+
+
+def test_auto_takes_the_frozen_prefix_where_it_costs_less_than_the_precomputed_pass(tmp_path, tiny_base):
+    """Half an epoch with 1 of 2 blocks frozen: 0.5 * 1 < 2 blocks, so no pass over every pair first."""
+    _, _, entry = _train(tmp_path, tiny_base, {"freeze_layers": 1, "max_steps": 3, "batch_size": 8})
+    assert entry.manifest["timings"]["reference"] == "frozen_prefix"
+    assert not (tmp_path / "runs" / "tiny" / "dpo" / "reference_logps.pt").exists()
