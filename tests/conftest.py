@@ -1,5 +1,5 @@
 """Shared fixtures: the two tiny tokenizers (built once per session), a registry in a temp folder, a tiny
-model folder usable as a recipe `base`, and a factory for small SFT recipes over it."""
+model folder usable as a recipe `base`, a tiny generative judge, and a factory for small SFT recipes over it."""
 
 from __future__ import annotations
 
@@ -131,3 +131,23 @@ def tiny_reward(tiny_base):
         return register_tiny_reward(registry, tiny_base, name, seed)
 
     return make
+
+
+JUDGE_WORDS = ["Yes", "No", "yes", "10"]  # the tiny BPE has none of them as one token ("no" it has)
+
+
+def save_tiny_judge(folder: Path, seed: int = 3) -> Path:
+    """A tiny causal LM whose tokenizer has one-token Yes/No (two spellings each) and 10, saved as a local
+    model folder: a generative judge (`align.rewards.judge`) for tests."""
+    from align.models.tiny import make_model, make_tokenizer
+
+    tokenizer = make_tokenizer("chatml")
+    tokenizer.add_tokens(JUDGE_WORDS)
+    make_model(tokenizer, seed=seed, hidden=64).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_judge(tmp_path_factory) -> Path:
+    return save_tiny_judge(tmp_path_factory.mktemp("judge") / "judge")

@@ -42,6 +42,18 @@ def _print_tracking(tracking: dict) -> None:
     if tracking.get("tensorboard"):
         print(f"tensorboard: {tracking['tensorboard']}  (tensorboard --logdir {shlex.quote(tracking['tensorboard'])})",
               file=sys.stderr)
+    wandb = tracking.get("wandb") or {}
+    if wandb.get("url"):
+        print(f"wandb: {wandb['url']}", file=sys.stderr)
+    elif wandb.get("dir"):
+        folders = " ".join(shlex.quote(folder) for folder in wandb.get("dirs") or [wandb["dir"]])
+        print(f"wandb: offline run {wandb.get('run_id')} in {wandb['dir']}  (wandb sync {folders})", file=sys.stderr)
+    mlflow = tracking.get("mlflow") or {}
+    if mlflow.get("tracking_uri"):
+        uri = mlflow["tracking_uri"]
+        allow = "MLFLOW_ALLOW_FILE_STORE=true " if uri.startswith("file:") else ""  # MLflow 3 asks for it
+        print(f"mlflow: run {mlflow.get('run_id')} in {uri}  ({allow}mlflow ui --backend-store-uri {shlex.quote(uri)})",
+              file=sys.stderr)
 
 
 def _models_list(registry, recipe: str | None = None, kind: str | None = None, name: str | None = None) -> int:

@@ -127,7 +127,8 @@ def add_run(sub) -> None:
                       "more steps (with a higher max_steps or epochs) from its last checkpoint, optimizer state "
                       "and schedule position kept; registers a new version that records the entry it continues")
     p.add_argument("--report", metavar="TRACKERS", help="log every stage to these trackers, overriding the recipe's "
-                   "`report`: tensorboard, or none (comma-separated for several); metrics.jsonl is always written")
+                   "`report`: tensorboard, wandb, mlflow, or none (comma-separated for several); metrics.jsonl is always "
+                   "written")
     scale = p.add_argument_group("several processes (re-runs this command under `accelerate launch`)")
     scale.add_argument("--nproc", type=_positive, default=1, help="processes in all (all machines together)")
     scale.add_argument("--engine", help="ddp (default with --nproc), fsdp, zero2, zero3 (DeepSpeed), or an accelerate "

@@ -16,12 +16,13 @@ import functools
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, PrivateAttr, create_model
+from pydantic import Field, PrivateAttr, create_model, model_validator
 
 from align.config.schema import (
     NAME_PATTERN,
     DataSpec,
     GenerationSettings,
+    JudgeSettings,
     LoraSettings,
     QuantSettings,
     StageBase,
@@ -66,9 +67,10 @@ class EvalSettings(Strict):
     `prompts` rows hold a `prompt` (text or messages) and, for checkers, an `answer`; `data` holds
     demonstrations for loss and perplexity (default: the SFT stage's held-out split). Metrics (registered in
     `align.eval.metrics`; `metrics` and `checkers` may also name user code, `module:function`): loss,
-    perplexity, checkers, samples, reward (scores of the responses by `reward_model`: a reward entry ref
-    or a reward stage of this recipe), win_rate (against the responses of `against`: a ref,
-    a stage of this recipe or `base`, the default; judged by `reward_model`, ties count half), length,
+    perplexity, checkers, samples, reward (scores of the responses by the judge: `reward_model`, a reward
+    entry ref or a reward stage of this recipe; or `judge`, a causal LM that answers a rubric,
+    `align.rewards.judge`), win_rate (against the responses of `against`: a ref, a stage of this recipe or
+    `base`, the default; judged by the same judge, ties count half), length,
     repetition (distinct-1/2) and speed (time to first token, time per output token, tokens/s, one prompt at
     a time over `speed_prompts` prompts)."""
 
@@ -81,8 +83,16 @@ class EvalSettings(Strict):
     samples: int = Field(3, ge=0)
     batch_size: int = Field(16, gt=0)
     reward_model: str | None = None
+    judge: JudgeSettings | None = None
     against: str | None = None
     speed_prompts: int = Field(3, gt=0)
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> "EvalSettings":
+        if self.reward_model is not None and self.judge is not None:
+            raise ValueError("give one judge: `reward_model` (a reward entry) or `judge` (a causal LM with a "
+                             "rubric), not both")
+        return self
 
 
 class Recipe(Strict):

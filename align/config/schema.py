@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 
@@ -114,35 +114,74 @@ class Gate(Strict):
     min_accuracy: float = Field(0.6, ge=0, le=1)
 
 
+# How a generative judge reads its verdict (`align.rewards.judge`): yes_no = log P(Yes) - log P(No) of the first
+# answer token; scale = the expected rating over the digit tokens.
+JudgeScore = Literal["yes_no", "scale"]
+
+
+def _rubric_not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError('the rubric is empty; say what a good response is, e.g. "Is the response helpful, '
+                         'correct and concise?"')
+    return value
+
+
+Rubric = Annotated[str, AfterValidator(_rubric_not_blank)]
+
+
 class RewardSource(Strict):
     """One term of the PPO reward, with its weight: a reward-model ref (`model`), a checker (`checker`: a
-    built-in name, or user code as `package.module:function` / `file.py:function`), or a batch reward
-    function of user code (`function`, `align.rewards.mix.function_term`); `args` go to the checker or
-    function as keyword arguments."""
+    built-in name, or user code as `package.module:function` / `file.py:function`), a batch reward
+    function of user code (`function`, `align.rewards.mix.function_term`), or a causal LM that judges each
+    response against a `rubric` (`judge`, read as `judge_score`: `align.rewards.judge`); `args` go to the
+    checker or function as keyword arguments (a judge takes `batch_size`)."""
 
     model: str | None = None
     checker: str | None = None
     function: str | None = None
+    judge: str | None = None
+    rubric: Rubric | None = None
+    judge_score: JudgeScore = "yes_no"
     weight: float = 1.0
     args: dict[str, Any] = {}
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "RewardSource":
-        given = [key for key in ("model", "checker", "function") if getattr(self, key) is not None]
+        given = [key for key in ("model", "checker", "function", "judge") if getattr(self, key) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of `model` (a reward-model ref), `checker` (a checker name or "
-                             "`module:function`) or `function` (a batch reward function, `module:function`)"
+                             "`module:function`), `function` (a batch reward function, `module:function`) or "
+                             "`judge` (a causal LM ref, with a `rubric`)"
                              + (f"; got {' and '.join(given)}" if given else ""))
+        conflicts = []
+        if self.judge is not None and self.rubric is None:
+            conflicts.append("a `judge` needs a `rubric`: the question it answers about each response, e.g. "
+                             '"Is the response helpful, correct and concise?"')
+        misplaced = [key for key, unset in (("rubric", None), ("judge_score", "yes_no"))
+                     if self.judge is None and getattr(self, key) != unset]
+        if misplaced:
+            conflicts.append(f"{' and '.join(misplaced)} appl{'y' if len(misplaced) > 1 else 'ies'} to `judge` "
+                             "sources only")
+        raise_conflicts(conflicts)
         return self
 
     @model_serializer(mode="wrap")
     def _dump_without_unset_function(self, handler):
-        """`function` is left out of the dump while unset: a stage config written before it existed hashes
-        the same, so its run folder still resumes."""
+        """`function` and the judge's keys are left out of the dump while unset: a stage config written before
+        they existed hashes the same, so its run folder still resumes."""
         dump = handler(self)
-        if self.function is None:
-            dump.pop("function", None)
+        for key, unset in (("function", None), ("judge", None), ("rubric", None), ("judge_score", "yes_no")):
+            if getattr(self, key) == unset:
+                dump.pop(key, None)
         return dump
+
+
+class JudgeSettings(Strict):
+    """A causal LM as the evaluation's judge (`eval.judge`): the same keys as a `judge` reward source."""
+
+    judge: str = Field(..., min_length=1)
+    rubric: Rubric
+    judge_score: JudgeScore = "yes_no"
 
 
 class KLSettings(Strict):
@@ -157,8 +196,9 @@ class KLSettings(Strict):
     penalty: Literal["reward", "loss"] = "reward"
 
 
-# The trackers a stage may `report` to. Only `tensorboard` is built; the others are named so that `align plan`
-# can say they are not supported yet by this version (`align.stages.tracker`), rather than "unknown value".
+# The trackers a stage may `report` to: `tensorboard`, `wandb` and `mlflow` are built; `trackio` is named so
+# that `align plan` can say it is not supported yet by this version (`align.stages.tracker`), rather than
+# "unknown value".
 TrackerName = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 TRACKER_NAMES = get_args(TrackerName)
 
@@ -178,14 +218,30 @@ ReportSetting = Annotated[Union[Literal["none"], TrackerName, list[TrackerName]]
 
 
 class TrackingSettings(Strict):
-    """How a stage's tracker run is named and where it is written (`report`). `dir`: TensorBoard writes to
-    `<dir>/<run_name>` (default run name `<recipe>/<stage>`) instead of the run folder's `tensorboard/`;
-    `project`, `run_name` and `tags` are also recorded with the run's hyperparameters."""
+    """How a stage's tracker runs are named and where they are written (`report`). `project`: the W&B project
+    and MLflow experiment (default: the recipe's name); `run_name` (default `<recipe>/<stage>`); `tags`; `dir`:
+    where local files go instead of the run folder (TensorBoard: `<dir>/<run_name>`; W&B: `<dir>/wandb/`;
+    MLflow's default store: `<dir>/mlruns`). `tracking_uri` (MLflow; default `$MLFLOW_TRACKING_URI`, else a
+    file store `mlruns/` in the run folder or `dir`), `offline` (W&B: true logs offline, false online; unset:
+    `$WANDB_MODE`, else online when W&B credentials are found and offline when not) and `entity` (W&B)."""
 
     project: str | None = Field(None, min_length=1)
     run_name: str | None = Field(None, min_length=1)
     tags: list[str] = []
     dir: str | None = Field(None, min_length=1)
+    tracking_uri: str | None = Field(None, min_length=1)
+    offline: bool | None = None
+    entity: str | None = Field(None, min_length=1)
+
+    @model_serializer(mode="wrap")
+    def _dump_without_unset_added_keys(self, handler):
+        """The keys added with W&B and MLflow are left out of the dump while unset: a stage config written
+        before they existed hashes the same."""
+        dump = handler(self)
+        for key in ("tracking_uri", "offline", "entity"):
+            if getattr(self, key) is None:
+                dump.pop(key, None)
+        return dump
 
 
 class StageBase(Strict):

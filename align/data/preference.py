@@ -82,7 +82,7 @@ def load_pairs(rows: list[dict], source: str, margin_field: str | None = None) -
         where = f"{source}: row {index}"
         try:
             pair, repaired = _to_pair(row, index, margin_field)
-        except _RowError as err:
+        except RowError as err:
             out.problems.append(PairProblem(err.reason, Problem(where, str(err))))
             continue
         if pair.chosen == pair.rejected:
@@ -94,7 +94,9 @@ def load_pairs(rows: list[dict], source: str, margin_field: str | None = None) -
     return out
 
 
-class _RowError(ValueError):
+class RowError(ValueError):
+    """A row that cannot be used: `reason` is the short count key, the message says why."""
+
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
@@ -103,56 +105,56 @@ class _RowError(ValueError):
 def _to_pair(row: dict, index: int, margin_field: str | None) -> tuple[PreferencePair, str | None]:
     for key in ("chosen", "rejected"):
         if row.get(key) is None:
-            raise _RowError("missing field", f"missing field `{key}`")
+            raise RowError("missing field", f"missing field `{key}`")
     margin = None
     if margin_field:
         value = row.get(margin_field)
         if value is None:
-            raise _RowError("missing field", f"missing field `{margin_field}` (the recipe's margin_field)")
+            raise RowError("missing field", f"missing field `{margin_field}` (the recipe's margin_field)")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _RowError("malformed", f"field `{margin_field}` must be a number, got {value!r}")
+            raise RowError("malformed", f"field `{margin_field}` must be a number, got {value!r}")
         margin = float(value)
     repaired = None
     if "prompt" in row:
         if row["prompt"] is None:
-            raise _RowError("missing field", "missing field `prompt`")
-        prompt = _messages(row["prompt"], "prompt", "user")
-        chosen = _messages(row["chosen"], "chosen", "assistant")
-        rejected = _messages(row["rejected"], "rejected", "assistant")
-        chosen, rejected = _strip_prompt(prompt, chosen), _strip_prompt(prompt, rejected)
+            raise RowError("missing field", "missing field `prompt`")
+        prompt = to_messages(row["prompt"], "prompt", "user")
+        chosen = to_messages(row["chosen"], "chosen", "assistant")
+        rejected = to_messages(row["rejected"], "rejected", "assistant")
+        chosen, rejected = strip_prompt(prompt, chosen), strip_prompt(prompt, rejected)
     else:
         if isinstance(row["chosen"], str) and not _TURN.search(row["chosen"]):
-            raise _RowError("missing field", "missing field `prompt` (chosen is plain text, not a dialogue)")
-        whole_chosen = _messages(row["chosen"], "chosen", "assistant", dialogue=True)
-        whole_rejected = _messages(row["rejected"], "rejected", "assistant", dialogue=True)
+            raise RowError("missing field", "missing field `prompt` (chosen is plain text, not a dialogue)")
+        whole_chosen = to_messages(row["chosen"], "chosen", "assistant", dialogue=True)
+        whole_rejected = to_messages(row["rejected"], "rejected", "assistant", dialogue=True)
         prompt, chosen, rejected = _split_common_prefix(whole_chosen, whole_rejected)
         if len(chosen) > 1 or len(rejected) > 1:
             repaired = "dialogues diverge before the final assistant turn (kept with multi-turn responses)"
     for name, side in (("chosen", chosen), ("rejected", rejected)):
         if not side:
-            raise _RowError("malformed", f"`{name}` adds nothing after the prompt")
+            raise RowError("malformed", f"`{name}` adds nothing after the prompt")
         if side[0]["role"] != "assistant" and not repaired:
-            raise _RowError("malformed", f"`{name}` must continue the prompt with an assistant turn")
+            raise RowError("malformed", f"`{name}` must continue the prompt with an assistant turn")
         if not side[-1]["content"].strip():
-            raise _RowError("empty response", f"empty {name} response")
+            raise RowError("empty response", f"empty {name} response")
     if not prompt:
-        raise _RowError("malformed", "no prompt: the two sides share no opening turn")
+        raise RowError("malformed", "no prompt: the two sides share no opening turn")
     return PreferencePair(index=index, prompt=prompt, chosen=chosen, rejected=rejected, margin=margin), repaired
 
 
-def _messages(value, name: str, role: str, dialogue: bool = False) -> list[dict]:
+def to_messages(value, name: str, role: str, dialogue: bool = False) -> list[dict]:
     if isinstance(value, str):
         if dialogue:
             return parse_dialogue(value, name)
         return [{"role": role, "content": value}]
     if not isinstance(value, list) or not value:
-        raise _RowError("malformed", f"field `{name}` must be text or a non-empty list of messages")
+        raise RowError("malformed", f"field `{name}` must be text or a non-empty list of messages")
     out = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise _RowError("malformed", f"`{name}[{i}]` must have `role` and `content`")
+            raise RowError("malformed", f"`{name}[{i}]` must have `role` and `content`")
         if message["role"] not in ROLES or not isinstance(message["content"], str):
-            raise _RowError("malformed", f"`{name}[{i}]` has role {message['role']!r} or non-text content")
+            raise RowError("malformed", f"`{name}[{i}]` has role {message['role']!r} or non-text content")
         out.append({"role": message["role"], "content": message["content"]})
     return out
 
@@ -161,7 +163,7 @@ def parse_dialogue(text: str, name: str = "dialogue") -> list[dict]:
     """`\\n\\nHuman: hi\\n\\nAssistant: hello` -> chat messages (text before the first turn is refused)."""
     marks = list(_TURN.finditer(text))
     if not marks or text[: marks[0].start()].strip():
-        raise _RowError("malformed", f"`{name}` is not a `Human:`/`Assistant:` dialogue")
+        raise RowError("malformed", f"`{name}` is not a `Human:`/`Assistant:` dialogue")
     out = []
     for mark, nxt in zip(marks, marks[1:] + [None]):
         content = text[mark.end(): nxt.start() if nxt else len(text)].strip()
@@ -169,7 +171,7 @@ def parse_dialogue(text: str, name: str = "dialogue") -> list[dict]:
     return out
 
 
-def _strip_prompt(prompt: list[dict], side: list[dict]) -> list[dict]:
+def strip_prompt(prompt: list[dict], side: list[dict]) -> list[dict]:
     """Some files repeat the prompt inside `chosen`/`rejected`; keep only the continuation."""
     return side[len(prompt):] if len(side) > len(prompt) and side[: len(prompt)] == prompt else side
 

@@ -204,11 +204,12 @@ def prepare_pairs(recipe, cfg, tokenizer) -> tuple[list[EncodedPair], list[Encod
         check_dropped_share(eval_report, cfg.max_dropped_share)
     if not train:
         raise DataError(f"{cfg.data.path}: no training pairs left after checks")
-    _log_report(report)
+    log_report(report)
     return train, heldout, report
 
 
-def _log_report(report: DataReport) -> None:
+def log_report(report: DataReport) -> None:
+    """One log line: rows kept of the file's, and what was repaired or truncated."""
     parts = [f"{report.kept} of {report.rows} rows kept"]
     if report.repaired:
         parts.append("repaired: " + ", ".join(f"{n} {why}" for why, n in report.repaired.items()))

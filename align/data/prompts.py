@@ -28,11 +28,24 @@ class PromptSet:
         return len(self.rows)
 
 
+def instruction_input(row: dict) -> str:
+    """The input an `instruction` row carries, added after it as the alpaca format does: alpaca's `input`, or
+    the first of self-instruct's `instances` (`[{input, output}]`); "" when there is none."""
+    extra = row.get("input")
+    instances = row.get("instances")
+    if extra is None and isinstance(instances, list) and instances and isinstance(instances[0], dict):
+        extra = instances[0].get("input")
+    return extra if isinstance(extra, str) else ""
+
+
 def prompt_messages(row: dict) -> list[dict]:
     """The prompt of a row as chat messages; raises ValueError naming the missing or malformed field."""
     for name in PROMPT_FIELDS:
         if row.get(name) is not None:
             messages = _as_messages(row[name], name, "user")
+            extra = instruction_input(row) if name == "instruction" and isinstance(row[name], str) else ""
+            if extra.strip():
+                messages = [{"role": "user", "content": f"{messages[0]['content']}\n\n{extra}"}]
             if messages[-1]["role"] == "assistant":
                 raise ValueError(f"`{name}` ends with an assistant turn; a prompt ends with the user's turn")
             return messages

@@ -53,10 +53,10 @@ def length_sorted_chunks(lengths: list[int], batch_size: int) -> list[list[int]]
 
 
 def pair_chunks(pairs, pairs_per_batch: int) -> list[list[int]]:
-    """Indices of preference pairs (`EncodedPair`) in batches of similar length (the longer side of each pair),
-    for no-grad passes."""
-    return length_sorted_chunks([max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs],
-                                pairs_per_batch)
+    """Indices of preference pairs (`EncodedPair`) in batches of similar length (the longer side of each pair;
+    a missing second side counts as empty), for no-grad passes."""
+    return length_sorted_chunks([max(len(p.chosen.input_ids), len(p.rejected.input_ids) if p.rejected else 0)
+                                 for p in pairs], pairs_per_batch)
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

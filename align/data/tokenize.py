@@ -136,13 +136,26 @@ MIN_PROMPT_TOKENS = 8
 
 def encode_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict], max_length: int,
                 max_prompt_length: int | None = None, truncation: str = "prompt") -> EncodedPair | str:
-    """Tokenize both sides with the chat template; labels cover the responses' assistant turns through EOS.
+    """Tokenize both sides with the chat template (`encode_responses`); labels cover the responses'
+    assistant turns through EOS. Returns the pair, or the reason it was refused (for the data report)."""
+    encoded = encode_responses(tokenizer, prompt, [chosen, rejected], max_length, max_prompt_length, truncation)
+    if isinstance(encoded, str):
+        return encoded
+    (chosen_ids, rejected_ids), prompt_tokens, truncated = encoded
+    return EncodedPair(chosen=chosen_ids, rejected=rejected_ids, prompt_tokens=prompt_tokens, truncated=truncated)
 
-    Over-long pairs: with `truncation="prompt"` the oldest prompt tokens go first (both sides lose the same
-    ones, keeping at least the last few), then responses are cut on the right; with `"drop"` the pair is
-    refused. `max_prompt_length` caps the prompt in either mode. Returns the pair, or the reason it was
-    refused (a short string for the data report)."""
-    sides = [encode_conversation(tokenizer, prompt + side, None, label_from=len(prompt)) for side in (chosen, rejected)]
+
+def encode_responses(tokenizer, prompt: list[dict], responses: list[list[dict]], max_length: int,
+                     max_prompt_length: int | None = None,
+                     truncation: str = "prompt") -> tuple[list[Encoded], int, str | None] | str:
+    """Tokenize each response after one shared prompt (a preference pair's two sides; a KTO row's one), labels
+    on the responses' assistant turns through EOS. Returns (the encoded responses, the prompt's tokens left,
+    what was cut to fit or None), or the reason they were refused (a short string for the data report).
+
+    Over-long rows: with `truncation="prompt"` the oldest prompt tokens go first (every response loses the
+    same ones, keeping at least the last few), then responses are cut on the right; with `"drop"` they are
+    refused. `max_prompt_length` caps the prompt in either mode."""
+    sides = [encode_conversation(tokenizer, prompt + side, None, label_from=len(prompt)) for side in responses]
     starts = [next((i for i, x in enumerate(e.labels) if x != IGNORE), len(e.labels)) for e in sides]
     prompt_len = min(starts)
     cut, truncated = 0, None
@@ -161,4 +174,4 @@ def encode_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: lis
     out = [Encoded(e.input_ids[cut:cut + max_length], e.labels[cut:cut + max_length]) for e in sides]
     if any(e.trainable == 0 for e in out):
         return "no response tokens within max_length"
-    return EncodedPair(chosen=out[0], rejected=out[1], prompt_tokens=prompt_len - cut, truncated=truncated)
+    return out, prompt_len - cut, truncated

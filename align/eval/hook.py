@@ -83,7 +83,7 @@ def plugin_records(settings, resolve_path: PathResolver | None = None) -> list[d
 
 # Settings added after fingerprints were first recorded: left out of the hash while at their defaults, so
 # entries evaluated before they existed keep fingerprints that match the same evaluation today.
-_LATER_EVAL_DEFAULTS = {"reward_model": None, "against": None, "speed_prompts": 3}
+_LATER_EVAL_DEFAULTS = {"reward_model": None, "judge": None, "against": None, "speed_prompts": 3}
 _LATER_GENERATION_DEFAULTS = {"min_new_tokens": 0, "num_beams": 1, "repetition_penalty": 1.0,
                               "presence_penalty": 0.0, "frequency_penalty": 0.0}
 

@@ -43,17 +43,21 @@ def training_curve_png(history: list[dict], path: Path, title: str) -> Path | No
     return _save(plt, fig, ax, "step", "loss", title, path)
 
 
-def score_histogram_png(chosen: list[float], rejected: list[float], path: Path, title: str) -> Path | None:
-    """Overlaid histograms of a reward model's scores for chosen and rejected responses."""
-    if not chosen:
+def score_histogram_png(chosen: list[float], rejected: list[float], path: Path, title: str,
+                        names: tuple[str, str] = ("chosen", "rejected"), xlabel: str = "score",
+                        ylabel: str = "pairs") -> Path | None:
+    """Overlaid histograms of a reward model's scores for chosen and rejected responses (or of any two groups'
+    values, `names`: KTO's implicit rewards of desirable and undesirable rows)."""
+    if not chosen and not rejected:
         return None
     plt = _pyplot()
     low, high = min(chosen + rejected), max(chosen + rejected)
     bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(chosen, bins=bins, alpha=0.6, label=f"chosen (mean {sum(chosen) / len(chosen):.2f})")
-    ax.hist(rejected, bins=bins, alpha=0.6, label=f"rejected (mean {sum(rejected) / len(rejected):.2f})")
-    return _save(plt, fig, ax, "score", "pairs", title, path)
+    for values, name in zip((chosen, rejected), names):
+        if values:
+            ax.hist(values, bins=bins, alpha=0.6, label=f"{name} (mean {sum(values) / len(values):.2f})")
+    return _save(plt, fig, ax, xlabel, ylabel, title, path)
 
 
 def margin_histogram_png(margins: list[float], path: Path, title: str) -> Path | None:

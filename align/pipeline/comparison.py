@@ -57,10 +57,11 @@ class Row:
 
 
 def comparison_settings(settings, *, metrics: list[str] | None = None, limit: int | None = None,
-                        generation: dict | None = None, judged: bool = True):
+                        generation: dict | None = None, judged: bool = True, judge_given: bool = False):
     """The eval settings for a comparison: the recipe's, with its metrics plus reward, win rate, length,
     repetition and speed (reward and win rate only with a judge) unless `metrics` names them, and with the
-    `generation` overrides (command-line flags) applied."""
+    `generation` overrides (command-line flags) applied. `judge_given`: a reward entry named on the command
+    line judges instead of the recipe's `eval.judge`."""
     from align.config.recipe import EvalSettings
     from align.eval.metrics import METRICS
     from align.models.generation import settings_with
@@ -77,7 +78,7 @@ def comparison_settings(settings, *, metrics: list[str] | None = None, limit: in
         chosen = list(dict.fromkeys([*settings.metrics, *EXTRA_METRICS]))
         if not judged:
             chosen = [m for m in chosen if m not in JUDGED]
-    update = {"metrics": chosen}
+    update = {"metrics": chosen, **({"judge": None} if judge_given else {})}
     if limit is not None:
         update["limit"] = limit
     if generation:
@@ -86,8 +87,8 @@ def comparison_settings(settings, *, metrics: list[str] | None = None, limit: in
 
 
 def default_judge(recipe, registry: Registry, explicit: str | None = None):
-    """The reward entry that judges: `explicit`, else `eval.reward_model`, else the recipe's latest reward stage
-    entry; None when there is none."""
+    """The model that judges: `explicit` (a reward entry), else `eval.reward_model`, else the causal LM of
+    `eval.judge`, else the recipe's latest reward stage entry; None when there is none."""
     if explicit:
         source = resolve_eval_ref(recipe, explicit, registry)
         if source is None:
@@ -95,6 +96,8 @@ def default_judge(recipe, registry: Registry, explicit: str | None = None):
         return source
     if recipe.eval.reward_model:
         return resolve_eval_ref(recipe, recipe.eval.reward_model, registry)
+    if recipe.eval.judge is not None:
+        return resolve_eval_ref(recipe, recipe.eval.judge.judge, registry)
     for name in reversed(list(recipe.stages)):
         if stage_class(recipe.stages[name].kind).entry_kind == "reward":
             source = resolve_eval_ref(recipe, name, registry)
@@ -148,7 +151,7 @@ def evaluate_rows(recipe, settings, registry: Registry, sources: list[tuple[str,
         log.info("%s (%s): evaluating on %d prompts", label, row.ref, len(prompt_rows))
         model = load_causal_lm(source, registry)
         model.eval()
-        judge = load_judge(judge_source, registry, settings.batch_size) if judged else None
+        judge = load_judge(judge_source, registry, settings.batch_size, settings.judge) if judged else None
         # User checkers and metrics are found as the stages find them (`Recipe.resolve_path`).
         metrics, ctx = run_metrics(model, tokenizer, settings, prompt_rows, loss_data, judge,
                                    resolve_path=recipe.resolve_path)

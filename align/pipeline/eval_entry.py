@@ -99,9 +99,9 @@ def run_eval(ref: str, registry: Registry, *, against: list[str] = (), recipe_pa
     recipe = eval_recipe(source, recipe_path, list(overrides), prompts)
     judge_source = default_judge(recipe, registry, reward_model)
     if against and judge_source is None:
-        raise AlignError("win rate needs a judge: give --reward-model REF (a reward entry), or set eval.reward_model")
+        raise AlignError("win rate needs a judge: give --reward-model REF (a reward entry), or set eval.reward_model or eval.judge")
     settings = comparison_settings(recipe.eval, metrics=metrics, limit=limit, generation=generation,
-                                   judged=judge_source is not None)
+                                   judged=judge_source is not None, judge_given=bool(reward_model))
     sources = [(ref, source)] + [(r, s) for r, s in zip(against, opponents)]
     rows = evaluate_rows(recipe, settings, registry, sources, judge_source)
     main = rows[0]

@@ -15,6 +15,7 @@ from align.data.prepare import (
     problems_for_plan,
 )
 from align.data.prompts import prompt_problems
+from align.data.unpaired import load_feedback
 from align.errors import AlignError, Problem
 from align.rewards.checkers import fields_needed
 from align.stages import stage_class
@@ -77,6 +78,8 @@ def check_data(recipe, spec, where: str, cfg, problems: list[Problem], bad: set[
         needs = {} if "rewards" in bad else fields_needed(s.checker for s in cfg.rewards if s.checker is not None)
         check_prompt_rows(rows, str(spec.path), needs, where, problems)
         note += ", prompts" + (f" checked for {', '.join(sorted(needs))}" if needs else "")
+    if data_kind(cfg) == "feedback":
+        return check_feedback_rows(rows, spec, where, cfg, problems, bad, note)
     if data_kind(cfg) == "pairs":
         try:
             pairs = load_pairs(rows, str(spec.path), None if "margin_field" in bad else cfg.margin_field)
@@ -95,6 +98,28 @@ def check_data(recipe, spec, where: str, cfg, problems: list[Problem], bad: set[
         if any(counts):
             note += " (" + ", ".join(c for c in counts if c) + ")"
     return [note]
+
+
+def check_feedback_rows(rows: list[dict], spec, where: str, cfg, problems: list[Problem], bad: set[str],
+                        note: str) -> list[str]:
+    """A KTO stage's rows (`align.data.unpaired`: unpaired rows or pairs) under its row policy, and a warning
+    when the training rows' desirable and undesirable counts are weighted outside the paper's advice."""
+    from align.objectives.unpaired import weight_advice  # its module imports torch; the plan need not
+
+    try:
+        feedback = load_feedback(rows, str(spec.path), spec.format)
+    except AlignError as err:
+        problems.append(Problem(where, str(err)))
+        return []
+    if "on_bad_rows" not in bad:
+        problems += pair_problems_for_plan(feedback, cfg.on_bad_rows, where)
+    if not bad & {"on_bad_rows", "max_dropped_share"} and not (feedback.problems and cfg.on_bad_rows == "error"):
+        _check_dropped_share(spec, len(rows), lambda report: apply_pair_policy(feedback, report, cfg.on_bad_rows),
+                             cfg, where, problems)
+    notes = [f"{note}, {feedback.describe()}"]
+    advice = None if not where.endswith(".data") or bad & {"desirable_weight", "undesirable_weight"} else \
+        weight_advice(*feedback.counts(), cfg.desirable_weight, cfg.undesirable_weight)
+    return notes + ([f"warning: {advice}"] if advice else [])
 
 
 def _check_dropped_share(spec, rows: int, drop, cfg, where: str, problems: list[Problem]) -> None:
@@ -117,5 +142,5 @@ def check_prompt_rows(rows: list[dict], source: str, needs: dict, where: str, pr
 
 
 def data_kind(cfg) -> str:
-    """What the stage's data files hold (`Stage.data_kind`): conversations, pairs or prompts."""
+    """What the stage's data files hold (`Stage.data_kind`): conversations, pairs, feedback (KTO) or prompts."""
     return stage_class(cfg.kind).data_kind

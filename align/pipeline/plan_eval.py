@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 from align.config.recipe import broken_keys
 from align.data.io import check_source, is_hub_dataset, read_rows, spec_options
 from align.errors import AlignError, Problem
 from align.eval.metrics import METRICS, find_metric
 from align.pipeline.plan_data import check_prompt_rows
-from align.pipeline.plan_models import is_reward_stage, resolve_ref
+from align.pipeline.plan_models import check_judge, is_reward_stage, resolve_ref
 from align.rewards.arguments import checker_problems
 from align.rewards.checkers import CHECKERS, fields_needed
 from align.rewards.plugins import PluginError, is_plugin_spec
+
+log = logging.getLogger(__name__)
 
 
 def check_eval(recipe, problems: list[Problem], bad: set[str] = frozenset()) -> None:
@@ -72,9 +76,15 @@ def check_eval_models(recipe, registry, problems: list[Problem], check_hub: bool
         problems.append(Problem("eval.prompts", f"metrics {', '.join(generating)} generate responses: set "
                                                 "`eval.prompts`"))
     judged = [m for m in metrics if m in ("reward", "win_rate")]
-    if judged and settings.reward_model is None and "reward_model" not in bad:
+    no_judge = settings.reward_model is None and settings.judge is None
+    if judged and no_judge and not bad & {"reward_model", "judge"}:
         problems.append(Problem("eval.reward_model", f"metrics {', '.join(judged)} need a judge: set "
-                                                     "`eval.reward_model` to a reward entry or reward stage"))
+                                                     "`eval.reward_model` to a reward entry or reward stage, or "
+                                                     "`eval.judge` to a causal LM with a rubric"))
+    if settings.judge is not None and "judge" not in bad:
+        for note in check_judge(recipe, settings.judge.judge, settings.judge.judge_score, "eval.judge", registry,
+                                problems, check_hub, instead="use `eval.reward_model` instead of `eval.judge`"):
+            log.info("eval: %s", note)
     for key, ref in (("reward_model", settings.reward_model), ("against", settings.against)):
         if ref is None or ref in ("base", "@base") or key in bad:
             continue

@@ -9,12 +9,12 @@ from align.pipeline.plan_data import data_kind, longest_demonstration
 from align.pipeline.plan_models import local_folder, tokenizer_in_folder
 from align.registry.store import Registry
 from align.stages import stage_kinds
-from align.stages.tracker import report_names, tracker_problem
+from align.stages.tracker import report_names, tracker_problem, tracking_problems
 
 
 def setting_problems(recipe, cfg, where: str, bad: set[str]) -> list[Problem]:
     """A stage's settings this version or machine cannot honour (kind, qlora, flash attention, trackers not
-    built or not installed, template file)."""
+    built or not installed, tracking settings its trackers do not read, template file)."""
     problems = []
     if cfg.kind not in stage_kinds():
         problems.append(Problem(where, f"stage kind {cfg.kind!r} is not implemented in this version of align"))
@@ -29,6 +29,8 @@ def setting_problems(recipe, cfg, where: str, bad: set[str]) -> list[Problem]:
     if "report" not in bad:
         problems += [Problem(f"{where}.report", why) for name in report_names(cfg.report)
                      if (why := tracker_problem(name))]
+    if "report" not in bad and "tracking" not in bad:
+        problems += [Problem(f"{where}.{key}", why) for key, why in tracking_problems(cfg)]
     template = cfg.chat_template
     if template is not None and "{{" not in template and "{%" not in template and "chat_template" not in bad:
         if not recipe.resolve_path(template).is_file():

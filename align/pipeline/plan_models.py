@@ -11,6 +11,7 @@ from align.errors import AlignError, Problem
 from align.models.loading import ModelSource, resolve_model_ref
 from align.registry.store import Registry
 from align.rewards.arguments import checker_problems, function_problems
+from align.rewards.judge import judge_args_problem
 from align.stages import stage_class
 
 
@@ -176,6 +177,13 @@ def check_reward_sources(recipe, name, index, cfg, selected, registry, problems,
             problems += function_problems(source.function, source.args, f"{where}.function", f"{where}.args",
                                           recipe.resolve_path)
             continue
+        if getattr(source, "judge", None) is not None:  # a causal LM answering the rubric
+            notes += check_judge(recipe, source.judge, source.judge_score, where, registry, problems, check_hub,
+                                 stage=name, index=index, selected=selected)
+            why = judge_args_problem(source.args)
+            if why:
+                problems.append(Problem(f"{where}.args", why))
+            continue
         ref = source.model[1:] if source.model.startswith("@") else source.model
         if ref in broken_keys(recipe, "stages"):  # a stage too broken to plan: its own problems say why
             continue
@@ -208,6 +216,50 @@ def check_reward_sources(recipe, name, index, cfg, selected, registry, problems,
             problems.append(Problem(f"{where}.model", why))
         else:
             notes.append(f"reward: {source_model.describe()} (weight {source.weight})")
+    return notes
+
+
+def check_judge(recipe, ref, mode, where, registry, problems, check_hub, *, stage=None, index=None, selected=(),
+                instead="use `model:` instead of `judge:`") -> list[str]:
+    """A generative judge's model (`where.judge`): `base`, a policy stage of this recipe (for PPO, one that runs
+    before `stage`; for the eval hook, skipped until it has an entry) or a causal-LM ref, and, where its
+    tokenizer is on disk, one that can give `mode`'s verdict (`where.judge_score`). Notes say what judges."""
+    from align.rewards.judge import judge_problem, tokenizer_problem
+
+    name = ref.removeprefix("@")
+    if name in broken_keys(recipe, "stages") or (name == "base" and "base" in broken_keys(recipe)):
+        return []  # its own problems say why
+    if name == "base":
+        ref = recipe.base
+    elif name in recipe.stages:
+        if is_reward_stage(recipe.stages[name]):
+            problems.append(Problem(f"{where}.judge", f"stage {name!r} is a reward stage, not a causal LM; "
+                                    f"{instead}"))
+            return []
+        if index is not None and list(recipe.stages).index(name) >= index:
+            problems.append(Problem(f"{where}.judge", f"stage {name!r} runs after {stage!r}"))
+            return []
+        existing = registry.find(f"{recipe.name}/{name}")
+        if name in selected or (existing is None and index is None):
+            return [f"judge: output of stage {name} ({mode})"]
+        if existing is None:
+            problems.append(Problem(f"{where}.judge", f"stage {name!r} is not selected to run and the registry "
+                                    f"has no {recipe.name}/{name} yet; run it first"))
+            return []
+        ref = existing.ref
+    source = resolve_ref(ref, f"{where}.judge", registry, problems, check_hub, recipe)
+    why = judge_problem(source, instead) if source is not None else None
+    if source is None or why:
+        problems += [Problem(f"{where}.judge", why)] if why else []
+        return []
+    tokenizer = tokenizer_in_folder(local_folder(source, registry)[1])
+    why = tokenizer_problem(tokenizer, mode) if tokenizer is not None else None
+    if why:
+        problems.append(Problem(f"{where}.judge_score", why))
+    notes = [f"judge: {source.describe()} ({mode})"]
+    if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        notes.append(f"judge {ref} has no chat template: it reads the rubric question as plain text ending in "
+                     "'Answer:'")
     return notes
 
 

@@ -70,7 +70,7 @@ def build_report(recipe, registry: Registry, *, metrics: list[str] | None = None
         log.warning("no reward entry to judge with (set eval.reward_model or --reward-model, or run the recipe's "
                     "reward stage): reward and win rate are left out")
     settings = comparison_settings(recipe.eval, metrics=metrics, limit=limit, generation=generation,
-                                   judged=judge_source is not None)
+                                   judged=judge_source is not None, judge_given=bool(reward_model))
     rows = evaluate_rows(recipe, settings, registry, recipe_entries(recipe, registry), judge_source)
     add_win_rates(rows, rows[0])
     folder = Path(out) if out else registry.root / "reports" / recipe.name

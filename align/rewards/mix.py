@@ -7,7 +7,8 @@ what each source thought (a reward model and a checker disagreeing is worth seei
 normalization (by the running standard deviation of the total) and clipping keep the scale stable when a
 reward model's scores drift.
 
-A term may also be user code: a checker (`align.rewards.checkers.find_checker`) or a batch reward
+A term may also be a causal LM that judges each response against a rubric (`judge_term`,
+`align.rewards.judge`), or user code: a checker (`align.rewards.checkers.find_checker`) or a batch reward
 function in TRL's shape, called once per batch as `fn(prompts=, completions=, rows=, **args)` and
 returning one number per completion (`function_term`). Keywords, as TRL passes them, so a TRL reward
 function that takes `(completions, **kwargs)` works unchanged; `rows` carries every prompt row's fields.
@@ -110,6 +111,11 @@ def reward_model_term(name: str, weight: float, model, tokenizer, batch_size: in
     return RewardTerm(name=name, weight=weight, score=score)
 
 
+def judge_term(name: str, weight: float, judge) -> RewardTerm:
+    """A generative judge's scores (`align.rewards.judge.GenerativeJudge`) as a term."""
+    return RewardTerm(name=name, weight=weight, score=judge.score)
+
+
 class RunningMoments:
     """Running mean and variance over every value seen (Chan et al.'s parallel update), checkpointable."""
 
@@ -175,12 +181,14 @@ class RewardMix:
 
 def term_names(sources) -> list[str]:
     """A unique, readable name per recipe reward source: the checker's name, the user function's own name
-    (`pkg.mod:is_polite` -> `is_polite`) or `reward:<ref>`, numbered when one appears twice (two regex
-    checkers with different patterns)."""
+    (`pkg.mod:is_polite` -> `is_polite`), `reward:<ref>` or `judge:<ref>`, numbered when one appears twice
+    (two regex checkers with different patterns, one judge with two rubrics)."""
     names, seen = [], {}
     for source in sources:
         code = source.checker if source.checker is not None else getattr(source, "function", None)
-        name = f"reward:{source.model}" if code is None else spec_label(code)
+        judge = getattr(source, "judge", None)
+        name = spec_label(code) if code is not None else f"judge:{judge}" if judge is not None \
+            else f"reward:{source.model}"
         seen[name] = seen.get(name, 0) + 1
         names.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
     return names

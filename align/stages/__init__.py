@@ -20,7 +20,7 @@ def register_stage(cls):
 
 def _load_kinds() -> dict[str, type]:
     """Import the kinds' modules once (they register themselves), on first use: they pull in torch."""
-    from align.stages import dpo, ppo, reward, sft  # noqa: F401 - the shipped kinds
+    from align.stages import dpo, kto, ppo, reward, sft  # noqa: F401 - the shipped kinds
 
     return STAGES
 

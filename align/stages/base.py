@@ -71,7 +71,7 @@ class Stage:
     config_type: ClassVar[type]  # the stage's typed config (`align.config.recipe`)
     entry_kind: ClassVar[str] = "policy"  # the registry kind of what it registers
     rows_per_example: ClassVar[int] = 1  # sequences per training item, for the memory estimate (pairs: 2)
-    data_kind: ClassVar[str] = "conversations"  # what its data files hold: conversations, pairs or prompts
+    data_kind: ClassVar[str] = "conversations"  # what its data files hold: conversations, pairs, feedback, prompts
     lm_head: ClassVar[bool] = True  # computes LM-head logits (a reward model's score head does not)
     may_set_chat_template: ClassVar[bool] = False  # only SFT may choose a template other than its parent's
     default_parent: ClassVar[bool] = False  # later stages without `from:` start from the latest such stage
@@ -133,7 +133,7 @@ class Stage:
         finished = self.start()
         if finished is not None:
             return finished
-        # metrics.jsonl, and TensorBoard when `report` asks (`align.stages.tracker`), for the rest of the run
+        # metrics.jsonl, and the trackers `report` names (`align.stages.tracker`), for the rest of the run
         with stage_tracking(self.ctx, resumed_step(self.resume_from) if self.resume_from else None):
             if self.resume_from is None:
                 self.tracker.log_start(self.config_dump, self.lineage_record(), self.cfg.tracking)
@@ -209,14 +209,14 @@ class Stage:
         last_step = trained.timings.get("steps") or max((h.get("step", 0) for h in trained.history), default=0)
         self.tracker.log_evaluation(last_step, metrics)  # the entry's figures, at the step it was trained to
         tracking = self.tracker.record()
-        if tracking:  # where this run's curves are: metrics.jsonl, and the TensorBoard folder when reported
+        if tracking:  # where this run's curves are: metrics.jsonl, and each tracker's folder or run
             parts.manifest["tracking"] = tracking
         entry = register_entry(
             self.ctx, parts.kind, trained.model, self.tokenizer, self.peft_cfg, report=self.data.report,
             config_dump=self.config_dump, history=trained.history, timings=trained.timings, metrics=metrics,
             artifact_extra=parts.artifact, adapter_extra=parts.adapter, manifest_extra=parts.manifest,
             extra_files=parts.files)
-        self.tracker.log_entry(entry.ref, last_step)
+        self.tracker.log_entry(entry.ref, last_step, entry.path)  # its ref and the pictures beside it
         return entry
 
     def lineage_record(self) -> dict:

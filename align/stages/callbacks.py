@@ -1,5 +1,5 @@
 """What makes a run safe to interrupt: a graceful stop on SIGTERM/SIGINT, the time limit, a non-finite loss stop;
-and what every Trainer stage logs to its tracker (`metrics.jsonl`, TensorBoard when asked).
+and what every Trainer stage logs to its tracker (`metrics.jsonl`, and the trackers `report` names).
 """
 
 from __future__ import annotations
@@ -121,30 +121,18 @@ def safety_callbacks(time_limit: StageBudget | float | None = None, tracker: Tra
 
 def tracking_callbacks(tracker: Tracker) -> list:
     """Callbacks for HF/TRL trainers that log to the stage's tracker (`align.stages.tracker`): every log into
-    `metrics.jsonl`, and, when the stage reports to TensorBoard, transformers' own TensorBoard callback on
-    the tracker's writer (its `train/` and `eval/` names)."""
+    `metrics.jsonl` and to each tracker the stage reports to (as `train/...`, `eval/...`). Ours rather than
+    transformers' tracker callbacks, which open their runs themselves and a new one on each resume."""
     from transformers import TrainerCallback
 
-    class MetricsLog(TrainerCallback):
-        """Each log the Trainer makes (the records of its `log_history`) as a line of `metrics.jsonl`."""
+    class TrackerLog(TrainerCallback):
+        """Each log the Trainer makes (the records of its `log_history`), at its step."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
                 tracker.log_training(state.global_step, logs)
 
-    callbacks = [MetricsLog()]
-    if tracker.writer is not None:
-        from transformers.integrations import TensorBoardCallback
-
-        class StageTensorBoard(TensorBoardCallback):
-            """transformers' TensorBoard logging on the tracker's writer, left open when training ends: the
-            evaluation after training logs to it too, and the tracker closes it."""
-
-            def on_train_end(self, args, state, control, **kwargs):
-                self.tb_writer.flush()
-
-        callbacks.append(StageTensorBoard(tb_writer=tracker.writer))
-    return callbacks
+    return [TrackerLog()]
 
 
 def check_finite(loss_value: float, step: int) -> None:

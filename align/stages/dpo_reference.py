@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 
@@ -31,7 +32,8 @@ class ReferenceWontFit(Exception):
 def pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 16, keep_going=None) -> torch.Tensor:
     """Summed response log-probs [N, 2] (chosen, rejected) under `model`, `batch_size` rows a pass batched by
     length, each pair's prompt run once, without gradients; bf16 autocast where the hardware has it (the head
-    stays fp32). `keep_going(pairs_done, seconds)` may stop the pass by returning False (`ReferenceWontFit`)."""
+    stays fp32). `keep_going(pairs_done, seconds)` may stop the pass by returning False (`ReferenceWontFit`).
+    Items without a second side (`rejected` None: KTO's rows without a KL estimate) get NaN in its column."""
     from tqdm.auto import tqdm
 
     chunks = pair_chunks(pairs, max(batch_size // 2, 1))
@@ -45,12 +47,18 @@ def pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 1
             model.train(was_training)
             raise ReferenceWontFit()
         done += len(chunk)
-        sides = [pairs[i].chosen for i in chunk] + [pairs[i].rejected for i in chunk]
+        paired = all(pairs[i].rejected is not None for i in chunk)
+        sides = [pairs[i].chosen for i in chunk] + ([pairs[i].rejected for i in chunk] if paired else [])
         ids, mask = pad_right([s.input_ids for s in sides], pad_id)
         labels, _ = pad_right([s.labels for s in sides], IGNORE)
         with inference_autocast(model):
-            sums, _ = sequence_logps(model, ids.to(device), mask.to(device), labels.to(device), pair_groups(len(ids)))
-        out[:, chunk] = sums.double().cpu().view(2, len(chunk))
+            sums, _ = sequence_logps(model, ids.to(device), mask.to(device), labels.to(device),
+                                     pair_groups(len(ids)) if paired else None)
+        if paired:
+            out[:, chunk] = sums.double().cpu().view(2, len(chunk))
+        else:
+            out[0, chunk] = sums.double().cpu()
+            out[1, chunk] = math.nan
     model.train(was_training)
     return out.t().contiguous()
 

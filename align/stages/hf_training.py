@@ -32,9 +32,9 @@ def training_arguments(ctx: StageContext, model, eval_strategy: str, eval_steps:
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         save_total_limit=2, eval_strategy=eval_strategy, eval_steps=eval_steps, seed=cfg.seed,
-        # `report: tensorboard` logs through transformers' own TensorBoard callback, added with the stage's writer
-        # (`align.stages.callbacks.tracking_callbacks`): transformers 5 has no `logging_dir`, and `report_to`
-        # would open a second writer under output_dir/runs/<time>/, a new folder on each resume.
+        # `report` logs through the stage's own tracker (`align.stages.callbacks.tracking_callbacks`), not
+        # `report_to`: transformers' callbacks open their runs themselves (TensorBoard under
+        # output_dir/runs/<time>/, W&B and MLflow from environment variables), a new one on each resume.
         data_seed=cfg.seed, report_to="none", remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0, logging_first_step=True,

@@ -6,8 +6,9 @@ Why it is built this way:
   critic, for `estimator: gae`, is a value head on the policy trunk. `grpo` and `rloo` need no critic.
 - The loop (`align.rl.ppo`) is our own: TRL no longer ships PPO. Each step is sample -> score -> update,
   with the time split between them logged, so a slow stage says where its time goes.
-- Rewards come from `align.rewards.mix`: reward-model entries (refused at plan time, and again here, when
-  they failed their quality gate, unless `allow_failed_gate`) and named checkers with their arguments.
+- Rewards come from `align.rewards.mix` (`align.stages.ppo_rewards`): reward-model entries (refused at plan
+  time, and again here, when they failed their quality gate, unless `allow_failed_gate`), named checkers with
+  their arguments, user reward functions and generative judges (`align.rewards.judge`).
 - Held-out prompts (`eval_prompts`, else `eval_split` of the prompts) are scored before and after training
   with greedy decoding, so the manifest says whether the reward rose, and by how much KL it was bought.
 - Resumable: a checkpoint (written whole, then renamed into place) holds the trainable weights, value
@@ -31,20 +32,12 @@ from align.config.stages import PPOStage
 from align.data.prepare import DataReport, heldout_split
 from align.data.prompts import load_prompts
 from align.data.tokenize import encode_prompt
-from align.errors import RegistryError, TrainingError
+from align.errors import TrainingError
 from align.eval.hook import evaluate_model
 from align.eval.plots import reward_histogram_png, rl_curves_png
 from align.objectives.advantages import advantage_estimator
 from align.registry.records import write_json_atomic
-from align.rewards.checkers import PluginChecker, fields_needed, find_checker
-from align.rewards.mix import (
-    RewardMix,
-    checker_term,
-    function_term,
-    load_reward_function,
-    reward_model_term,
-    term_names,
-)
+from align.rewards.checkers import fields_needed
 from align.rl.ppo import PPOTrainer
 from align.rl.settings import PPOSettings
 from align.runtime import distributed
@@ -57,6 +50,7 @@ from align.stages.context import StageContext
 from align.stages.hf_training import peak_rss_mb
 from align.stages.ppo_checkpoint import load_checkpoint, save_checkpoint
 from align.stages.ppo_heldout import heldout_figures, paired_gain, parent_heldout
+from align.stages.ppo_rewards import build_rewards
 
 log = logging.getLogger(__name__)
 
@@ -106,63 +100,6 @@ def step_rows(rows: list[dict], step: int, prompts_per_step: int, samples: int, 
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
         out += [rows[order[offset]]] * samples
     return out
-
-
-# ------------------------------------------------------------------------------------------ rewards
-
-
-def reward_entry(ctx: StageContext, ref: str):
-    """The registry entry a reward source names: an earlier stage of this recipe, or any model ref; refused
-    when it is not a reward model or failed its quality gate (unless `allow_failed_gate`)."""
-    from align.models.loading import resolve_model_ref
-    from align.rewards.scoring import gate_problem, reward_problem
-
-    name = ref[1:] if ref.startswith("@") else ref
-    if name in ctx.recipe.stages:
-        entry = ctx.registry.find(f"{ctx.recipe.name}/{name}")
-        if entry is None:
-            raise RegistryError(f"stages.{ctx.name}.rewards: stage {name!r} has no registry entry yet; run it first")
-        ref = entry.ref
-    source = resolve_model_ref(ref, ctx.registry)
-    why = reward_problem(source) or (None if ctx.config.allow_failed_gate else gate_problem(source))
-    if why:
-        raise RegistryError(f"stages.{ctx.name}.rewards: {why}")
-    return source
-
-
-def build_rewards(ctx: StageContext) -> tuple[RewardMix, list[dict]]:
-    """The reward mix of the recipe, reward models and user code loaded; and how the manifest records each
-    source (user code with its spec, file and content hash, so lineage shows what scored the run)."""
-    from align.rewards.scoring import load_reward_model
-
-    cfg = ctx.config
-    terms, recorded = [], []
-    for name, source in zip(term_names(cfg.rewards), cfg.rewards):
-        if source.checker is not None:
-            check = find_checker(source.checker, ctx.recipe.resolve_path)
-            terms.append(checker_term(name, source.weight, source.args, check))
-            recorded.append({"name": name, "checker": source.checker, "args": source.args, "weight": source.weight,
-                             **({"plugin": check.plugin.record()} if isinstance(check, PluginChecker) else {})})
-            continue
-        if source.function is not None:
-            plugin = load_reward_function(source.function, ctx.recipe.resolve_path)
-            terms.append(function_term(name, source.weight, plugin, source.args))
-            recorded.append({"name": name, "function": source.function, "args": source.args,
-                             "weight": source.weight, "plugin": plugin.record()})
-            continue
-        model_source = reward_entry(ctx, source.model)
-        model, tokenizer = load_reward_model(model_source, ctx.registry)
-        if torch.cuda.is_available():
-            model.to(distributed.device())
-        terms.append(reward_model_term(name, source.weight, model, tokenizer, cfg.batch_size * 2, cfg.max_length))
-        recorded.append({"name": name, "model": model_source.lineage(), "weight": source.weight})
-    return RewardMix(terms, normalize=cfg.reward_normalize, clip=cfg.reward_clip), recorded
-
-
-# ------------------------------------------------------------------------------------------ held-out
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
 
 
 # ------------------------------------------------------------------------------------------ run

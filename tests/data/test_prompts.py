@@ -19,6 +19,16 @@ def test_text_and_chat_prompts_become_messages():
         prompt_messages({"messages": chat + [{"role": "assistant", "content": "Hello"}]})
 
 
+def test_an_instruction_prompt_carries_its_input():
+    """Alpaca's `input`, or the first of self-instruct's `instances`, follows the instruction as the alpaca
+    format writes it; without one the instruction stands alone."""
+    assert prompt_messages({"instruction": "Sort these.", "input": "3 1 2"})[0]["content"] == "Sort these.\n\n3 1 2"
+    seed_task = {"instruction": "What is the relation?", "instances": [{"input": "Night : Day", "output": "x"}]}
+    assert prompt_messages(seed_task)[0]["content"] == "What is the relation?\n\nNight : Day"
+    assert prompt_messages({"instruction": "Tell a joke.", "instances": [{"input": "", "output": "x"}]}) == [
+        {"role": "user", "content": "Tell a joke."}]
+
+
 def test_every_unusable_row_is_named():
     rows = [{"prompt": "ok", "answer": "1"}, {"answer": "2"}, {"prompt": "no answer"}, {"prompt": "  ", "answer": "3"}]
     problems = [str(p) for p in prompt_problems(rows, "p.jsonl", {"math_answer": ("answer",)})]

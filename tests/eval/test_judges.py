@@ -79,3 +79,37 @@ def test_a_judge_stage_not_registered_yet_skips_reward_metrics(tiny_recipe, tiny
     metrics = evaluate_model(recipe, make_model(chatml_tokenizer, hidden=128), chatml_tokenizer, registry=tmp_registry)
     assert "reward_mean" not in metrics and "win_rate" not in metrics
     assert "distinct_2" in metrics  # the other metrics still run
+
+
+def test_a_causal_lm_judges_reward_and_win_rate_with_its_rubric(tiny_recipe, tiny_base, tiny_judge, tmp_path,
+                                                                 tmp_registry):
+    """`eval.judge`: the reward is the generative judge's verdict on each response (computed here on its own),
+    win rate against the base (this very model) is one half, and the rubric is part of the fingerprint."""
+    from transformers import AutoModelForCausalLM
+
+    from align.data.tokenize import encode_prompt
+    from align.eval.hook import load_eval_prompts
+    from align.models.generation import generate
+    from align.models.loading import ModelSource, load_tokenizer
+    from align.rewards.judge import clear_scores, load_generative_judge
+
+    judge = {"judge": str(tiny_judge), "rubric": "Is the answer right?"}
+    recipe = tiny_recipe(tmp_path, eval_settings={"metrics": ["reward", "win_rate"], "judge": judge})
+    source = ModelSource(ref=str(tiny_base), kind="local", path=str(tiny_base))
+    tokenizer = load_tokenizer(source, tmp_registry)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    metrics = evaluate_model(recipe, model, tokenizer, registry=tmp_registry)
+    assert metrics["win_rate"] == 0.5 and metrics["win_rate_ties"] == 3
+
+    rows, _ = load_eval_prompts(recipe)
+    responses = generate(model, tokenizer, [encode_prompt(tokenizer, r["messages"]) for r in rows],
+                         recipe.eval.generation)
+    clear_scores()
+    judge_source = ModelSource(ref=str(tiny_judge), kind="local", path=str(tiny_judge))
+    scores = load_generative_judge(judge_source, tmp_registry, judge["rubric"]).score(rows, [g.text for g in responses])
+    assert metrics["reward_mean"] == pytest.approx(sum(scores) / 3, abs=1e-4)
+
+    other = tiny_recipe(tmp_path, eval_settings={"metrics": ["reward", "win_rate"],
+                                                 "judge": {**judge, "rubric": "Is it short?"}})
+    assert evaluate_model(other, model, tokenizer, registry=tmp_registry)["eval_fingerprint"] != \
+        metrics["eval_fingerprint"]

@@ -118,5 +118,5 @@ def test_a_new_kinds_config_errors_name_their_yaml_path(pretrain_kind, tmp_path,
 
 
 def test_an_unregistered_kind_is_refused_with_the_known_ones(tmp_path, tiny_base):
-    with pytest.raises(ConfigError, match=r"unknown stage kind 'pretrain'; expected one of dpo, ppo, reward, sft"):
+    with pytest.raises(ConfigError, match=r"unknown stage kind 'pretrain'; expected one of dpo, kto, ppo, reward, sft"):
         validate_recipe(_raw(tmp_path, tiny_base), [], source=str(tmp_path / "r.yaml"))

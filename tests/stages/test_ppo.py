@@ -1,6 +1,7 @@
 """The PPO stage end to end on a tiny random Llama: a checker's reward is learned (GAE with a value head,
 and the critic-free GRPO and RLOO), KL to the reference is zero at step 0 and the reference's log-probs
-stay fixed while the policy's move, rewards mix a reward model with a checker and are logged per source,
+stay fixed while the policy's move, rewards mix a reward model (or a generative judge, which also judges the
+evaluation hook's reward and win rate on the same weights) with a checker and are logged per source,
 an interrupted run resumes to the same weights, and a failed reward gate or a bad prompt set is refused."""
 
 from __future__ import annotations
@@ -189,6 +190,44 @@ def test_rewards_mix_a_reward_model_and_a_checker_logged_per_source(tmp_path, ti
     assert entry.manifest["rl"]["rewards"][0]["model"] == {"source": "registry", "ref": "tiny/rm@1"}
     expected = 0.5 * first["reward/reward:rm"] + first["reward/regex"]
     assert first["reward"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_judge_term_is_mixed_logged_per_source_and_judges_the_eval_hook_on_the_same_weights(
+        tmp_path, tiny_base, tiny_judge, monkeypatch):
+    import weakref
+
+    import align.eval.judges
+    import align.models.loading
+    import align.rewards.judge
+
+    loads = []
+    load = align.models.loading.load_causal_lm
+    monkeypatch.setattr(align.models.loading, "load_causal_lm",
+                        lambda source, *a, **k: loads.append(source.path) or load(source, *a, **k))
+    monkeypatch.setattr(align.eval.judges, "_JUDGES", {})  # no judge loaded by an earlier test
+    monkeypatch.setattr(align.rewards.judge, "_LOADED", weakref.WeakValueDictionary())
+    rubric = "Does the response give a number?"
+    judge = {"judge": str(tiny_judge), "rubric": rubric}
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    raw = {"name": "tiny", "base": str(tiny_base),
+           "stages": {"ppo": {"prompts": str(prompts), **FAST_PPO, "estimator": "grpo", "samples_per_prompt": 2,
+                              "rollout_batch": 4, "minibatch": 4, "max_steps": 2, "eval_limit": 2,
+                              "rewards": [{**judge, "weight": 0.5}, DIGIT]}},
+           "eval": {"prompts": str(prompts), "metrics": ["reward", "win_rate"], "judge": judge, "limit": 3,
+                    "generation": {"max_new_tokens": 4}}}
+    recipe = validate_recipe(raw, [], source=str(tmp_path / "r.yaml"))
+    entry = run_recipe(recipe, Registry(tmp_path / "registry"), runs_root=tmp_path / "runs")["ppo"]
+    name = f"judge:{tiny_judge}"
+    first = entry.manifest["history"][0]
+    assert first["reward"] == pytest.approx(0.5 * first[f"reward/{name}"] + first["reward/regex"], abs=1e-5)
+    assert entry.manifest["rl"]["rewards"][0] == {"name": name, "judge": {"source": "local", "path": str(tiny_judge)},
+                                                  "rubric": rubric, "judge_score": "yes_no", "weight": 0.5}
+    metrics = entry.manifest["metrics"]
+    assert f"heldout_reward/{name}_before" in metrics and f"heldout_reward/{name}" in metrics
+    assert entry.manifest["baseline"]["metrics"]["win_rate"] == 0.5  # the parent against the base: itself
+    assert 0 <= metrics["win_rate"] <= 1 and metrics["win_rate_against"] == str(tiny_base)
+    assert metrics["reward_mean"] != 0 and "reward_mean" in entry.manifest["baseline"]["metrics"]
+    assert loads.count(str(tiny_judge)) == 1  # one copy of the judge for the reward term and the eval hook
 
 
 def test_a_reward_model_that_failed_its_gate_is_refused(tmp_path, tiny_base):
