@@ -45,7 +45,8 @@ from align.stages import register_stage
 from align.stages.base import EntryParts, Prepared, Stage, Trained, logged_history
 from align.stages.building import build_policy
 from align.stages.callbacks import check_finite, safety_callbacks
-from align.stages.dpo_reference import SWITCHED_FILE, pair_logps, reference_logps, sharded_pair_logps
+from align.stages.dpo_reference import (SWITCHED_FILE, frozen_prefix_pays, pair_logps, reference_logps,
+                                       sharded_pair_logps)
 from align.stages.hf_training import PairBatchesMixin, train_and_time, training_arguments
 from align.stages.registering import parent_baseline
 from align.stages.sharded import trained_model
@@ -62,27 +63,12 @@ def reference_mode(cfg) -> str | None:
 
 
 def chosen_reference(cfg, model, peft_cfg, train_pairs: int, run_dir) -> str | None:
-    """`reference_mode`, with `auto` made `frozen_prefix` where that costs less than the precomputed pass.
-
-    Per pair, in blocks run (L blocks, the bottom N frozen, M = L - N trained, E epochs): the precomputed
-    reference costs L once, then E * (L + 2M) for training; computed in each step from the frozen prefix,
-    E * (N + M + M + 2M) = E * (L + 3M). So the prefix wins when E * M < L (one epoch with 14 of 30 blocks
-    frozen: 78 against 92), and it trains from the first second: a time limit that cuts the epoch wastes no
-    reference work. A run folder that already holds precomputed (or per-step) reference figures keeps its mode."""
-    from align.models.logprobs import can_split
-    from align.stages.dpo_reference import SWITCHED_FILE
-
+    """`reference_mode`, with `auto` made `frozen_prefix` where that costs less than the precomputed pass
+    (`align.stages.dpo_reference.frozen_prefix_pays`)."""
     mode = reference_mode(cfg)
-    if cfg.reference != "auto" or mode is None or peft_cfg is None or not cfg.freeze_layers or not can_split(model):
-        return mode
-    if (run_dir / "reference_logps.pt").is_file() or (run_dir / SWITCHED_FILE).is_file():
-        return mode
-    blocks = model.config.num_hidden_layers
-    epochs = cfg.epochs
-    if cfg.max_steps:
-        epochs = min(epochs, cfg.max_steps * cfg.batch_size * cfg.grad_accum * distributed.world_size()
-                     / max(train_pairs, 1))
-    return "frozen_prefix" if epochs * (blocks - cfg.freeze_layers) < blocks else mode
+    if mode is not None and frozen_prefix_pays(cfg, model, peft_cfg, train_pairs, run_dir):
+        return "frozen_prefix"
+    return mode
 
 
 # ------------------------------------------------------------------------------------------ batches

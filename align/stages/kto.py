@@ -41,7 +41,8 @@ from align.stages import register_stage
 from align.stages.base import EntryParts, Prepared, Stage, Trained, logged_history
 from align.stages.building import build_policy
 from align.stages.callbacks import safety_callbacks
-from align.stages.dpo_reference import SWITCHED_FILE, pair_logps, reference_logps, sharded_pair_logps
+from align.stages.dpo_reference import (SWITCHED_FILE, frozen_prefix_pays, pair_logps, reference_logps,
+                                       sharded_pair_logps)
 from align.stages.hf_training import train_and_time, training_arguments
 from align.stages.kto_trainer import FeedbackCollator, as_dataset, make_trainer
 from align.stages.registering import parent_baseline
@@ -54,7 +55,8 @@ class KTOStage(StageBase, PreferenceData):
     """`loss` (a name registered in `align.objectives.unpaired`): kto. `desirable_weight` and
     `undesirable_weight` weigh the two kinds of rows (the paper advises w_d * n_d / (w_u * n_u) in [1, 4/3];
     the plan says which weights would get there). `kl_estimate`: mismatched (z0 from each row's prompt with
-    another row's completion) or none (z0 = 0: no extra pass). `reference`: as DPO's (`auto` = precomputed)."""
+    another row's completion) or none (z0 = 0: no extra pass). `reference`: as DPO's (`auto`: frozen_prefix
+    where it costs less than precomputed, `align.stages.dpo_reference.frozen_prefix_pays`)."""
 
     kind: Literal["kto"] = "kto"
     beta: float = Field(0.1, gt=0)
@@ -62,14 +64,17 @@ class KTOStage(StageBase, PreferenceData):
     desirable_weight: float = Field(1.0, gt=0)
     undesirable_weight: float = Field(1.0, gt=0)
     kl_estimate: Literal["mismatched", "none"] = "mismatched"
-    reference: Literal["auto", "precomputed", "adapter_disabled", "copy"] = "auto"
+    reference: Literal["auto", "precomputed", "frozen_prefix", "adapter_disabled", "copy"] = "auto"
 
     @model_validator(mode="after")
     def _consistent(self) -> KTOStage:
         conflicts = []
-        if self.reference == "adapter_disabled" and self.method == "full":
-            conflicts.append("reference adapter_disabled needs method lora or qlora (full fine-tuning has no "
+        if self.reference in ("adapter_disabled", "frozen_prefix") and self.method == "full":
+            conflicts.append(f"reference {self.reference} needs method lora or qlora (full fine-tuning has no "
                              "adapter to switch off); use precomputed or copy")
+        if self.reference == "frozen_prefix" and not self.freeze_layers:
+            conflicts.append("reference frozen_prefix needs freeze_layers > 0 (the frozen bottom blocks are what "
+                             "the policy and the reference share)")
         if self.margin_field is not None:
             conflicts.append("margin_field is read by the reward stage; KTO's rows carry no margin")
         raise_conflicts(conflicts)
@@ -138,6 +143,8 @@ class KTO(Stage):
         ctx, cfg, data, model = self.ctx, self.cfg, self.data, self.model
         pad_id = self.tokenizer.pad_token_id
         mode = "precomputed" if cfg.reference == "auto" else cfg.reference
+        if frozen_prefix_pays(cfg, model, self.peft_cfg, len(data.train), ctx.run_dir):
+            mode = "frozen_prefix"
         ref_model, reference = None, {"train": None, "heldout": None}
         if mode == "precomputed":
             may_switch = (cfg.reference == "auto" and self.peft_cfg is not None and distributed.world_size() == 1

@@ -22,7 +22,7 @@ import torch
 
 from align.data.sampling import pad_right
 from align.data.tokenize import IGNORE
-from align.models.logprobs import sequence_logps
+from align.models.logprobs import frozen_prefix_states, sequence_logps
 from align.objectives.unpaired import FeedbackLogps, label_accuracy, reference_point, unpaired_loss
 from align.runtime import distributed
 from align.stages.callbacks import check_finite
@@ -68,7 +68,7 @@ def as_dataset(rows: list, reference: torch.Tensor | None):
 
 def make_trainer(cfg, mode: str, ref_model=None, **kwargs):
     """A `Trainer` whose loss is the configured unpaired loss (`cfg.loss`) against reference `mode`
-    (precomputed, adapter_disabled or copy)."""
+    (precomputed, frozen_prefix, adapter_disabled or copy)."""
     from transformers import Trainer
 
     objective = unpaired_loss(cfg.loss)
@@ -76,31 +76,46 @@ def make_trainer(cfg, mode: str, ref_model=None, **kwargs):
     class FeedbackTrainer(PairBatchesMixin, Trainer):
         group_by_length = cfg.group_by_length
 
-        def logps(self, model, ids, mask, labels) -> torch.Tensor:
-            # past the autocast accelerate wraps around model.forward (as DPO's), through a wrapper's forward
+        def logps(self, model, ids, mask, labels, states=None) -> torch.Tensor:
+            # past the autocast accelerate wraps around model.forward (as DPO's), through a wrapper's forward;
+            # `states`: start at the first trained block from the frozen prefix's output (`frozen_prefix`)
+            top = {} if states is None else {"prefix": states, "start": cfg.freeze_layers}
             with self.accelerator.autocast():
-                return distributed.call_through(model, sequence_logps, ids, mask, labels)[0]
+                return distributed.call_through(model, lambda m, *args: sequence_logps(m, *args, **top),
+                                                ids, mask, labels)[0]
 
-        def reference(self, model, inputs, prefix: str = "") -> torch.Tensor:
+        def frozen_prefix(self, model, inputs, prefix: str = ""):
+            """The frozen bottom blocks' output for the rows or their combinations, once for the policy and
+            its reference (`frozen_prefix`); None in the other modes."""
+            if mode != "frozen_prefix":
+                return None
+            inner = self.accelerator.unwrap_model(model)
+            with torch.no_grad(), self.accelerator.autocast():
+                return frozen_prefix_states(inner, inputs[prefix + "input_ids"], inputs[prefix + "attention_mask"],
+                                            inputs[prefix + "labels"], None, cfg.freeze_layers)
+
+        def reference(self, model, inputs, prefix: str = "", states=None) -> torch.Tensor:
             """The reference log-probs of the rows (`prefix` "") or of their mismatched combinations ("kl_")."""
             if mode == "precomputed":
                 return inputs[f"{prefix}reference"]
             names = ("input_ids", "attention_mask", "labels")
             ids, mask, labels = (inputs[prefix + name] for name in names)
             with torch.no_grad():
-                if mode == "adapter_disabled":  # no gradients: the unwrapped model, outside DDP
+                if mode in ("adapter_disabled", "frozen_prefix"):  # no gradients: the unwrapped model, outside DDP
                     inner = self.accelerator.unwrap_model(model)
                     with inner.disable_adapter():
-                        return self.logps(inner, ids, mask, labels)
+                        return self.logps(inner, ids, mask, labels, states)
                 return self.logps(ref_model, ids, mask, labels)
 
         def reference_point(self, model, inputs) -> torch.Tensor:
             """z0 of the batch: 0 without mismatched combinations (`kl_estimate: none`)."""
             if "kl_input_ids" not in inputs:
                 return torch.zeros((), device=inputs["input_ids"].device)
+            states = self.frozen_prefix(model, inputs, "kl_")
             with torch.no_grad():
-                policy = self.logps(model, inputs["kl_input_ids"], inputs["kl_attention_mask"], inputs["kl_labels"])
-                return reference_point(policy, self.reference(model, inputs, "kl_"), distributed.reducer())
+                policy = self.logps(model, inputs["kl_input_ids"], inputs["kl_attention_mask"], inputs["kl_labels"],
+                                    states)
+                return reference_point(policy, self.reference(model, inputs, "kl_", states), distributed.reducer())
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             """z0 over the whole batch, then the rows in one or more passes (module docstring)."""
@@ -116,8 +131,9 @@ def make_trainer(cfg, mode: str, ref_model=None, **kwargs):
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             z0 = inputs["z0"] if "z0" in inputs else self.reference_point(model, inputs)
-            logp = self.logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
-            rows = FeedbackLogps(logp, self.reference(model, inputs).to(logp.device),
+            states = self.frozen_prefix(model, inputs)
+            logp = self.logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], states)
+            rows = FeedbackLogps(logp, self.reference(model, inputs, "", states).to(logp.device),
                                  inputs["desirable"].to(logp.device))
             z0 = z0.to(logp.device)
             loss, rewards = objective(rows, z0, cfg)

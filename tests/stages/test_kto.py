@@ -143,9 +143,26 @@ def test_unpaired_rows_train_with_the_per_step_reference_and_no_kl_estimate(tmp_
     assert _losses(entry)[-1] < _losses(entry)[0]
 
 
+def test_the_reference_from_the_frozen_prefix_trains_as_the_adapter_disabled_one(tmp_path, tiny_base):
+    """`frozen_prefix` (the frozen bottom block run once for policy and reference, rows and mismatched
+    combinations alike): the losses, z0 and held-out figures of the full adapter-disabled passes (fp32)."""
+    stage = {"freeze_layers": 1, "mixed_precision": "no", "max_steps": 6}
+    entries = {mode: _train(tmp_path / mode, tiny_base, {**stage, "reference": mode})[2]
+               for mode in ("adapter_disabled", "frozen_prefix")}
+    assert _losses(entries["frozen_prefix"]) == pytest.approx(_losses(entries["adapter_disabled"]), abs=1e-5)
+    kl = {m: [h["kl"] for h in e.manifest["history"] if "kl" in h] for m, e in entries.items()}
+    assert kl["frozen_prefix"] == pytest.approx(kl["adapter_disabled"], abs=1e-4)
+    for mode, entry in entries.items():
+        assert entry.manifest["preference"]["reference"] == mode
+    assert entries["frozen_prefix"].manifest["metrics"]["label_accuracy"] == \
+        entries["adapter_disabled"].manifest["metrics"]["label_accuracy"]
+    assert not (tmp_path / "frozen_prefix" / "runs" / "tiny" / "kto" / "reference_logps.pt").exists()
+
+
 @pytest.mark.parametrize("stage, where, says", [
     ({"method": "full", "reference": "adapter_disabled"}, "stages.kto", "adapter_disabled needs method lora"),
     ({"margin_field": "m"}, "stages.kto", "KTO's rows carry no margin"),
+    ({"reference": "frozen_prefix"}, "stages.kto", "frozen_prefix needs freeze_layers > 0"),
     ({"loss": "dpo"}, "stages.kto.loss", "'kto'"),
     ({"kl_estimate": "batch"}, "stages.kto.kl_estimate", "'mismatched' or 'none'"),
     ({"desirable_weight": 0}, "stages.kto.desirable_weight", "greater than 0"),
