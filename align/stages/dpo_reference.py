@@ -32,7 +32,7 @@ class ReferenceWontFit(Exception):
 def pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 16, keep_going=None) -> torch.Tensor:
     """Summed response log-probs [N, 2] (chosen, rejected) under `model`, `batch_size` rows a pass batched by
     length, each pair's prompt run once, without gradients; bf16 autocast where the hardware has it (the head
-    stays fp32). `keep_going(pairs_done, seconds)` may stop the pass by returning False (`ReferenceWontFit`).
+    stays fp32). `keep_going(tokens_done, seconds)` may stop the pass by returning False (`ReferenceWontFit`).
     Items without a second side (`rejected` None: KTO's rows without a KL estimate) get NaN in its column."""
     from tqdm.auto import tqdm
 
@@ -46,7 +46,7 @@ def pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 1
         if keep_going is not None and done and not keep_going(done, time.perf_counter() - started):
             model.train(was_training)
             raise ReferenceWontFit()
-        done += len(chunk)
+        done += sum(item_tokens(pairs[i]) for i in chunk)
         paired = all(pairs[i].rejected is not None for i in chunk)
         sides = [pairs[i].chosen for i in chunk] + ([pairs[i].rejected for i in chunk] if paired else [])
         ids, mask = pad_right([s.input_ids for s in sides], pad_id)
@@ -61,6 +61,11 @@ def pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 1
             out[1, chunk] = math.nan
     model.train(was_training)
     return out.t().contiguous()
+
+
+def item_tokens(item) -> int:
+    """The tokens a reference pass runs for a pair (both sides) or a single row: its share of the pass's time."""
+    return len(item.chosen.input_ids) + (len(item.rejected.input_ids) if item.rejected is not None else 0)
 
 
 def sharded_pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int) -> torch.Tensor:
@@ -109,26 +114,28 @@ TRAIN_PER_REFERENCE = 2.0
 SWITCHED_FILE = "reference_mode.json"
 
 
-def reference_fits(ctx: StageContext, train_pairs: int, total_pairs: int):
-    """A `keep_going` for the precomputed reference pass under a time budget: after a few chunks, project the
-    rest of the pass and the training it leaves time for; when the budget would cut the epoch(s) short
-    anyway, the precomputed pass wastes the pairs never trained, and the reference computed per step
-    (`adapter_disabled`, one more no-grad pass per trained pair) trains more pairs in the same time."""
+def reference_fits(ctx: StageContext, train_tokens: int, total_tokens: int):
+    """A `keep_going` for the precomputed reference pass under a time budget: after the first 2% of its tokens,
+    project the rest of the pass and the training it leaves time for; when the budget would cut the epoch(s)
+    short anyway, the precomputed pass wastes the pairs never trained, and the reference computed per step
+    (`adapter_disabled`, one more no-grad pass per trained pair) trains more pairs in the same time. The
+    projection is per token, not per pair: the pass runs the shortest pairs first (length-sorted), so a rate
+    per pair taken at its start would promise a pass several times shorter than it is."""
     budget, epochs = ctx.budget, ctx.config.epochs
 
     def keep_going(done: int, seconds: float) -> bool:
-        if not budget.minutes or done < min(total_pairs, max(16, total_pairs // 50)):
+        if not budget.minutes or done < total_tokens / 50:
             return True
-        per_pair = seconds / done
-        needed = (total_pairs - done) * per_pair + TRAIN_PER_REFERENCE * epochs * train_pairs * per_pair
+        per_token = seconds / done
+        needed = (total_tokens - done) * per_token + TRAIN_PER_REFERENCE * epochs * train_tokens * per_token
         left = budget.minutes * 60 - budget.elapsed() - budget.still_to_come()
         if needed <= left:
             return True
         log.warning("stages.%s: the reference pass (%.0f s left of it) and %.3g epoch(s) of training (about "
                     "%.0f s) would not fit in the %.0f s left of time_limit_minutes; computing the reference "
                     "per step instead (reference: adapter_disabled), which trains more pairs in that time",
-                    ctx.name, (total_pairs - done) * per_pair, epochs,
-                    TRAIN_PER_REFERENCE * epochs * train_pairs * per_pair, left)
+                    ctx.name, (total_tokens - done) * per_token, epochs,
+                    TRAIN_PER_REFERENCE * epochs * train_tokens * per_token, left)
         return False
 
     return keep_going
@@ -152,7 +159,9 @@ def reference_logps(ctx: StageContext, model, train, heldout, pad_id: int, finge
             return saved
     started = time.perf_counter()
     disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    keep_going = reference_fits(ctx, len(train), len(train) + len(heldout)) if may_switch else None
+    train_tokens = sum(item_tokens(item) for item in train)
+    keep_going = (reference_fits(ctx, train_tokens, train_tokens + sum(item_tokens(item) for item in heldout))
+                  if may_switch else None)
     with disabled:
         try:
             train_logps = (pair_logps(model, train, pad_id, ctx.config.batch_size * 2, keep_going) if keep_going

@@ -311,3 +311,19 @@ def test_auto_takes_the_frozen_prefix_where_it_costs_less_than_the_precomputed_p
     _, _, entry = _train(tmp_path, tiny_base, {"freeze_layers": 1, "max_steps": 3, "batch_size": 8})
     assert entry.manifest["timings"]["reference"] == "frozen_prefix"
     assert not (tmp_path / "runs" / "tiny" / "dpo" / "reference_logps.pt").exists()
+
+
+def test_the_switch_projects_the_reference_pass_by_tokens_not_pairs():
+    """The rate is per token (the pass runs its shortest pairs first, so a rate per pair taken at its start
+    promises too short a pass): 200 of 10,000 tokens in 6 s is 294 s of pass to come and 600 s of training
+    (twice the pass, one epoch), which cannot fit in the 500 s left; at 1 s, 149 s can."""
+    from types import SimpleNamespace
+
+    from align.stages.dpo_reference import reference_fits
+
+    budget = SimpleNamespace(minutes=10, elapsed=lambda: 100.0, still_to_come=lambda: 0.0)
+    ctx = SimpleNamespace(budget=budget, config=SimpleNamespace(epochs=1.0), name="dpo")
+    keep_going = reference_fits(ctx, train_tokens=10_000, total_tokens=10_000)
+    assert keep_going(100, 1.0)        # under 2% of the tokens: too early to tell
+    assert not keep_going(200, 6.0)    # 0.03 s a token: 294 s of pass + 600 s of training > 500 s left
+    assert keep_going(200, 1.0)        # 0.005 s a token: 49 s + 100 s fits
