@@ -4,6 +4,7 @@ or, when that pass would not leave time to train within the stage's budget, comp
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -82,29 +83,36 @@ def sharded_pair_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size:
     return out
 
 
-def frozen_prefix_pays(cfg, model, peft_cfg, train_items: int, run_dir) -> bool:
-    """Whether `reference: auto` should take the reference from the frozen prefix (`frozen_prefix`) rather
-    than precompute it, for DPO and KTO alike.
-
-    Per item, in blocks run (L blocks, the bottom N frozen, M = L - N trained, E epochs): the precomputed
-    reference costs L once, then E * (L + 2M) for training; computed in each step from the frozen prefix,
-    E * (N + M + M + 2M) = E * (L + 3M). So the prefix wins when E * M < L (one epoch with 14 of 30 blocks
-    frozen: 78 against 92), and it trains from the first second: a time limit that cuts the epoch wastes no
-    reference work. It needs an adapter to switch off, frozen blocks and a decoder stack that can start at a
-    block (`can_split`); a run folder that already holds precomputed (or per-step) reference figures keeps
-    its mode."""
+def can_use_prefix(cfg, model, peft_cfg) -> bool:
+    """Whether the reference can come from the frozen prefix: an adapter to switch off, frozen bottom blocks,
+    and a decoder stack that can start at a block (`can_split`)."""
     from align.models.logprobs import can_split
 
-    if cfg.reference != "auto" or peft_cfg is None or not cfg.freeze_layers or not can_split(model):
+    return peft_cfg is not None and bool(cfg.freeze_layers) and can_split(model)
+
+
+# The share of an epoch below which `auto` takes the reference from the frozen prefix: measured on a 2-core
+# CPU (docs/results.md), a step with it costs about 1.5x a step with a precomputed reference (the no-grad top
+# blocks cost about as much as their forward with gradients, and the backward only ~1.3x the forward), which
+# one precomputed pass over every pair repays after about one epoch.
+PREFIX_EPOCHS = 0.5
+
+
+def frozen_prefix_pays(cfg, model, peft_cfg, train_items: int, run_dir) -> bool:
+    """Whether `reference: auto` should take the reference from the frozen prefix (`frozen_prefix`) rather
+    than precompute it, for DPO and KTO alike: when training covers under `PREFIX_EPOCHS` of the data, so a
+    pass over every item first would mostly serve items never trained. (A time limit that cannot hold the
+    precomputed pass and the training switches to the prefix as well: `reference_fits`.) A run folder that
+    already holds precomputed (or per-step) reference figures keeps its mode."""
+    if cfg.reference != "auto" or not can_use_prefix(cfg, model, peft_cfg):
         return False
     if (run_dir / "reference_logps.pt").is_file() or (run_dir / SWITCHED_FILE).is_file():
         return False
-    blocks = model.config.num_hidden_layers
     epochs = cfg.epochs
     if cfg.max_steps:
         epochs = min(epochs, cfg.max_steps * cfg.batch_size * cfg.grad_accum * distributed.world_size()
                      / max(train_items, 1))
-    return epochs * (blocks - cfg.freeze_layers) < blocks
+    return epochs < PREFIX_EPOCHS
 
 
 # Training one pair (forward and backward) costs about this many reference passes over it.
@@ -118,7 +126,7 @@ def reference_fits(ctx: StageContext, train_tokens: int, total_tokens: int):
     """A `keep_going` for the precomputed reference pass under a time budget: after the first 2% of its tokens,
     project the rest of the pass and the training it leaves time for; when the budget would cut the epoch(s)
     short anyway, the precomputed pass wastes the pairs never trained, and the reference computed per step
-    (`adapter_disabled`, one more no-grad pass per trained pair) trains more pairs in the same time. The
+    (from the frozen prefix where it can, else with the adapter off) trains more pairs in the same time. The
     projection is per token, not per pair: the pass runs the shortest pairs first (length-sorted), so a rate
     per pair taken at its start would promise a pass several times shorter than it is."""
     budget, epochs = ctx.budget, ctx.config.epochs
@@ -133,7 +141,7 @@ def reference_fits(ctx: StageContext, train_tokens: int, total_tokens: int):
             return True
         log.warning("stages.%s: the reference pass (%.0f s left of it) and %.3g epoch(s) of training (about "
                     "%.0f s) would not fit in the %.0f s left of time_limit_minutes; computing the reference "
-                    "per step instead (reference: adapter_disabled), which trains more pairs in that time",
+                    "per step instead, which trains more pairs in that time",
                     ctx.name, (total_tokens - done) * per_token, epochs,
                     TRAIN_PER_REFERENCE * epochs * train_tokens * per_token, left)
         return False
@@ -141,12 +149,18 @@ def reference_fits(ctx: StageContext, train_tokens: int, total_tokens: int):
     return keep_going
 
 
+def switched_mode(run_dir) -> str:
+    """The per-step reference a run switched to (`SWITCHED_FILE`): frozen_prefix or adapter_disabled."""
+    return json.loads((run_dir / SWITCHED_FILE).read_text()).get("mode", "adapter_disabled")
+
+
 def reference_logps(ctx: StageContext, model, train, heldout, pad_id: int, fingerprint: dict,
-                    may_switch: bool = False) -> dict | None:
+                    may_switch: bool = False, fallback: str = "adapter_disabled") -> dict | None:
     """Reference log-probs for train and held-out pairs, computed once and kept in the run folder (written
     atomically, checked against the run's fingerprint), so a resumed run reuses them. With `may_switch`
     (`reference: auto`, LoRA, one process) and a time budget the pass and training cannot both fit: None,
-    recorded in the run folder so a resumed run keeps the per-step reference."""
+    recorded in the run folder (with `fallback`, the per-step mode to use: `switched_mode`) so a resumed run
+    keeps the per-step reference."""
     switched = ctx.run_dir / SWITCHED_FILE
     if may_switch and switched.is_file():
         return None
@@ -167,7 +181,7 @@ def reference_logps(ctx: StageContext, model, train, heldout, pad_id: int, finge
             train_logps = (pair_logps(model, train, pad_id, ctx.config.batch_size * 2, keep_going) if keep_going
                            else sharded_pair_logps(model, train, pad_id, ctx.config.batch_size * 2))
         except ReferenceWontFit:
-            write_json_atomic(switched, {"mode": "adapter_disabled", "why": "time_limit_minutes"})
+            write_json_atomic(switched, {"mode": fallback, "why": "time_limit_minutes"})
             return None
         saved = {"fingerprint": key, "train": train_logps,
                  "heldout": sharded_pair_logps(model, heldout, pad_id, ctx.config.batch_size * 2)}

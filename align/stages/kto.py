@@ -41,8 +41,8 @@ from align.stages import register_stage
 from align.stages.base import EntryParts, Prepared, Stage, Trained, logged_history
 from align.stages.building import build_policy
 from align.stages.callbacks import safety_callbacks
-from align.stages.dpo_reference import (SWITCHED_FILE, frozen_prefix_pays, pair_logps, reference_logps,
-                                       sharded_pair_logps)
+from align.stages.dpo_reference import (SWITCHED_FILE, can_use_prefix, frozen_prefix_pays, pair_logps,
+                                       reference_logps, sharded_pair_logps, switched_mode)
 from align.stages.hf_training import train_and_time, training_arguments
 from align.stages.kto_trainer import FeedbackCollator, as_dataset, make_trainer
 from align.stages.registering import parent_baseline
@@ -149,10 +149,11 @@ class KTO(Stage):
         if mode == "precomputed":
             may_switch = (cfg.reference == "auto" and self.peft_cfg is not None and distributed.world_size() == 1
                           and not self.resume_from)
+            per_step = "frozen_prefix" if can_use_prefix(cfg, model, self.peft_cfg) else "adapter_disabled"
             reference = reference_logps(ctx, model, data.train, data.heldout, pad_id, self.fingerprint,
-                                        may_switch or (ctx.run_dir / SWITCHED_FILE).is_file())
+                                        may_switch or (ctx.run_dir / SWITCHED_FILE).is_file(), per_step)
             if reference is None:
-                mode, reference = "adapter_disabled", {"train": None, "heldout": None}
+                mode, reference = switched_mode(ctx.run_dir), {"train": None, "heldout": None}
         elif mode == "copy":
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         if mode != "precomputed":

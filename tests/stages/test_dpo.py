@@ -306,11 +306,23 @@ def test_the_reference_from_the_frozen_prefix_trains_as_the_adapter_disabled_one
     assert not (tmp_path / "frozen_prefix" / "runs" / "tiny" / "dpo" / "reference_logps.pt").exists()
 
 
-def test_auto_takes_the_frozen_prefix_where_it_costs_less_than_the_precomputed_pass(tmp_path, tiny_base):
-    """Half an epoch with 1 of 2 blocks frozen: 0.5 * 1 < 2 blocks, so no pass over every pair first."""
-    _, _, entry = _train(tmp_path, tiny_base, {"freeze_layers": 1, "max_steps": 3, "batch_size": 8})
+def test_auto_takes_the_frozen_prefix_only_below_half_an_epoch(tmp_path, tiny_base):
+    """A third of an epoch: no pass over every pair first; a whole epoch: the pass (one precomputed pass costs
+    less than a no-grad pass of the top blocks in every step, docs/results.md)."""
+    for steps, mode in ((2, "frozen_prefix"), (6, "precomputed")):  # 48 training pairs, 8 a step
+        _, _, entry = _train(tmp_path / mode, tiny_base, {"freeze_layers": 1, "max_steps": steps, "batch_size": 8})
+        assert entry.manifest["timings"]["reference"] == mode
+        assert (tmp_path / mode / "runs" / "tiny" / "dpo" / "reference_logps.pt").exists() == (mode == "precomputed")
+
+
+def test_a_reference_pass_the_budget_cannot_hold_switches_to_the_frozen_prefix_where_there_is_one(
+        tmp_path, tiny_base, monkeypatch):
+    import align.stages.dpo_reference as dpo
+
+    monkeypatch.setattr(dpo, "TRAIN_PER_REFERENCE", 1e9)
+    _, _, entry = _train(tmp_path, tiny_base, {"time_limit_minutes": 30, "batch_size": 4, "freeze_layers": 1})
     assert entry.manifest["timings"]["reference"] == "frozen_prefix"
-    assert not (tmp_path / "runs" / "tiny" / "dpo" / "reference_logps.pt").exists()
+    assert dpo.switched_mode(tmp_path / "runs" / "tiny" / "dpo") == "frozen_prefix"
 
 
 def test_the_switch_projects_the_reference_pass_by_tokens_not_pairs():
