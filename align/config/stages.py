@@ -88,14 +88,21 @@ class DPOStage(StageBase, PreferenceData):
             conflicts.append(f"label_smoothing applies to the {' and '.join(smoothed)} losses, not {self.loss}")
         if loss.reference_free and self.reference not in ("auto",):
             conflicts.append(f"loss {self.loss} is reference-free; remove reference: {self.reference}")
-        if self.reference in ("adapter_disabled", "frozen_prefix") and self.method == "full":
-            conflicts.append(f"reference {self.reference} needs method lora or qlora (full fine-tuning has no "
-                             "adapter to switch off); use precomputed or copy")
-        if self.reference == "frozen_prefix" and not self.freeze_layers:
-            conflicts.append("reference frozen_prefix needs freeze_layers > 0 (the frozen bottom blocks are what "
-                             "the policy and the reference share)")
+        conflicts += reference_conflicts(self)
         raise_conflicts(conflicts)
         return self
+
+
+def reference_conflicts(cfg) -> list[str]:
+    """What a DPO or KTO stage's `reference` needs of its method and frozen blocks."""
+    conflicts = []
+    if cfg.reference in ("adapter_disabled", "frozen_prefix") and cfg.method == "full":
+        conflicts.append(f"reference {cfg.reference} needs method lora or qlora (full fine-tuning has no "
+                         "adapter to switch off); use precomputed or copy")
+    if cfg.reference == "frozen_prefix" and not cfg.freeze_layers:
+        conflicts.append("reference frozen_prefix needs freeze_layers > 0 (the frozen bottom blocks are what "
+                         "the policy and the reference share)")
+    return conflicts
 
 
 # PPO keys added after run folders were first written, with the default at which the dump leaves them out

@@ -30,6 +30,7 @@ import torch
 from pydantic import Field, model_validator
 
 from align.config.schema import PreferenceData, StageBase, raise_conflicts
+from align.config.stages import reference_conflicts
 from align.data.prepare_unpaired import prepare_feedback
 from align.eval.hook import evaluate_model
 from align.eval.plots import score_histogram_png
@@ -68,13 +69,7 @@ class KTOStage(StageBase, PreferenceData):
 
     @model_validator(mode="after")
     def _consistent(self) -> KTOStage:
-        conflicts = []
-        if self.reference in ("adapter_disabled", "frozen_prefix") and self.method == "full":
-            conflicts.append(f"reference {self.reference} needs method lora or qlora (full fine-tuning has no "
-                             "adapter to switch off); use precomputed or copy")
-        if self.reference == "frozen_prefix" and not self.freeze_layers:
-            conflicts.append("reference frozen_prefix needs freeze_layers > 0 (the frozen bottom blocks are what "
-                             "the policy and the reference share)")
+        conflicts = reference_conflicts(self)
         if self.margin_field is not None:
             conflicts.append("margin_field is read by the reward stage; KTO's rows carry no margin")
         raise_conflicts(conflicts)
