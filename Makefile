@@ -12,7 +12,7 @@ NPROC  ?= 1
 ENGINE ?=
 SCALE  := $(if $(filter-out 1,$(NPROC)),--nproc $(NPROC)) $(if $(ENGINE),--engine $(ENGINE))
 
-.PHONY: setup test quickstart plan sft rm ppo dpo models recipes eval report chat clean
+.PHONY: setup test quickstart plan sft rm ppo dpo models recipes eval report chat playground clean
 
 $(BIN)/align: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,9 @@ report: setup  ## cross-stage report of RECIPE: base, SFT, PPO, DPO side by side
 
 chat: setup  ## chat with REF in the terminal (default: the packaged model; ARGS="--compare quickstart/dpo")
 	$(BIN)/align chat $(or $(REF),smollm2-135m-instruct) $(ARGS)
+
+playground: setup  ## web page on 127.0.0.1:7860: REFS="quickstart/sft quickstart/dpo" side by side [JUDGE=quickstart/reward]
+	$(BIN)/align playground $(or $(REFS),smollm2-135m-instruct) $(if $(JUDGE),--judge $(JUDGE)) $(ARGS)
 
 .PHONY: merge export
 FORMAT ?= hf

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from align.cli import chat, evaluate, export, models, run
+from align.cli import chat, evaluate, export, models, playground, run
 from align.errors import AlignError
 
 
@@ -48,6 +48,7 @@ SUBCOMMANDS = (
     evaluate.add_eval,
     evaluate.add_report,
     chat.add_chat,
+    playground.add_playground,
     models.add_models,
 )
 

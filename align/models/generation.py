@@ -109,10 +109,12 @@ def finish_response(tokenizer, new: list[int], stops: list[str]) -> Generated:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], settings, batch_size: int = 16,
-             autocast: bool = False, streamer=None) -> list[Generated]:
+             autocast: bool = False, streamer=None, stop=None) -> list[Generated]:
     """Responses in input order. `autocast`: sample under bf16 autocast where the hardware has it (RL
     rollouts, whose log-probs are recomputed in full precision afterwards). `streamer`: a transformers
-    streamer that receives each new token (one prompt at a time; not with beam search)."""
+    streamer that receives each new token (one prompt at a time; not with beam search). `stop`: a
+    `threading.Event`; once it is set, generation ends after the token in progress (the playground's
+    stop button), and what was generated so far is returned, not ended with EOS."""
     if streamer is not None and len(prompt_ids) != 1:
         raise ValueError("a streamer follows one prompt at a time")
     device = next(model.parameters()).device
@@ -130,6 +132,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings, batch_size
         kwargs = generation_kwargs(settings, tokenizer, prompt_length=width)
         if streamer is not None:
             kwargs["streamer"] = streamer
+        if stop is not None:
+            kwargs["stopping_criteria"] = _stop_when_set(stop)
         with inference_autocast(model) if autocast else contextlib.nullcontext():
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
         for row, i in enumerate(chunk):
@@ -137,6 +141,17 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings, batch_size
     if was_training:
         model.train()
     return results  # type: ignore[return-value]
+
+
+def _stop_when_set(event):
+    """A transformers `StoppingCriteriaList` that ends every sequence once `event` is set."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhenSet(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhenSet()])
 
 
 def settings_with(base, overrides: dict):

@@ -48,21 +48,30 @@ def streamer(tokenizer, out):
     return Printer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def prompt_within_context(chat: ChatModel, room: int) -> list[int]:
-    """The prompt ids of the conversation; the oldest turns (after a system prompt) are dropped while it is
-    longer than `room` tokens, keeping at least the last user message."""
+def fit_context(tokenizer, messages: list[dict], room: int) -> list[int]:
+    """The prompt ids of the conversation `messages`; its oldest turns (after a system prompt) are deleted
+    from the list while it is longer than `room` tokens, keeping at least the last user message."""
     while True:
-        ids = encode_prompt(chat.tokenizer, chat.messages)
-        first = 1 if chat.messages and chat.messages[0]["role"] == "system" else 0
-        if len(ids) <= room or len(chat.messages) - first <= 1:
+        ids = encode_prompt(tokenizer, messages)
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        if len(ids) <= room or len(messages) - first <= 1:
             return ids
-        del chat.messages[first: first + 2]  # one user turn and its answer
+        del messages[first: first + 2]  # one user turn and its answer
+
+
+def room_for_prompt(model, settings) -> int:
+    """How many prompt tokens leave room for `settings.max_new_tokens` in the model's context."""
+    return getattr(model.config, "max_position_embeddings", 1 << 30) - settings.max_new_tokens
+
+
+def prompt_within_context(chat: ChatModel, room: int) -> list[int]:
+    """The prompt ids of the chat's conversation, its oldest turns dropped to fit `room` (`fit_context`)."""
+    return fit_context(chat.tokenizer, chat.messages, room)
 
 
 def answer(chat: ChatModel, settings, out) -> str:
     """Generate the reply to the conversation so far, streaming it to `out`, and add it to the conversation."""
-    room = getattr(chat.model.config, "max_position_embeddings", 1 << 30) - settings.max_new_tokens
-    ids = prompt_within_context(chat, room)
+    ids = prompt_within_context(chat, room_for_prompt(chat.model, settings))
     if settings.num_beams > 1:
         [reply] = generate(chat.model, chat.tokenizer, [ids], settings, 1)
         out.write(reply.text + "\n")
