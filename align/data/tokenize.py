@@ -7,15 +7,30 @@ turn's character span by rendering the prefix before it (templates are prefix-st
 tokens that overlap a span, through the end-of-turn token. Labels are explicit, so padding and
 collation can never unlabel EOS.
 
+The end of a turn is the token the template writes right after an answer (`align.models.stop_tokens`:
+`<end_of_turn>` in Gemma, `<|end|>` in Phi-3, `<|im_end|>` in ChatML), which is not always the tokenizer's
+EOS; only a template that writes none gets the EOS added. Each turn is found in the full rendering, from
+where the prompt rendering with the assistant header ends: a template that renders the last answer
+differently from earlier ones (Qwen3's empty `<think>` block) or closes the conversation with an extra
+token (Phi-3's EOS) still labels exactly what it writes for each answer.
+
+A template without a system role (Gemma 2's raises on one) gets the system prompt folded into the first
+user turn, as Gemma 3's own template does (`system + "\n\n" + user`), logged once per template.
+
 BOS: the template text is tokenized without added special tokens; if the tokenizer normally prepends a
 BOS and the template did not write one, one is prepended. A sequence never starts with two BOS tokens.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass
 
 from align.errors import DataError
+from align.models.stop_tokens import template_end_token_id
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 
@@ -33,7 +48,43 @@ class Encoded:
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("the tokenizer has no chat template; give the base a tokenizer with one")
+    if messages and messages[0]["role"] == "system" and not accepts_system_role(tokenizer):
+        messages = fold_system_prompt(messages)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+_SYSTEM_ROLE: dict[str, bool] = {}  # chat template text -> whether it renders a system message
+
+
+def accepts_system_role(tokenizer) -> bool:
+    """Whether the chat template renders a leading system message; False only when it raises on one and
+    renders the same conversation without it (Gemma 2: `System role not supported`)."""
+    template = tokenizer.chat_template
+    if template not in _SYSTEM_ROLE:
+        user = [{"role": "user", "content": "hi"}]
+        try:
+            tokenizer.apply_chat_template([{"role": "system", "content": "be brief"}, *user], tokenize=False)
+            accepts = True
+        except Exception:  # noqa: BLE001 - jinja's TemplateError from raise_exception, or the template's own
+            try:
+                tokenizer.apply_chat_template(user, tokenize=False)
+                accepts = False
+            except Exception:  # noqa: BLE001 - it fails without a system message too: not about the role
+                accepts = True
+        if not accepts:
+            log.warning("the chat template has no system role: system prompts are folded into the first user "
+                        "turn (system + blank line + user), as Gemma 3's template does")
+        _SYSTEM_ROLE[template] = accepts
+    return _SYSTEM_ROLE[template]
+
+
+def fold_system_prompt(messages: list[dict]) -> list[dict]:
+    """The conversation with its leading system message put before the first user message's text."""
+    if len(messages) < 2 or messages[1]["role"] != "user":
+        raise DataError("the chat template has no system role, and this conversation's system message is not "
+                        "followed by a user message to fold it into")
+    first = {**messages[1], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+    return [first, *messages[2:]]
 
 
 def adds_bos(tokenizer) -> bool:
@@ -57,29 +108,55 @@ def _encode_text(tokenizer, text: str, offsets: bool = False):
     return ids, spans
 
 
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (template, end text)
+
+
+def end_of_turn_text(tokenizer) -> str | None:
+    """The text of the token the chat template closes an answer with (None: it writes none); read once per
+    tokenizer and template, not once per conversation."""
+    known = _END_OF_TURN.get(tokenizer)
+    if known is None or known[0] != tokenizer.chat_template:
+        end = template_end_token_id(tokenizer)
+        known = (tokenizer.chat_template, tokenizer.convert_ids_to_tokens(end) if end is not None else None)
+        _END_OF_TURN[tokenizer] = known
+    return known[1]
+
+
 def assistant_spans(tokenizer, messages: list[dict], first: int = 0) -> tuple[str, list[tuple[int, int]], list[bool]]:
     """The rendered text, the character span of each assistant turn from message `first` on (content
-    through end-of-turn), and for each span whether the end-of-turn (EOS) text was found inside it."""
+    through end-of-turn), and for each span whether the template wrote an end-of-turn token there."""
     full = render(tokenizer, messages)
+    end_text = end_of_turn_text(tokenizer)
     eos = tokenizer.eos_token or ""
-    spans, found_eos = [], []
+    spans, found_end = [], []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < first:
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        if not full.startswith(before):
+            raise _not_prefix_stable()
+        start = len(before)
+        end_at = full.find(end_text, start) if end_text else -1
+        if end_at >= 0:  # the template's own end of turn, where it wrote it in the full conversation
+            spans.append((start, end_at + len(end_text)))
+            found_end.append(True)
+            continue
         through = render(tokenizer, messages[: i + 1])
         if not full.startswith(through) or not through.startswith(before):
-            raise DataError("the chat template is not prefix-stable (rendering a conversation changes earlier "
-                            "turns), so assistant tokens cannot be located; use a template without that behaviour")
-        start = len(before)
+            raise _not_prefix_stable()
         end_of_turn = through.find(eos, start) if eos else -1
         if end_of_turn >= 0:
             spans.append((start, end_of_turn + len(eos)))
-            found_eos.append(True)
+            found_end.append(True)
         else:
             spans.append((start, len(through.rstrip())))
-            found_eos.append(False)
-    return full, spans, found_eos
+            found_end.append(False)
+    return full, spans, found_end
+
+
+def _not_prefix_stable() -> DataError:
+    return DataError("the chat template is not prefix-stable (rendering a conversation changes earlier turns), "
+                     "so assistant tokens cannot be located; use a template without that behaviour")
 
 
 def encode_conversation(tokenizer, messages: list[dict], max_length: int | None,

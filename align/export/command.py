@@ -23,11 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align.errors import ExportError
-from align.export.gguf import gguf_dtype, verify_gguf, write_gguf
+from align.export.gguf import check_architecture, gguf_dtype, verify_gguf, write_gguf
 from align.export.hf import hf_dtype, verify_hf, write_hf
 from align.registry.fingerprint import library_versions, tokenizer_facts
 from align.export.merge import merge_entry, task_of
-from align.models.loading import ModelSource, load_causal_lm, load_tokenizer, materialize, resolve_model_ref
+from align.models.loading import (
+    ModelSource,
+    adapter_parent,
+    load_causal_lm,
+    load_tokenizer,
+    materialize,
+    resolve_model_ref,
+)
 from align.export.parity import model_outputs, sample_inputs
 from align.registry.records import write_json_atomic
 from align.registry.store import Registry
@@ -73,6 +80,25 @@ def load_source(source: ModelSource, registry: Registry) -> Loaded:
     return Loaded(source, model, tokenizer, task, pooling, samples, model_outputs(model, samples, task), None)
 
 
+def weights_config(source: ModelSource, registry: Registry) -> dict | None:
+    """The `config.json` of the full weights `source` stands on (an adapter chain walked down to its base),
+    read without loading weights; None for a source not on disk (a hub id, a GGUF file)."""
+    import json
+
+    while source.entry is not None and source.entry.artifact.get("type") == "adapter":
+        source = materialize(adapter_parent(source.entry, registry), registry)
+    if source.entry is not None:
+        path = source.entry.file(source.entry.artifact["path"]) / "config.json"
+    elif source.kind == "local":
+        path = Path(source.path) / "config.json"
+    else:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # the load names what is wrong with it
+
+
 def slug(ref: str) -> str:
     """`quickstart/sft@2` -> `quickstart-sft-v2` (a file-name-safe form of a ref)."""
     name, _, version = ref.partition("@")
@@ -92,6 +118,10 @@ def export_model(ref: str, registry: Registry, fmt: str, dtype: str | None = Non
     if fmt == "gguf" and task_of(entry) == "classifier":
         raise ExportError(f"{entry.ref} is a reward model; GGUF export writes causal LMs. "
                           "Export it with --format hf")
+    if fmt == "gguf":
+        config = weights_config(source, registry)
+        if config is not None:  # refused before any adapter is merged (write_gguf checks the model again)
+            check_architecture(config.get("model_type"), (config.get("architectures") or [None])[0])
     name = slug(entry.ref if entry is not None else Path(ref).name or ref)
     out = Path(out) if out is not None else Path("exports") / f"{name}-{fmt}-{dtype}"
     if out.exists() and not force:

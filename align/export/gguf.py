@@ -41,12 +41,18 @@ def gguf_dtype(name: str) -> str:
     return key
 
 
+def check_architecture(model_type: str | None, architecture: str | None) -> None:
+    """Refuse an architecture this writer does not lay out (from `config.json`'s `model_type` and
+    `architectures`, so `align export` can refuse before any weights load or adapters merge)."""
+    if model_type != "llama" or not (architecture or "").endswith("ForCausalLM"):
+        raise ExportError(f"GGUF export supports llama-family causal LMs; this is {architecture} "
+                          f"({model_type}). Export it with --format hf")
+
+
 def check_supported(model) -> None:
     """Refuse models this writer cannot represent exactly."""
     config = model.config
-    if config.model_type != "llama" or not type(model).__name__.endswith("ForCausalLM"):
-        raise ExportError(f"GGUF export supports llama-family causal LMs; this is {type(model).__name__} "
-                          f"({config.model_type}). Export it with --format hf")
+    check_architecture(config.model_type, type(model).__name__)
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ExportError("GGUF export: this model has attention/MLP biases, which the llama GGUF layout and "
                           "transformers' GGUF loader do not carry; export with --format hf")

@@ -1,8 +1,11 @@
 """Batched generation from chat prompts, shared by the evaluation hook, RL rollouts and `align chat`.
 
 Prompts are left-padded into batches sorted by length (less padding), generation stops per sequence at
-EOS or a stop string, and the result says for each response whether it ended properly (a model that never
-stops is a failure we want to see, not hide).
+the end of an assistant turn or a stop string, and the result says for each response whether it ended
+properly (a model that never stops is a failure we want to see, not hide). The end of a turn is any of
+`align.models.stop_tokens.stop_token_ids`: the chat template's end-of-turn token and the tokenizer's EOS,
+which differ in Gemma (`<end_of_turn>`, `<eos>`), Phi-3 and Qwen base models; stopping at the EOS alone
+would run every answer of those to `max_new_tokens`.
 
 Decoding strategies are transformers' own (`generate`: greedy, sampling with temperature/top-k/top-p,
 beam search, repetition penalty, min_new_tokens, stop strings); the one piece it lacks, OpenAI's presence
@@ -19,6 +22,7 @@ import torch
 
 from align.data.sampling import pad_left
 from align.models.loading import contiguous_head_input
+from align.models.stop_tokens import stop_token_ids
 from align.runtime.precision import inference_autocast
 
 
@@ -60,9 +64,11 @@ def library_only_settings(settings) -> list[str]:
 def generation_kwargs(settings, tokenizer, prompt_length: int | None = None) -> dict:
     """`model.generate` arguments for `settings`. Settings left at their defaults are not passed, so a recipe
     without them decodes exactly as before they existed. `prompt_length`: the (padded) prompt width, which
-    the presence/frequency penalty needs to count response tokens only."""
+    the presence/frequency penalty needs to count response tokens only. Generation ends at any of the
+    turn's end ids (`stop_token_ids`)."""
+    ends = stop_token_ids(tokenizer)
     kwargs = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
-              "eos_token_id": tokenizer.eos_token_id}
+              "eos_token_id": ends if len(ends) > 1 else (ends[0] if ends else None)}
     if settings.temperature and settings.temperature > 0:
         # Unset top-k/top-p mean none: transformers would otherwise apply its default top_k=50 silently.
         kwargs.update(do_sample=True, temperature=settings.temperature, top_k=settings.top_k or 0,
@@ -89,13 +95,15 @@ def generation_kwargs(settings, tokenizer, prompt_length: int | None = None) -> 
     return kwargs
 
 
-def finish_response(tokenizer, new: list[int], stops: list[str]) -> Generated:
-    """A response from the tokens generated after the prompt: cut after the first EOS, else after the token
-    that completed the first stop string (both are proper ends); padding after either is dropped."""
-    eos = tokenizer.eos_token_id
-    ended = eos in new
+def finish_response(tokenizer, new: list[int], stops: list[str], ends: list[int] | None = None) -> Generated:
+    """A response from the tokens generated after the prompt: cut after the first end-of-turn id (`ends`,
+    by default `stop_token_ids(tokenizer)`), else after the token that completed the first stop string (both
+    are proper ends); padding after either is dropped."""
+    ends = set(stop_token_ids(tokenizer) if ends is None else ends)
+    first_end = next((i for i, token in enumerate(new) if token in ends), None)
+    ended = first_end is not None
     if ended:
-        new = new[: new.index(eos) + 1]
+        new = new[: first_end + 1]
     if stops:  # checked before the EOS too: where pad == EOS, the padding after a stop string reads as EOS
         body = new[:-1] if ended else new
         if any(stop in tokenizer.decode(body, skip_special_tokens=True) for stop in stops):
@@ -103,7 +111,7 @@ def finish_response(tokenizer, new: list[int], stops: list[str]) -> Generated:
                 if any(stop in tokenizer.decode(body[:end], skip_special_tokens=True) for stop in stops):
                     new, ended = body[:end], True
                     break
-    text = tokenizer.decode([t for t in new if t != eos], skip_special_tokens=True)
+    text = tokenizer.decode([t for t in new if t not in ends], skip_special_tokens=True)
     return Generated(text=text, token_ids=new, ended_with_eos=ended)
 
 
@@ -125,6 +133,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings, batch_size
     model.eval()
     contiguous_head_input(model)
     stops = list(settings.stop or [])
+    ends = stop_token_ids(tokenizer)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         input_ids, attention = pad_left([prompt_ids[i] for i in chunk], pad)
@@ -137,7 +146,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings, batch_size
         with inference_autocast(model) if autocast else contextlib.nullcontext():
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
         for row, i in enumerate(chunk):
-            results[i] = finish_response(tokenizer, out[row, width:].tolist(), stops)
+            results[i] = finish_response(tokenizer, out[row, width:].tolist(), stops, ends)
     if was_training:
         model.train()
     return results  # type: ignore[return-value]

@@ -5,6 +5,11 @@ positions only. Projecting every position (as `model(...).logits` does, and as T
 devices without Triton, CPUs included) spends most of the head's work on prompt tokens (TRL's
 `DPOTrainer` against this path: docs/results.md). The head runs in fp32 even under bf16 autocast: bf16
 logits are rounded to ~0.4%, which over a 50-token response is ~0.5 nats of noise in a DPO log-ratio.
+
+Projecting the head ourselves skips whatever the model's own forward does to its logits after the head:
+Gemma 2's final softcapping (`cap * tanh(logits / cap)`, `config.final_logit_softcapping`) is applied here
+too (`logit_softcap`), or every loss would train, and every log-prob describe, logits the model never
+produces.
 """
 
 from __future__ import annotations
@@ -26,24 +31,44 @@ def causal_parts(model):
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
-def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = hidden.float() @ weight.float().t()
+def logit_softcap(model) -> float | None:
+    """The cap a (possibly PEFT-wrapped) causal LM's forward puts on its logits after the head (Gemma 2:
+    `final_logit_softcapping`), or None."""
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """`softcap * tanh(logits / softcap)`, as the model's forward computes it; `logits` when there is no cap."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """The LM head's logits of `hidden` [N, H] in fp32, capped as the model's forward caps them."""
+    return capped(hidden.float() @ weight.float().t(), softcap)
+
+
+def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 softcap: float | None = None) -> torch.Tensor:
+    logits = head_logits(hidden, weight, softcap)
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
-def head_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def head_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+               softcap: float | None = None) -> torch.Tensor:
     """log p(target) for each row of `hidden` [N, H]. Long inputs go in chunks whose logits are recomputed in
-    the backward pass, so memory stays at one chunk's [HEAD_CHUNK, vocab] whatever the batch."""
+    the backward pass, so memory stays at one chunk's [HEAD_CHUNK, vocab] whatever the batch. `softcap`: the
+    model's `logit_softcap`."""
     if hidden.size(0) <= HEAD_CHUNK:
-        return _token_logps(hidden, weight, targets)
+        return _token_logps(hidden, weight, targets, softcap)
     parts = []
     for start in range(0, hidden.size(0), HEAD_CHUNK):
         stop = start + HEAD_CHUNK
         if torch.is_grad_enabled():
-            parts.append(checkpoint(_token_logps, hidden[start:stop], weight, targets[start:stop],
+            parts.append(checkpoint(_token_logps, hidden[start:stop], weight, targets[start:stop], softcap,
                                     use_reentrant=False))
         else:
-            parts.append(_token_logps(hidden[start:stop], weight, targets[start:stop]))
+            parts.append(_token_logps(hidden[start:stop], weight, targets[start:stop], softcap))
     return torch.cat(parts)
 
 
@@ -71,7 +96,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     targets = labels[:, 1:].to(hidden.device)
     scored = targets != IGNORE
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        token_logps = head_logps(hidden[:, :-1][scored], head.weight, targets[scored])
+        token_logps = head_logps(hidden[:, :-1][scored], head.weight, targets[scored], logit_softcap(model))
     per_position = token_logps.new_zeros(scored.shape).masked_scatter(scored, token_logps)
     return per_position.sum(dim=1), scored.sum(dim=1)
 
@@ -83,8 +108,8 @@ def mean_nll(logp_sum: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def _token_logps_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = (hidden.float() @ weight.float().t()) / temperature
+                         temperature: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head_logits(hidden, weight, softcap) / temperature
     normalizer = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(1, targets[:, None]).squeeze(1) - normalizer
     with torch.no_grad():  # entropy is logged, never trained on: no graph for it
@@ -170,17 +195,18 @@ KL_CHUNK = 256  # positions per exact-KL chunk: two [KL_CHUNK, vocab] fp32 log-s
 
 
 def distribution_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
-                    temperature: float = 1.0) -> torch.Tensor:
+                    temperature: float = 1.0, softcap: float | None = None) -> torch.Tensor:
     """Exact KL(p || q) at each position [N], summed over the whole vocabulary, between the next-token
     distributions p = softmax(hidden W^T / T) and q = softmax(ref_hidden W_ref^T / T). Unlike the k1
     estimate log p(x) - log q(x) of the sampled token, it has no sampling noise and is never negative (a
-    fp32 rounding below zero is clamped), so a mean over a few held-out responses means what it says."""
+    fp32 rounding below zero is clamped), so a mean over a few held-out responses means what it says.
+    `softcap`: the models' `logit_softcap` (a policy and its reference share their config)."""
     parts = []
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         for start in range(0, hidden.size(0), KL_CHUNK):
             stop = start + KL_CHUNK
-            logp = torch.log_softmax(hidden[start:stop].float() @ weight.float().t() / temperature, dim=-1)
-            logq = torch.log_softmax(ref_hidden[start:stop].float() @ ref_weight.float().t() / temperature, dim=-1)
+            logp = torch.log_softmax(head_logits(hidden[start:stop], weight, softcap) / temperature, dim=-1)
+            logq = torch.log_softmax(head_logits(ref_hidden[start:stop], ref_weight, softcap) / temperature, dim=-1)
             parts.append((logp.exp() * (logp - logq)).sum(dim=-1).clamp_min(0.0))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
@@ -235,9 +261,9 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
             return out
         # As in `head_logps`: past one chunk, logits are recomputed in the backward pass, not kept.
         remat = torch.is_grad_enabled() and picked.size(0) > HEAD_CHUNK
-        picked_targets, parts = targets[scored], []
+        picked_targets, parts, softcap = targets[scored], [], logit_softcap(model)
         for i in range(0, picked.size(0), HEAD_CHUNK):
-            args = (picked[i:i + HEAD_CHUNK], head.weight, picked_targets[i:i + HEAD_CHUNK], temperature)
+            args = (picked[i:i + HEAD_CHUNK], head.weight, picked_targets[i:i + HEAD_CHUNK], temperature, softcap)
             parts.append(checkpoint(_token_logps_entropy, *args, use_reentrant=False) if remat
                          else _token_logps_entropy(*args))
         logps = torch.cat([p[0] for p in parts]) if parts else picked.new_zeros(0)

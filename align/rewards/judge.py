@@ -35,7 +35,7 @@ import torch
 from align.data.sampling import length_sorted_chunks, pad_right
 from align.data.tokenize import encode_prompt
 from align.errors import AlignError
-from align.models.logprobs import causal_parts
+from align.models.logprobs import capped, causal_parts, logit_softcap
 from align.runtime.precision import inference_autocast
 
 TEMPLATE = ("You are judging an assistant's response to a prompt.\n\nRubric: {rubric}\n\nPrompt:\n{prompt}\n\n"
@@ -134,7 +134,7 @@ def candidate_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         logits = last.float() @ head.weight[ids].float().t()
         if getattr(head, "bias", None) is not None:
             logits = logits + head.bias[ids].float()
-    return logits
+    return capped(logits, logit_softcap(model))  # as the model's forward caps them (Gemma 2)
 
 
 def verdicts(logits: torch.Tensor, groups: list[list[int]], mode: str, values: list[int]) -> torch.Tensor:

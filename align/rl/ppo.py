@@ -32,7 +32,7 @@ import time
 import torch
 
 from align.errors import TrainingError
-from align.models.logprobs import can_split, causal_parts, distribution_kl, labelled_hidden, token_logps
+from align.models.logprobs import can_split, causal_parts, distribution_kl, labelled_hidden, logit_softcap, token_logps
 from align.objectives.advantages import AdvantageBatch
 from align.objectives.kl import FIGURE_ESTIMATOR, kl_per_token
 from align.objectives.ppo_losses import ppo_policy_loss, ppo_value_loss
@@ -202,7 +202,8 @@ class PPOTrainer(SharedPassChecks, StepFigures):
             weight = causal_parts(model)[1].weight
             with self.reference_model() as reference, self._autocast():
                 ref_hidden = labelled_hidden(reference, ids, mask, labels)
-                kl = distribution_kl(hidden, weight, ref_hidden, causal_parts(reference)[1].weight, self.temperature)
+                kl = distribution_kl(hidden, weight, ref_hidden, causal_parts(reference)[1].weight, self.temperature,
+                                     logit_softcap(model))
             total, count = total + float(kl.sum()), count + kl.numel()
         return total / count if count else 0.0
 

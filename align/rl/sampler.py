@@ -14,6 +14,9 @@ Each response keeps the sampler's log-prob of every token it drew (`Generated.to
 `sampled_logps`), so the PPO loop can measure how far the sampler is from the policy it trains
 (`align.rl.logprob_mismatch`).
 
+A row ends at any of the turn's end ids (`align.models.stop_tokens.stop_token_ids`: the template's
+end-of-turn token and the tokenizer's EOS, which differ in Gemma, Phi-3 and Qwen base models).
+
 `sample` returns None when the model's cache cannot drop rows; callers then use `generate`.
 """
 
@@ -23,6 +26,7 @@ import torch
 
 from align.data.sampling import pad_left
 from align.models.generation import Generated
+from align.models.stop_tokens import stop_token_ids
 
 
 def _filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -86,8 +90,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings, group: int =
 
     contiguous_head_input(model)
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ends = stop_token_ids(tokenizer)
+    end_ids = torch.tensor(ends, device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = len(prompt_ids)
     shared = group > 1 and rows % group == 0 and all(
         prompt_ids[i] == prompt_ids[i - i % group] for i in range(rows))
@@ -114,12 +119,12 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings, group: int =
     stops = list(settings.stop or [])
     for step in range(settings.max_new_tokens):
         tokens = _next_tokens(logits, settings)
-        done = tokens == eos
+        done = torch.isin(tokens, end_ids)
         drawn = sampled_logps(logits, tokens, settings.temperature).tolist()
         for slot, (row, token) in enumerate(zip(active.tolist(), tokens.tolist())):
             generated[row].append(token)
             logps[row].append(drawn[slot])
-            if token == eos:
+            if token in ends:
                 ended[row] = True
             elif stops:
                 tail = tokenizer.decode(generated[row][-16:], skip_special_tokens=True)
@@ -140,5 +145,5 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings, group: int =
         logits = out.logits[:, -1]
         next_position = next_position + 1
     model.train(was_training)
-    return [Generated(text=tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True), token_ids=ids,
+    return [Generated(text=tokenizer.decode([t for t in ids if t not in ends], skip_special_tokens=True), token_ids=ids,
                       ended_with_eos=ended[row], token_logps=logps[row]) for row, ids in enumerate(generated)]
