@@ -12,7 +12,7 @@ NPROC  ?= 1
 ENGINE ?=
 SCALE  := $(if $(filter-out 1,$(NPROC)),--nproc $(NPROC)) $(if $(ENGINE),--engine $(ENGINE))
 
-.PHONY: setup test quickstart plan sft rm ppo dpo models recipes eval report chat playground clean
+.PHONY: setup test quickstart plan sft rm ppo dpo models recipes eval report chat playground check-export clean
 
 $(BIN)/align: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ report: setup  ## cross-stage report of RECIPE: base, SFT, PPO, DPO side by side
 
 chat: setup  ## chat with REF in the terminal (default: the packaged model; ARGS="--compare quickstart/dpo")
 	$(BIN)/align chat $(or $(REF),smollm2-135m-instruct) $(ARGS)
+
+check-export: setup  ## REF's GGUF exports (f16, q8_0) run in llama.cpp against the fp32 model; builds llama-cpp-python once
+	@test -n "$(REF)" || (echo "usage: make check-export REF=quickstart/sft [ARGS=--dtypes f16,q8_0]" && exit 2)
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || (echo "building llama-cpp-python (several minutes)" && \
+		$(BIN)/pip install -q -e ".[llama-cpp]")
+	$(BIN)/align check-export $(REF) $(ARGS)
 
 playground: setup  ## web page on 127.0.0.1:7860: REFS="quickstart/sft quickstart/dpo" side by side [JUDGE=quickstart/reward]
 	$(BIN)/align playground $(or $(REFS),smollm2-135m-instruct) $(if $(JUDGE),--judge $(JUDGE)) $(ARGS)

@@ -37,6 +37,39 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_check_export(args) -> int:
+    """0 when every dtype's GGUF file passes in llama.cpp, else 1; the table either way."""
+    from pathlib import Path
+
+    from align.export.command import slug
+    from align.export.llama_cpp import check_export, table
+
+    registry = registry_of(args)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    out = Path(args.out) if args.out else Path("exports") / f"{slug(args.ref)}-llama-cpp-check.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = check_export(args.ref, registry, dtypes, out, args.max_new_tokens)
+    print(table(results))
+    for r in results:
+        for row in r["rows"]:
+            if not row["greedy_match"]:
+                print(f"    {r['dtype']} {row['prompt']!r}: transformers {row['hf_answer']!r} / llama.cpp "
+                      f"{row['llama_cpp_answer']!r}")
+    print(f"figures: {out}")
+    return 0 if all(r["passed"] for r in results) else 1
+
+
+def add_check_export(sub) -> None:
+    """`align check-export`'s arguments."""
+    p = sub.add_parser("check-export", help="export REF to GGUF and run each file in llama.cpp against the fp32 "
+                       "model (needs llama-cpp-python)")
+    p.add_argument("ref", help="registry ref (adapters are merged first), local folder or hub id")
+    p.add_argument("--dtypes", default="f16,q8_0", help="GGUF dtypes to check (default f16,q8_0)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length compared (default 32)")
+    p.add_argument("--out", help="where the figures go (default exports/<ref>-llama-cpp-check.json)")
+    p.set_defaults(fn=cmd_check_export)
+
+
 def add_merge(sub) -> None:
     """`align merge`'s arguments."""
     p = sub.add_parser("merge", help="merge a LoRA adapter entry into full weights and register the result")

@@ -45,6 +45,7 @@ SUBCOMMANDS = (
     evaluate.add_score,
     export.add_merge,
     export.add_export,
+    export.add_check_export,
     evaluate.add_eval,
     evaluate.add_report,
     chat.add_chat,

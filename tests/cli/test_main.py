@@ -207,4 +207,4 @@ def test_help_lists_every_command_group_in_one_order(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr()[0]
-    assert "{recipes,plan,run,score,merge,export,eval,report,chat,playground,models}" in out
+    assert "{recipes,plan,run,score,merge,export,check-export,eval,report,chat,playground,models}" in out
