@@ -41,11 +41,17 @@ def gguf_dtype(name: str) -> str:
     return key
 
 
+# model_type -> the transformers class this writer lays out as llama.cpp's `llama` architecture. Mistral's
+# decoder is Llama's (llama.cpp's own converter writes it as `llama` too), its sliding window aside, which
+# `check_supported` refuses where it would change the attention.
+LLAMA_LAYOUT = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+
 def check_architecture(model_type: str | None, architecture: str | None) -> None:
     """Refuse an architecture this writer does not lay out (from `config.json`'s `model_type` and
     `architectures`, so `align export` can refuse before any weights load or adapters merge)."""
-    if model_type != "llama" or not (architecture or "").endswith("ForCausalLM"):
-        raise ExportError(f"GGUF export supports llama-family causal LMs; this is {architecture} "
+    if model_type not in LLAMA_LAYOUT or not (architecture or "").endswith("ForCausalLM"):
+        raise ExportError(f"GGUF export supports llama-family causal LMs (Llama, Mistral); this is {architecture} "
                           f"({model_type}). Export it with --format hf")
 
 
@@ -56,6 +62,10 @@ def check_supported(model) -> None:
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ExportError("GGUF export: this model has attention/MLP biases, which the llama GGUF layout and "
                           "transformers' GGUF loader do not carry; export with --format hf")
+    window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+    if window is not None and window < config.max_position_embeddings:
+        raise ExportError(f"GGUF export: sliding-window attention (a window of {window} tokens in a context of "
+                          f"{config.max_position_embeddings}) is not written by this exporter; export with --format hf")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ExportError(f"GGUF export: RoPE type {rope.get('rope_type')!r} is not written by this exporter; "
@@ -162,7 +172,8 @@ def verify_gguf(path: Path, tokenizer, samples: list[Sample], reference: list[to
     hf_logging.set_verbosity_error()  # progress bars and "keys not parsed" notes from the GGUF loader
     try:
         loaded_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                     config=_llama_config(path))
     finally:
         hf_logging.set_verbosity(verbosity)
     strip_quantization(model)
@@ -175,6 +186,19 @@ def verify_gguf(path: Path, tokenizer, samples: list[Sample], reference: list[to
         raise ExportError(f"{path.name}: logits after reloading the GGUF file differ from the source: "
                           f"{describe(figures)}")
     return {"parity": figures, "tokenizer": tokens}
+
+
+def _llama_config(path: Path):
+    """The file's config as the `llama` architecture it is written in. transformers' GGUF reader renames a
+    `llama` file whose `general.name` contains "mistral" to the mistral architecture, for which the gguf
+    package it uses has no tensor map; the layout is Llama's either way."""
+    from transformers import AutoConfig, LlamaConfig
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    if config.model_type == "llama":
+        return config
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "sliding_window")}
+    return LlamaConfig(**fields)
 
 
 def tokenizer_round_trip(source, loaded, samples: list[Sample]) -> dict:

@@ -76,14 +76,29 @@ def check_prompt(llm, model, tokenizer, chat: list[dict], max_new_tokens: int) -
     top1 = float((cpp_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean())
     gap = float((cpp_logits - hf_logits).abs().max())
     [hf] = generate(model, tokenizer, [ids], GenerationSettings(max_new_tokens=max_new_tokens), 1)
-    llm.reset()
-    done = llm.create_completion(prompt=ids, max_tokens=max_new_tokens, temperature=0.0, top_k=1)
-    cpp_text, reason = done["choices"][0]["text"], done["choices"][0]["finish_reason"]
+    hf_tokens = hf.token_ids[:-1] if hf.ended_with_eos else hf.token_ids
+    cpp_tokens, stopped = greedy_tokens(llm, ids, max_new_tokens)
     return {"prompt": chat[-1]["content"], "tokens_match": cpp_ids == ids, "top1_agreement": top1,
             "max_logit_gap": gap, "logit_scale": float(hf_logits.abs().max()),
-            "hf_answer": hf.text, "llama_cpp_answer": cpp_text,
-            "greedy_match": cpp_text.strip() == hf.text.strip(),
-            "hf_stopped": hf.ended_with_eos, "llama_cpp_stopped": reason == "stop"}
+            "hf_answer": hf.text, "llama_cpp_answer": tokenizer.decode(cpp_tokens, skip_special_tokens=True),
+            "greedy_match": cpp_tokens == hf_tokens,
+            "hf_stopped": hf.ended_with_eos, "llama_cpp_stopped": stopped}
+
+
+def greedy_tokens(llm, ids: list[int], max_new_tokens: int) -> tuple[list[int], bool]:
+    """llama.cpp's greedy continuation of `ids` (its own sampler at temperature 0), up to the first token it
+    treats as the end of generation; and whether it reached one."""
+    import llama_cpp
+
+    tokens: list[int] = []
+    llm.reset()
+    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+            return tokens, True
+        tokens.append(token)
+        if len(tokens) >= max_new_tokens:
+            break
+    return tokens, False
 
 
 # The least top-1 agreement over prompt positions each stored precision must reach in llama.cpp. llama.cpp

@@ -213,7 +213,6 @@ def test_gguf_tokenizer_round_trip_and_metadata(setup):
 
 def test_gguf_q_and_k_rows_are_in_llama_cpp_order(setup, tiny_base):
     from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM
 
     out = setup["root"] / "gguf-perm"
     export_model(setup["policy"].ref, setup["registry"], "gguf", dtype="f32", out=out)

@@ -41,13 +41,18 @@ def _stopping_model(folder, make):
     return folder
 
 
-@pytest.mark.parametrize("family", ["chatml", "llama3"])
+FAMILIES = ["chatml", "llama3", "mistral"]  # the llama-layout ones: the default model's and two families'
+
+
+def _make(family):
+    return (lambda f: save_tiny_model(f, hidden=64)) if family == "chatml" else \
+        (lambda f: save_family_model(f, family))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_each_gguf_dtype_runs_in_llama_cpp_as_the_fp32_model_computes(family, tmp_path):
     folder = tmp_path / family
-    if family == "chatml":
-        save_tiny_model(folder, hidden=64)
-    else:
-        save_family_model(folder, "llama3")
+    _make(family)(folder)
     results = check_export(str(folder), Registry(tmp_path / "registry"), ["f16", "q8_0"], tmp_path / "c.json")
     assert [r["dtype"] for r in results] == ["f16", "q8_0"]
     for r in results:
@@ -58,11 +63,9 @@ def test_each_gguf_dtype_runs_in_llama_cpp_as_the_fp32_model_computes(family, tm
     assert "| f16 |" in table(results) and (tmp_path / "c.json").is_file()
 
 
-@pytest.mark.parametrize("family", ["chatml", "llama3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_llama_cpp_stops_where_transformers_stops(family, tmp_path):
-    make = (lambda f: save_tiny_model(f, hidden=64)) if family == "chatml" else \
-        (lambda f: save_family_model(f, "llama3"))
-    folder = _stopping_model(tmp_path / family, make)
+    folder = _stopping_model(tmp_path / family, _make(family))
     [r] = check_export(str(folder), Registry(tmp_path / "registry"), ["f16"])
     assert all(row["hf_stopped"] for row in r["rows"]), r["rows"]
     assert r["stops_at_end_of_turn"] is True and r["ends_generation"] == {"end_of_turn": True, "eos": True} and r["passed"]

@@ -52,7 +52,8 @@ ANSWER = {
 HEADER = {"llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n", "qwen2": "<|im_start|>assistant\n",
           "qwen3": "<|im_start|>assistant\n", "gemma2": "<start_of_turn>model\n", "mistral": "[/INST]",
           "phi3": "<|assistant|>\n"}
-NOT_LLAMA = [name for name in FAMILIES if name != "llama3"]
+GGUF_LAYOUT = ("llama3", "mistral")  # written as llama.cpp's `llama` architecture
+NOT_LLAMA = [name for name in FAMILIES if name not in GGUF_LAYOUT]
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +266,26 @@ def test_gguf_export_refuses_the_architecture_by_name_before_loading_weights(nam
     message = str(info.value)
     assert family(name).model_class in message and f"({name})" in message and "--format hf" in message
     assert not (tmp_path / "gguf").exists()
+
+
+@pytest.mark.parametrize("name", GGUF_LAYOUT)
+def test_the_llama_layout_families_export_to_gguf_and_reload_with_the_same_logits(name, tmp_path):
+    from align.export import command
+
+    base = save_family_model(tmp_path / "base", name)
+    report = command.export_model(str(base), Registry(tmp_path / "registry"), "gguf", "f16", out=tmp_path / "gguf")
+    parity = report["verification"]["parity"]
+    assert parity["passed"] and parity["top1_agreement"] == 1.0 and report["verification"]["tokenizer"]["passed"]
+
+
+def test_a_sliding_window_shorter_than_the_context_is_refused_for_gguf(tmp_path):
+    from align.export.gguf import check_supported
+    from align.models.families import make_family_model, make_family_tokenizer
+
+    model = make_family_model("mistral", make_family_tokenizer("mistral"))
+    model.config.sliding_window = 128  # the context is 512
+    with pytest.raises(ExportError, match="sliding-window attention .*128.* 512"):
+        check_supported(model)
 
 
 # ------------------------------------------------------------------------------------------ the fixes
