@@ -79,12 +79,19 @@ def test_the_page_streams_two_answers_and_a_click_writes_a_row_the_reward_stage_
     browser.execute_script(
         "window.updates = [0, 0]; document.querySelectorAll('.answer').forEach((e, i) => new MutationObserver("
         "() => { window.updates[i] += 1; }).observe(e, {childList: true, characterData: true, subtree: true}));")
+    # a seed in column A's settings (copied to B: "same settings" is on) makes the sampled answers reproducible
+    browser.find_element(By.CSS_SELECTOR, ".column details.settings summary").click()  # open the sampling panel
+    browser.find_element(By.CSS_SELECTOR, ".column input[data-key=seed]").send_keys("5")
     browser.find_element(By.ID, "message").send_keys(MESSAGE)
     browser.find_element(By.ID, "send").click()
     wait.until(lambda d: all(s.get_attribute("data-done") == "1" for s in d.find_elements(By.CSS_SELECTOR, ".stats")))
-    answers = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".answer")]
+    # the answers as the page holds them (a random model's text has control characters the DOM's visible
+    # text drops), and as it shows them
+    answers = browser.execute_script("return state.columns.map((c) => c.result.text)")
+    shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".answer")]
     stats = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".stats")]
-    assert all(answer.strip() for answer in answers), answers
+    assert all(answer.strip() for answer in answers) and all(shown), (answers, shown)
+    assert browser.execute_script("return state.columns.map((c) => c.result.settings.seed)") == [5, 5]
     assert all(n > 2 for n in browser.execute_script("return window.updates")), "the answers did not stream"
     for line in stats:
         assert "first token" in line and "ms/token" in line and "tokens/s" in line and "judge " in line, line
@@ -95,8 +102,8 @@ def test_the_page_streams_two_answers_and_a_click_writes_a_row_the_reward_stage_
     [row] = [json.loads(line) for line in prefs.read_text().splitlines()]
     assert row["prompt"] == [{"role": "user", "content": MESSAGE}]
     assert row["chosen_ref"] == "tiny/a@1" and row["rejected_ref"] == "tiny/b@1"
-    assert row["chosen"].strip() == answers[0].strip() and row["rejected"].strip() == answers[1].strip()
-    assert row["chosen_settings"]["temperature"] == 1.0
+    assert row["chosen"] == answers[0] and row["rejected"] == answers[1]
+    assert row["chosen_settings"]["temperature"] == 1.0 and row["chosen_settings"]["seed"] == 5
 
     from align.config.loading import validate_recipe
     from align.pipeline.run import run_recipe
