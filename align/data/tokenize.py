@@ -24,7 +24,6 @@ BOS and the template did not write one, one is prepended. A sequence never start
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass
 
 from align.errors import DataError
@@ -108,18 +107,10 @@ def _encode_text(tokenizer, text: str, offsets: bool = False):
     return ids, spans
 
 
-_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (template, end text)
-
-
 def end_of_turn_text(tokenizer) -> str | None:
-    """The text of the token the chat template closes an answer with (None: it writes none); read once per
-    tokenizer and template, not once per conversation."""
-    known = _END_OF_TURN.get(tokenizer)
-    if known is None or known[0] != tokenizer.chat_template:
-        end = template_end_token_id(tokenizer)
-        known = (tokenizer.chat_template, tokenizer.convert_ids_to_tokens(end) if end is not None else None)
-        _END_OF_TURN[tokenizer] = known
-    return known[1]
+    """The text of the token the chat template closes an answer with (None: it writes none)."""
+    end = template_end_token_id(tokenizer)
+    return tokenizer.convert_ids_to_tokens(end) if end is not None else None
 
 
 def assistant_spans(tokenizer, messages: list[dict], first: int = 0) -> tuple[str, list[tuple[int, int]], list[bool]]:

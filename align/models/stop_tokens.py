@@ -9,11 +9,29 @@ token that directly follows the assistant's text.
 
 from __future__ import annotations
 
+import weakref
+
 _MARK = "ALIGN_END_OF_TURN_PROBE"
+# tokenizer -> (chat template, its end-of-turn id): read once per tokenizer and template, not once per
+# conversation labelled or batch generated.
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def template_end_token_id(tokenizer) -> int | None:
     """The special token the chat template writes right after an assistant message, or None."""
+    template = getattr(tokenizer, "chat_template", None)
+    try:
+        known = _END_OF_TURN.get(tokenizer)
+    except TypeError:  # an object that cannot be weakly referenced: read it every time
+        return _read_end_token_id(tokenizer)
+    if known is not None and known[0] == template:
+        return known[1]
+    end = _read_end_token_id(tokenizer)
+    _END_OF_TURN[tokenizer] = (template, end)
+    return end
+
+
+def _read_end_token_id(tokenizer) -> int | None:
     if not getattr(tokenizer, "chat_template", None):
         return None
     try:
