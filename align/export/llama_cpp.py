@@ -171,6 +171,9 @@ def check_export(ref: str, registry, dtypes: list[str], out: Path | None = None,
     from align.models.loading import materialize, resolve_model_ref
     from align.registry.records import write_json_atomic
 
+    from align.export.gguf import gguf_dtype
+
+    dtypes = [gguf_dtype(d) for d in dtypes]  # every --dtypes value checked before any export starts
     require_llama_cpp()
     source = materialize(resolve_model_ref(ref, registry), registry)
     label = source.entry.ref if source.entry is not None else ref

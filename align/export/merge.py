@@ -116,8 +116,6 @@ def merge_entry(entry: Entry, registry: Registry, dtype: str = "fp32") -> Merged
                           f"(export it directly: align export {entry.ref} --format hf)")
     source = ModelSource(ref=entry.ref, kind="registry", entry=entry)
     tokenizer = load_tokenizer(source, registry)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     task = task_of(entry)
     parent = adapter_parent(entry, registry)
     method = (entry.manifest.get("adapter") or {}).get("method", "lora")

@@ -114,14 +114,19 @@ def materialize(source: ModelSource, registry: Registry) -> ModelSource:
 
 
 def load_tokenizer(source: ModelSource, registry: Registry):
+    """The source's tokenizer, with the EOS as pad token where it has none (Llama 3, Mistral): every caller
+    pads batches, and labels and attention masks are explicit, so the EOS is still learned and attended."""
     from transformers import AutoTokenizer
 
     source = materialize(source, registry)
     if source.entry is not None:
-        return AutoTokenizer.from_pretrained(str(source.entry.file(source.entry.manifest["tokenizer"]["path"])))
-    if source.kind == "gguf":
-        return AutoTokenizer.from_pretrained(str(Path(source.path).parent), gguf_file=Path(source.path).name)
-    tokenizer = AutoTokenizer.from_pretrained(source.path or source.ref)
+        tokenizer = AutoTokenizer.from_pretrained(str(source.entry.file(source.entry.manifest["tokenizer"]["path"])))
+    elif source.kind == "gguf":
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(source.path).parent), gguf_file=Path(source.path).name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source.path or source.ref)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 

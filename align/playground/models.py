@@ -35,22 +35,17 @@ class Policy:
 @dataclass
 class Judge:
     """Scores a response to a conversation: a reward model (`kind` reward) or a causal LM with a rubric
-    (`kind` generative, `align.rewards.judge`)."""
+    (`kind` generative, `align.rewards.judge`), through the same reward term PPO scores with
+    (`align.rewards.mix`), one response at a time."""
 
     ref: str
     kind: str
-    scorer: object
-    tokenizer: object = None
+    term: object  # an `align.rewards.mix.RewardTerm`
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def score(self, messages: list[dict], response: str) -> float:
-        from align.rewards.scoring import score_conversations
-
         with self.lock:
-            if self.kind == "reward":
-                conversation = [*messages, {"role": "assistant", "content": response}]
-                return float(score_conversations(self.scorer, self.tokenizer, [conversation], batch_size=1)[0])
-            return float(self.scorer.score([{"messages": messages}], [response])[0])
+            return float(self.term.score([{"messages": messages}], [response])[0])
 
 
 def entry_summary(entry) -> dict:
@@ -101,8 +96,6 @@ class Models:
             key = source.entry.ref if source.entry is not None else ref
             if key not in self._loaded:
                 tokenizer = load_tokenizer(source, self.registry)
-                if tokenizer.pad_token is None:
-                    tokenizer.pad_token = tokenizer.eos_token
                 model = load_causal_lm(source, self.registry, dtype=self.dtype).eval().requires_grad_(False)
                 self._loaded[key] = Policy(key, model, tokenizer)
             return self._loaded[key]
@@ -194,6 +187,7 @@ def load_judge(ref: str, registry, rubric: str | None = None, mode: str = "yes_n
     by its yes/no verdict or its 1-10 rating, `mode`). Refused with the reason before any weights load."""
     from align.models.loading import materialize, resolve_model_ref
     from align.rewards.judge import judge_problem, load_generative_judge
+    from align.rewards.mix import judge_term, reward_model_term
     from align.rewards.scoring import load_reward_model, reward_problem
 
     source = materialize(resolve_model_ref(ref, registry), registry)
@@ -202,11 +196,12 @@ def load_judge(ref: str, registry, rubric: str | None = None, mode: str = "yes_n
         if rubric:
             raise AlignError(f"--judge {ref}: {label} is a reward model; it scores without a rubric (drop --rubric)")
         model, tokenizer = load_reward_model(source, registry, dtype=dtype)
-        return Judge(label, "reward", model, tokenizer)
+        return Judge(label, "reward", reward_model_term(label, 1.0, model, tokenizer, batch_size=1))
     why = judge_problem(source)
     if why:
         raise AlignError(f"--judge {ref}: {why}")
     if not rubric:
         raise AlignError(f"--judge {ref}: {label} is not a reward model; to judge with a language model, say what "
                          'a good answer is: --rubric "Is the response helpful, correct and concise?"')
-    return Judge(label, "generative", load_generative_judge(source, registry, rubric, mode, batch_size=1))
+    judge = load_generative_judge(source, registry, rubric, mode, batch_size=1)
+    return Judge(label, "generative", judge_term(label, 1.0, judge))

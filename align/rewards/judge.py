@@ -282,8 +282,6 @@ def judge_model(source, registry) -> JudgeModel:
         if why:
             raise JudgeError(why)
         tokenizer = load_tokenizer(source, registry)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
         model = load_causal_lm(source, registry).eval().requires_grad_(False)
         if torch.cuda.is_available():
             model.to(distributed.device())

@@ -184,8 +184,6 @@ def load_reward_model(source: ModelSource, registry: Registry, dtype: str = "aut
     if why:
         raise RegistryError(why)
     tokenizer = load_tokenizer(source, registry)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     entry = source.entry
     if entry is not None and entry.artifact.get("type") == "adapter":
         from peft import PeftModel

@@ -38,8 +38,6 @@ def stage_tokenizer(ctx: StageContext, may_set_template: bool | None = None):
 
         may_set_template = stage_class(cfg.kind).may_set_chat_template
     tokenizer = load_tokenizer(ctx.parent, ctx.registry)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     entry = ctx.parent.entry
     expected = (entry.manifest.get("tokenizer") if entry is not None else None) or tokenizer_facts(tokenizer)
     if cfg.chat_template is not None:
