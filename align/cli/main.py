@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    quiet_libraries(args.verbose)
+    quiet_libraries(args.verbose, " ".join(filter(None, (args.command, getattr(args, "models_cmd", None)))))
     try:
         code = args.fn(args)
         sys.stdout.flush()  # a reader that went away (`| head -1`) shows up here, not at interpreter exit
@@ -94,10 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         return _disk_full(err)
 
 
-def quiet_libraries(verbose: bool) -> None:
+# The commands that load weights, where transformers would draw a "Loading weights" bar per model.
+LOADS_WEIGHTS = {"run", "score", "merge", "export", "check-export", "eval", "report", "chat", "playground",
+                 "models pull"}
+
+
+def quiet_libraries(verbose: bool, command: str | None = None) -> None:
     """The console shows align's own lines: the libraries' deprecation notices (transformers' renamed
-    arguments, torch's) and bitsandbytes' note about an optional CPU kernel package say nothing a user of
-    align can act on. `--verbose` shows them."""
+    arguments, torch's), bitsandbytes' note about an optional CPU kernel package and transformers' bar for
+    each model it loads (a fraction of a second, drawn several times a stage) say nothing a user of align can
+    act on. `--verbose` shows them. Download bars stay: they are the hub library's own, and show progress."""
     import warnings
 
     if verbose:
@@ -106,6 +112,17 @@ def quiet_libraries(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=category, module=r"(transformers|torch|peft|trl|accelerate)\b")
     warnings.filterwarnings("ignore", message=r".*(is deprecated|will be removed).*", category=UserWarning)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if command in LOADS_WEIGHTS:  # the others stay quick to start: importing transformers takes a second
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_tqdm_hook(_without_weight_loading_bars)
+
+
+def _without_weight_loading_bars(factory, args, kwargs):
+    """transformers' tqdm hook: its "Loading weights" bars are drawn disabled, every other bar as it was."""
+    if kwargs.get("desc") == "Loading weights":
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)
 
 
 def _reader_gone() -> int:

@@ -186,6 +186,7 @@ def test_align_eval_uses_the_recorded_recipe_from_any_folder(tiny_base, tmp_path
     code = main(["--registry", registry, "eval", "tiny/sft", "--json", str(elsewhere / "o.json")])
     out, err = capsys.readouterr()
     assert code == 0, err
+    assert "Loading weights" not in err  # transformers' bar per model loaded: not align's line
     metrics = json.loads((elsewhere / "o.json").read_text())["rows"][0]["metrics"]
     assert {"eval_loss", "math_answer_pass_rate"} <= metrics.keys(), metrics  # the SFT split and the prompts
     (work / "recipes" / "r.yaml").unlink()
