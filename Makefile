@@ -23,8 +23,12 @@ $(BIN)/align: pyproject.toml
 
 setup: $(BIN)/align  ## create .venv and install align with its dependencies
 
+# Each test process runs torch on one thread (tests/conftest.py), so the suite runs one process per core, up
+# to 4 (pytest-xdist); a file's tests stay in one process, so its module fixtures run once.
+TEST_PROCS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
+
 test: setup  ## run the test suite (tiny models, CPU; one test uses the real default model)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile tests
 
 quickstart: setup  ## the main job: the quickstart recipe on the default model (SmolLM2-135M-Instruct)
 	$(BIN)/align run recipes/smollm2/quickstart.yaml $(SCALE) $(ARGS)
