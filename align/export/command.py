@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align.errors import ExportError
-from align.export.gguf import check_architecture, gguf_dtype, verify_gguf, write_gguf
+from align.export.gguf import check_config_json, gguf_dtype, verify_gguf, write_gguf
 from align.export.hf import hf_dtype, verify_hf, write_hf
 from align.registry.fingerprint import library_versions, tokenizer_facts
 from align.export.merge import merge_entry, task_of
@@ -73,8 +73,6 @@ def load_source(source: ModelSource, registry: Registry) -> Loaded:
     else:
         tokenizer = load_tokenizer(source, registry)
         model = load_causal_lm(source, registry, dtype="fp32")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     samples = sample_inputs(tokenizer)
     return Loaded(source, model, tokenizer, task, pooling, samples, model_outputs(model, samples, task), None)
@@ -121,7 +119,7 @@ def export_model(ref: str, registry: Registry, fmt: str, dtype: str | None = Non
     if fmt == "gguf":
         config = weights_config(source, registry)
         if config is not None:  # refused before any adapter is merged (write_gguf checks the model again)
-            check_architecture(config.get("model_type"), (config.get("architectures") or [None])[0])
+            check_config_json(config)
     name = slug(entry.ref if entry is not None else Path(ref).name or ref)
     out = Path(out) if out is not None else Path("exports") / f"{name}-{fmt}-{dtype}"
     if out.exists() and not force:

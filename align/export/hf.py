@@ -1,15 +1,20 @@
-"""A model as a self-contained Hugging Face directory that transformers and vLLM load with no edits.
+"""A model as a self-contained Hugging Face directory that transformers, vLLM and TGI load with no edits.
 
 Why it is built this way:
 - The files are transformers' own (`save_pretrained` of model, generation config and tokenizer), so the
   format is whatever the loaders expect; we only settle what they read to decide behaviour:
   `generation_config.eos_token_id` holds the chat template's end-of-turn token and the tokenizer's EOS
   (`align.models.stop_tokens`), so generation stops where an assistant turn ends.
-- transformers 5 writes a few things older readers (vLLM pinned to transformers 4.x) do not know: RoPE
-  settings only under `rope_parameters`, the dtype only as `dtype`, tokenizer class `TokenizersBackend`,
-  the chat template only in `chat_template.jinja`. We add the older spellings next to the new ones
-  (`rope_theta`, `torch_dtype`, `PreTrainedTokenizerFast`, `chat_template` in tokenizer_config.json);
-  an older reader that missed `rope_theta` would silently run with 10000 and produce garbage.
+- transformers 5 writes a few things older readers (vLLM before 0.24 and TGI, on transformers 4.x) do not
+  know: RoPE settings only under `rope_parameters`, the dtype only as `dtype`, tokenizer class
+  `TokenizersBackend`, the chat template only in `chat_template.jinja` (TGI's router never reads it), the
+  extra special tokens as a list `extra_special_tokens` (4.5x fails to load the tokenizer), no
+  `added_tokens_decoder`, and Gemma's activation only as `hidden_activation`. We add the older spellings next
+  to the new ones (`rope_theta`, `rope_scaling`, `partial_rotary_factor`, `torch_dtype`,
+  `PreTrainedTokenizerFast`, `chat_template`, `additional_special_tokens` and `added_tokens_decoder` in
+  tokenizer_config.json, `hidden_act`); an older reader that missed `rope_theta` would silently run with
+  10000 and produce garbage. `align.export.serving` then checks the folder against what vLLM's and TGI's
+  loaders read for its family, before any weights are loaded back.
 - The directory is verified the way a user would load it: offline, by path, in the stored dtype; the
   tokenizer must give the same ids and template, the logits (or reward scores) must match the source
   within that dtype's tolerance, and a greedy generation must run with the saved generation config.
@@ -28,6 +33,7 @@ import torch
 from align.errors import ExportError
 from align.export.gguf import tokenizer_round_trip
 from align.export.parity import Sample, compare, describe, model_outputs
+from align.export.serving import check_serving
 from align.models.stop_tokens import stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -68,8 +74,13 @@ def _add_legacy_spellings(folder: Path, dtype: str) -> None:
     rope = config.get("rope_parameters") or {}
     if "rope_theta" in rope:
         config.setdefault("rope_theta", rope["rope_theta"])
+        if "partial_rotary_factor" in rope:
+            config.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
         if rope.get("rope_type", "default") != "default":
-            config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+            config.setdefault("rope_scaling", {k: v for k, v in rope.items()
+                                               if k not in ("rope_theta", "partial_rotary_factor")})
+    if "hidden_activation" in config:  # Gemma: vLLM's Gemma 2 code wants both names, equal
+        config.setdefault("hidden_act", config["hidden_activation"])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tok_path = folder / "tokenizer_config.json"
     tok_config = json.loads(tok_path.read_text())
@@ -80,7 +91,18 @@ def _add_legacy_spellings(folder: Path, dtype: str) -> None:
     template = folder / "chat_template.jinja"
     if template.is_file():
         tok_config.setdefault("chat_template", template.read_text())
+    if isinstance(tok_config.get("extra_special_tokens"), list):  # 4.x wants a dict here, or fails to load
+        tok_config.setdefault("additional_special_tokens", tok_config.pop("extra_special_tokens"))
+    if "added_tokens_decoder" not in tok_config and (folder / "tokenizer.json").is_file():
+        tok_config["added_tokens_decoder"] = _added_tokens_decoder(folder / "tokenizer.json")
     tok_path.write_text(json.dumps(tok_config, indent=2) + "\n")
+
+
+def _added_tokens_decoder(tokenizer_json: Path) -> dict:
+    """tokenizer.json's added tokens in tokenizer_config.json's 4.x form (transformers 5 no longer writes it)."""
+    fields = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+    added = json.loads(tokenizer_json.read_text()).get("added_tokens") or []
+    return {str(token["id"]): {k: token[k] for k in fields if k in token} for token in added}
 
 
 @contextmanager
@@ -101,12 +123,17 @@ def offline():
 def verify_hf(folder: Path, tokenizer, samples: list[Sample], reference: list[torch.Tensor], dtype: str,
               task: str, pooling: str = "last") -> dict:
     """Reload `folder` offline and check tokenizer, outputs and (for an LM) a greedy generation."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     dtype = hf_dtype(dtype)
     auto = AutoModelForSequenceClassification if task == "classifier" else AutoModelForCausalLM
     with offline():
         loaded_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        serving = check_serving(folder, loaded_tok) if task == "causal" else None
         model = auto.from_pretrained(str(folder), local_files_only=True, dtype=HF_DTYPES[dtype])
     model.eval()
     tokens = tokenizer_round_trip(tokenizer, loaded_tok, samples)
@@ -118,7 +145,7 @@ def verify_hf(folder: Path, tokenizer, samples: list[Sample], reference: list[to
     log.info("HF directory reloaded vs source: %s", describe(figures))
     if not figures["passed"]:
         raise ExportError(f"{folder.name}: outputs after reloading differ from the source: {describe(figures)}")
-    result = {"parity": figures, "tokenizer": tokens}
+    result = {"parity": figures, "tokenizer": tokens, **({"serving": serving} if serving else {})}
     if task == "causal":
         result["generation"] = check_generation(model, loaded_tok)
     return result

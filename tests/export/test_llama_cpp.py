@@ -5,6 +5,8 @@ build from source of several minutes, so CI leaves it out); skipped, saying so, 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -19,9 +21,13 @@ from align.registry.store import Registry  # noqa: E402
 def _stopping_model(folder, make):
     """A tiny model whose end-of-turn token wins at every position of the check prompts, so both programs
     must stop at it at once (a weight edit, so the GGUF file carries the behaviour): the token's output row
-    gains a large multiple of the mean final hidden state, on which every position projects positively."""
+    gains a large multiple of the mean final hidden state, on which every position projects positively.
+    Tied embeddings are untied first where the layout writes a separate head; Gemma 2's cannot be (llama.cpp
+    projects with the embeddings), so its tied row changes, which is its input embedding too: harmless, as
+    its EOS appears in none of the prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from align.export.gguf_layouts import LAYOUTS
     from align.export.llama_cpp import CHECK_CHATS, prompt_ids
 
     make(folder)
@@ -33,7 +39,9 @@ def _stopping_model(folder, make):
                                   output_hidden_states=True).hidden_states[-1][0] for chat in CHECK_CHATS])
         direction = hidden.mean(0)
         assert float((hidden @ direction).min()) > 0
-        if model.config.tie_word_embeddings:  # untie, so only the output row changes
+        if model.config.tie_word_embeddings and not LAYOUTS[model.config.model_type].separate_head:
+            assert not any(end in prompt_ids(tokenizer, chat)[1] for chat in CHECK_CHATS)
+        elif model.config.tie_word_embeddings:  # untie, so only the output row changes
             model.config.tie_word_embeddings = False
             model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
         model.lm_head.weight[end] += 400 * direction / direction.norm() ** 2
@@ -41,7 +49,30 @@ def _stopping_model(folder, make):
     return folder
 
 
-FAMILIES = ["chatml", "llama3", "mistral"]  # the llama-layout ones: the default model's and two families'
+def _fitted(folder, steps: int = 20):
+    """The model at `folder` after a few steps of fitting the check prompts themselves. A random tiny model's
+    next-token logits are nearly flat (Gemma 2's span 0.7), so wherever two tokens are within rounding of
+    each other q8_0 picks either (seed 0's Gemma 2: 10% of positions); a fitted model has the margins of a
+    trained one, so top-1 agreement measures the layout, not the dice. The logit gap is what bounds error."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.export.llama_cpp import CHECK_CHATS, prompt_ids
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    sequences = [torch.tensor([prompt_ids(tokenizer, chat)[1]]) for chat in CHECK_CHATS]
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = sum(model(input_ids=ids, labels=ids).loss for ids in sequences) / len(sequences)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    return folder
+
+
+# The default model's layout (a ChatML Llama) and every family with a GGUF layout.
+FAMILIES = ["chatml", "llama3", "qwen2", "qwen3", "gemma2", "mistral", "phi3"]
 
 
 def _make(family):
@@ -53,13 +84,18 @@ def _make(family):
 def test_each_gguf_dtype_runs_in_llama_cpp_as_the_fp32_model_computes(family, tmp_path):
     folder = tmp_path / family
     _make(family)(folder)
+    _fitted(folder)
     results = check_export(str(folder), Registry(tmp_path / "registry"), ["f16", "q8_0"], tmp_path / "c.json")
     assert [r["dtype"] for r in results] == ["f16", "q8_0"]
     for r in results:
         assert r["tokens_match"], r["rows"]
-        assert r["top1_agreement"] >= 0.95 and r["max_logit_gap"] < 0.1 * max(r["logit_scale"], 1.0), r
+        assert r["top1_agreement"] >= 0.95, r
+        assert r["max_logit_gap"] < (0.01 if r["dtype"] == "f16" else 0.1) * max(r["logit_scale"], 1.0), r
         assert r["passed"]
-    assert results[0]["greedy_match"] == 1.0  # f16: every greedy answer the same as transformers'
+    # f16: every greedy answer transformers' own, or parted where the fp32 model's top two are within the
+    # logit gap of each other (a near tie that rounding decides: 6e-5 apart in the fitted ChatML model)
+    assert results[0]["greedy_match"] + results[0]["greedy_near_ties"] / results[0]["prompts"] == 1.0, \
+        results[0]["rows"]
     assert "| f16 |" in table(results) and (tmp_path / "c.json").is_file()
 
 
@@ -69,3 +105,77 @@ def test_llama_cpp_stops_where_transformers_stops(family, tmp_path):
     [r] = check_export(str(folder), Registry(tmp_path / "registry"), ["f16"])
     assert all(row["hf_stopped"] for row in r["rows"]), r["rows"]
     assert r["stops_at_end_of_turn"] is True and r["ends_generation"] == {"end_of_turn": True, "eos": True} and r["passed"]
+
+
+# ------------------------------------------------------------------ the vocabulary alone, in llama.cpp's reader
+
+VOCAB_TEXTS = ["12345 and 678", "Hello  world,\n\nnew  lines\n", "café 日本", "don't, we'll", " leading space",
+               "tabs\tand\r\nreturns"]
+VOCAB_ARCH = {"chatml": "llama", "llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+              "mistral": "llama", "phi3": "phi3"}
+
+
+def _vocab_only_gguf(path, tokenizer, arch: str, name: str):
+    """A GGUF file with the tokenizer and nothing else, which llama.cpp opens with `vocab_only`."""
+    import gguf
+
+    from align.export.gguf_vocab import add_vocab, vocab_metadata
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)  # "phi3" is renamed: llama.cpp would strip after its special tokens otherwise
+    add_vocab(writer, vocab_metadata(tokenizer, len(tokenizer)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _llama_cpp_ids(path):
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    return lambda text, add_bos=False: vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_tokenizes_each_family_s_vocabulary_as_transformers(family, tmp_path):
+    """Digits, runs of spaces and newlines, non-ASCII, contractions: the same ids in llama.cpp as in
+    transformers, plain, after a special token and in a chat prompt. One known difference: Mistral's
+    tokenizer (transformers' legacy=False) puts a ▁ before a plain text's first word, which llama.cpp cannot,
+    so llama.cpp reads that text as if it began with a space."""
+    from align.data.tokenize import adds_bos
+    from align.export.gguf_vocab_spm import space_prefix
+    from align.models.families import make_family_tokenizer
+    from align.models.tiny import make_tokenizer
+
+    tokenizer = make_tokenizer() if family == "chatml" else make_family_tokenizer(family)
+    cpp = _llama_cpp_ids(_vocab_only_gguf(tmp_path / "v.gguf", tokenizer, VOCAB_ARCH[family], family))
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    first_only = bool(spec["model"].get("byte_fallback")) and space_prefix(spec)[1] is not None
+    assert first_only == (family == "mistral")
+
+    def hf(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Don't: 12345 + 7 = café?"}], tokenize=False,
+                                         add_generation_prompt=True)
+    for text in VOCAB_TEXTS:
+        as_read = " " + text if first_only and not text.startswith(" ") else text
+        assert cpp(as_read) == hf(text), text
+        assert cpp(tokenizer.eos_token + text) == hf(tokenizer.eos_token + text), text
+    assert cpp(chat) == hf(chat)
+    assert (cpp("a", add_bos=True)[:1] == [tokenizer.bos_token_id]) == adds_bos(tokenizer)
+
+
+def test_llama_cpp_strips_after_phi3_s_special_tokens_as_transformers_when_the_tokenizer_does(tmp_path):
+    from align.models.family_templates import PHI3
+    from tests.export.test_gguf_vocab import phi3_with_rstrip
+
+    tokenizer = phi3_with_rstrip({"<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "</s>"})
+    tokenizer.chat_template = PHI3
+    cpp = _llama_cpp_ids(_vocab_only_gguf(tmp_path / "p.gguf", tokenizer, "phi3", "my-sft"))  # named "... (phi3)"
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"},
+                                          {"role": "assistant", "content": "19"}], tokenize=False)
+    assert cpp(chat) == tokenizer(chat, add_special_tokens=False)["input_ids"]
+    assert "\n" in chat and tokenizer.convert_tokens_to_ids("<0x0A>") not in cpp(chat)  # the newlines stripped

@@ -5,7 +5,8 @@ For each family: labels cover exactly each answer and the template's end-of-turn
 template does not write), prompts end with the assistant header and hold one BOS, generation stops at the
 family's end of turn; one recipe (LoRA SFT, reward, DPO, PPO with RLOO, full SFT) trains every stage; the LoRA
 SFT entry merges and exports to an HF folder whose logits match the unmerged adapter and whose generation
-config stops at the end of turn; GGUF export refuses every non-llama architecture by name. Then the family
+config stops at the end of turn; each exports to GGUF in llama.cpp's layout for it and reloads as its own class,
+and what llama.cpp would run differently is refused from config.json, before weights load. Then the family
 fixes on their own: the system prompt folded for a template without a system role, templates that render
 the last answer differently, and Gemma 2's logit softcapping in align's own LM-head projection.
 """
@@ -52,8 +53,13 @@ ANSWER = {
 HEADER = {"llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n", "qwen2": "<|im_start|>assistant\n",
           "qwen3": "<|im_start|>assistant\n", "gemma2": "<start_of_turn>model\n", "mistral": "[/INST]",
           "phi3": "<|assistant|>\n"}
-GGUF_LAYOUT = ("llama3", "mistral")  # written as llama.cpp's `llama` architecture
-NOT_LLAMA = [name for name in FAMILIES if name not in GGUF_LAYOUT]
+# config.json settings llama.cpp would run differently than transformers, and the reason the refusal names.
+GGUF_REFUSED = {
+    # as Phi-3-mini-4k's window of 2047 in a context of 4096
+    "phi3": ({"sliding_window": 256},
+             "sliding-window attention (a window of 256 tokens in a context of 512) is not applied by llama.cpp's phi3"),
+    "gemma2": ({"tie_word_embeddings": False}, "its LM head is not tied to the embeddings"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -248,10 +254,16 @@ def test_merged_export_matches_the_unmerged_adapter_and_stops_at_the_end_of_turn
     eos = [eos] if isinstance(eos, int) else eos
     end = tokenizer.convert_tokens_to_ids(family(name).end_of_turn)
     assert eos[0] == end and tokenizer.eos_token_id in eos
+    # What vLLM and TGI read is there (align.export.serving): the check ran in the export and passes again.
+    from align.export.serving import serving_findings
+
+    serving = report["verification"]["serving"]
+    assert serving["passed"] and serving["architectures"] == [family(name).model_class]
+    assert serving_findings(folder, end, tokenizer.eos_token_id) == []
 
 
-@pytest.mark.parametrize("name", NOT_LLAMA)
-def test_gguf_export_refuses_the_architecture_by_name_before_loading_weights(name, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", GGUF_REFUSED)
+def test_gguf_export_refuses_what_llama_cpp_would_run_differently_before_loading_weights(name, tmp_path, monkeypatch):
     """From config.json, before an adapter is merged: an adapter entry (its chain walked down to the base
     folder) and, for Phi-3 (whose fused projections the shared test adapter does not target), the folder."""
     from align.export import command
@@ -260,22 +272,27 @@ def test_gguf_export_refuses_the_architecture_by_name_before_loading_weights(nam
     registry = Registry(tmp_path / "registry")
     base = save_family_model(tmp_path / "base", name)
     ref = str(base) if name == "phi3" else register_adapter(registry, base, name=f"{name}/sft").ref
+    changes, reason = GGUF_REFUSED[name]
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, **changes}))
     monkeypatch.setattr(command, "load_source", lambda *a, **k: pytest.fail("weights loaded before refusing"))
     with pytest.raises(ExportError) as info:
         command.export_model(ref, registry, "gguf", out=tmp_path / "gguf")
     message = str(info.value)
-    assert family(name).model_class in message and f"({name})" in message and "--format hf" in message
+    assert family(name).model_class in message and reason in message and "--format hf" in message
     assert not (tmp_path / "gguf").exists()
 
 
-@pytest.mark.parametrize("name", GGUF_LAYOUT)
-def test_the_llama_layout_families_export_to_gguf_and_reload_with_the_same_logits(name, tmp_path):
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_family_exports_to_gguf_and_reloads_as_its_class_with_the_same_logits(name, tmp_path):
     from align.export import command
 
     base = save_family_model(tmp_path / "base", name)
     report = command.export_model(str(base), Registry(tmp_path / "registry"), "gguf", "f16", out=tmp_path / "gguf")
     parity = report["verification"]["parity"]
     assert parity["passed"] and parity["top1_agreement"] == 1.0 and report["verification"]["tokenizer"]["passed"]
+    # Mistral is written as llama.cpp's `llama` (its decoder is Llama's) and so reloads as Llama
+    assert report["verification"]["reloaded_as"] == ("LlamaForCausalLM" if name == "mistral" else family(name).model_class)
 
 
 def test_a_sliding_window_shorter_than_the_context_is_refused_for_gguf(tmp_path):

@@ -102,7 +102,7 @@ def test_ppo_bad_inputs_are_named_at_plan_time(tiny_raw_recipe, tmp_path, no_wei
         {"checker": "math_answer"}, {"checker": "no_such_checker"}, {"checker": "regex", "args": {"patern": "x"}},
         {"model": "sft"}]}
     problems = plan_problems(raw, tmp_path)
-    assert problems[f"stages.ppo.prompts"] == (f"{prompts}: row 1: checker 'math_answer' needs field(s) answer")
+    assert problems["stages.ppo.prompts"] == (f"{prompts}: row 1: checker 'math_answer' needs field(s) answer")
     assert "unknown checker 'no_such_checker'" in problems["stages.ppo.rewards[1].checker"]
     assert "patern" in problems["stages.ppo.rewards[2].args"]
     assert "is a sft stage, not a reward model" in problems["stages.ppo.rewards[3].model"]

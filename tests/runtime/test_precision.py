@@ -3,7 +3,6 @@ with and without native bf16 and a GPU with and without bf16, over every shipped
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
