@@ -10,12 +10,14 @@ Why it is built this way:
 - Storage follows llama.cpp: 1-D tensors (norms, biases) stay f32; matrices are f32, f16, bf16 or q8_0
   (`gguf.quants.quantize`); a matrix whose rows do not split into 32-value blocks falls back to f16 under
   q8_0. A tied LM head is not written (its absence tells loaders the embeddings are tied).
-- What cannot be represented faithfully (RoPE scaling, biases a layout lacks, a sliding window llama.cpp
+- What cannot be represented faithfully (RoPE scaling other than Llama 3.1's `llama3` and linear in the llama
+  layout, which `gguf_rope` writes as llama.cpp reads them; biases a layout lacks, a sliding window llama.cpp
   would apply differently, another architecture, a reward model's score head) is refused with the
   alternative (`--format hf`), from the config alone, never written approximately.
 - The file is checked by loading it back through transformers' GGUF loader (`from_pretrained(dir,
   gguf_file=...)`, its config completed from the file's keys): the tokenizer must give the same ids and chat
-  template, and the logits must match the source within the tolerance of the stored precision.
+  template, the rotary frequencies must be those llama.cpp computes from the file, and the logits must match
+  the source within the tolerance of the stored precision.
 """
 
 from __future__ import annotations
@@ -30,10 +32,14 @@ from align.errors import ExportError
 from align.export.gguf_layouts import (
     Layout,
     check_config,
+    check_rope,
     common_keys,
+    full_rope_parameters,
     layout_for,
     reload_config,
+    rotary_dims,
 )
+from align.export.gguf_rope import add_rope_scaling
 from align.export.gguf_vocab import (
     add_vocab,
     transformers_reload_caveat,
@@ -117,10 +123,10 @@ def write_gguf(model, tokenizer, path: Path, dtype: str, name: str, description:
     if dtype == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocab(writer, vocab)
+    stored = add_rope_scaling(writer, full_rope_parameters(config), rotary_dims(config))
 
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    stored: dict[str, int] = {}
     for hf_name, tensor in model.state_dict().items():
         if (hf_name == "lm_head.weight" and tied) or "rotary_emb" in hf_name:
             continue
@@ -167,6 +173,7 @@ def verify_gguf(path: Path, tokenizer, samples: list[Sample], reference: list[to
     finally:
         hf_logging.set_verbosity(verbosity)
     strip_quantization(model)
+    rope_gap = check_rope(path, model)  # scaled RoPE: the reloaded frequencies are llama.cpp's
     caveat = transformers_reload_caveat(arch, tokenizer)  # its loader rebuilds some tokenizers by architecture
     if caveat is not None:
         log.warning("%s: token ids not compared after reloading (%s); llama.cpp reads the file's own: "
@@ -181,7 +188,8 @@ def verify_gguf(path: Path, tokenizer, samples: list[Sample], reference: list[to
     if not figures["passed"]:
         raise ExportError(f"{path.name}: logits after reloading the GGUF file differ from the source: "
                           f"{describe(figures)}")
-    return {"parity": figures, "tokenizer": tokens, "reloaded_as": type(model).__name__}
+    return {"parity": figures, "tokenizer": tokens, "reloaded_as": type(model).__name__,
+            "rope_frequency_gap": rope_gap}
 
 
 def tokenizer_round_trip(source, loaded, samples: list[Sample]) -> dict:

@@ -9,12 +9,14 @@ Why it is built this way:
   `x * w`), whether a separate LM head can be written, how llama.cpp applies a sliding window, and the
   hyperparameters its loader reads beyond the common ones.
 - What cannot be written faithfully is refused from the config alone (`problems`), so `align export`
-  refuses from `config.json` before any weights load: RoPE scaling, biases a layout has no tensor for,
+  refuses from `config.json` before any weights load: RoPE scaling other than what a layout's
+  `scaled_rope` names (llama3 and linear for llama: `gguf_rope`), biases a layout has no tensor for,
   a sliding window llama.cpp would not apply the same way, Gemma 2 settings llama.cpp derives itself.
 - transformers' GGUF loader (the export's own check) reads fewer keys than llama.cpp: it leaves Qwen3's
   `head_dim`, Gemma 2's softcapping and attention scale and Phi-3's partial rotary at their class defaults.
   `reload_config` rebuilds those from the file's keys as llama.cpp interprets them, so the reload checks
-  the file, not the source's config.
+  the file, not the source's config; scaled RoPE, which it reads not at all, from `align.rope_parameters`,
+  checked against the frequencies llama.cpp computes from the file (`check_rope`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from align.errors import ExportError
+from align.export.gguf_rope import (
+    check_frequencies,
+    scaling_problems,
+    written_rope_parameters,
+)
 
 HF_INSTEAD = "export with --format hf"
 
@@ -37,6 +44,7 @@ class Layout:
     norm_shift: float = 0.0  # added to every norm weight
     separate_head: bool = True  # False: llama.cpp always projects with the token embeddings
     sliding: str = "none"  # how llama.cpp applies `sliding_window`: "none" (never), "alternate" (even layers)
+    scaled_rope: tuple[str, ...] = ()  # the RoPE scaling types written (`gguf_rope`), checked in llama.cpp
     keys: Callable = field(default=lambda config: [])  # extra hyperparameters: [(GGUFWriter method, value)]
     problems: Callable = field(default=lambda config: [])  # what this architecture cannot write
     reload: Callable = field(default=lambda config, keys: config)  # the file's keys into transformers' config
@@ -48,6 +56,13 @@ def head_dim(config) -> int:
 
 def rope_parameters(config) -> dict:
     return getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+
+
+def full_rope_parameters(config) -> dict:
+    """The config's rope parameters with its base, as transformers reads them."""
+    rope = dict(rope_parameters(config))
+    rope.setdefault("rope_theta", float(getattr(config, "rope_theta", None) or 10000.0))
+    return rope
 
 
 def rotary_dims(config) -> int:
@@ -149,9 +164,11 @@ def _phi3_reload(config, keys):
 # ------------------------------------------------------------------------------------------------ the table
 
 LAYOUTS = {
-    "llama": Layout("LLAMA", "LlamaForCausalLM", interleave_rotary=True, reload=_as_llama),
+    "llama": Layout("LLAMA", "LlamaForCausalLM", interleave_rotary=True, scaled_rope=("llama3", "linear"),
+                    reload=_as_llama),
     # Mistral's decoder is Llama's (llama.cpp's own converter writes it as `llama`), its sliding window aside
-    "mistral": Layout("LLAMA", "MistralForCausalLM", interleave_rotary=True, reload=_as_llama),
+    "mistral": Layout("LLAMA", "MistralForCausalLM", interleave_rotary=True, scaled_rope=("llama3", "linear"),
+                      reload=_as_llama),
     "qwen2": Layout("QWEN2", "Qwen2ForCausalLM"),  # q/k/v biases: always there, written as attn_{q,k,v}.bias
     "qwen3": Layout("QWEN3", "Qwen3ForCausalLM"),  # q/k norms: attn_q_norm, attn_k_norm
     "gemma2": Layout("GEMMA2", "Gemma2ForCausalLM", norm_shift=1.0, separate_head=False, sliding="alternate",
@@ -189,14 +206,7 @@ def sliding_layers(config) -> list[int]:
 
 def config_problems(config, layout: Layout) -> list[str]:
     """Why `config` cannot be written faithfully in `layout` (empty when it can)."""
-    problems = []
-    rope = rope_parameters(config)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "longrope":
-        problems.append("Phi-3's long-context RoPE (longrope) is not written: llama.cpp picks its long or short "
-                        "factors by context size, transformers by sequence length")
-    elif rope_type != "default":
-        problems.append(f"RoPE scaling {rope_type!r} is not written by this exporter")
+    problems = scaling_problems(rope_parameters(config), layout.arch.lower(), layout.scaled_rope)
     for flag in ("attention_bias", "mlp_bias"):  # Qwen2's q/k/v biases are its layout's, not a flag
         if getattr(config, flag, False):
             problems.append(f"this model has {flag.replace('_', ' ')}es, which the {layout.arch.lower()} GGUF "
@@ -247,4 +257,16 @@ def reload_config(path) -> tuple[object, str]:
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     if "attention.key_length" in keys:
         config.head_dim = keys["attention.key_length"]
+    rope = written_rope_parameters(reader)  # scaled RoPE, which transformers' reader leaves out
+    if rope is not None:
+        config.rope_parameters = rope
     return layout.reload(config, keys), arch
+
+
+def check_rope(path, model) -> float:
+    """The reloaded `model` rotates with the frequencies llama.cpp computes from the file at `path`
+    (`gguf_rope.check_frequencies`); the largest relative gap."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return check_frequencies(path, reader, file_keys(reader, reader.fields["general.architecture"].contents()), model)

@@ -179,3 +179,66 @@ def test_llama_cpp_strips_after_phi3_s_special_tokens_as_transformers_when_the_t
                                           {"role": "assistant", "content": "19"}], tokenize=False)
     assert cpp(chat) == tokenizer(chat, add_special_tokens=False)["input_ids"]
     assert "\n" in chat and tokenizer.convert_tokens_to_ids("<0x0A>") not in cpp(chat)  # the newlines stripped
+
+
+# ------------------------------------------------------------- scaled RoPE: Llama 3.1's llama3, and linear
+
+_STORY = ("The quick brown fox jumps over the lazy dog. Hello there, how can I help you today? "
+          "Good answers are helpful, honest and harmless. ")
+# 150 to 236 tokens each: scaling slows the slow rotary pairs, which short prompts barely turn (on the check
+# prompts, 22 to 53 tokens, removing llama3's factors moves the fitted model's logits by 0.43, on these by 2.9)
+LONG_CHATS = [
+    [{"role": "user", "content": _STORY * 4 + "What is 12 + 7?"}],
+    [{"role": "system", "content": "You are a helpful assistant. " * 3},
+     {"role": "user", "content": "Please write a short poem about the sea. " * 5 + "12345 + 67890 = 80235. " * 3}],
+    [{"role": "user", "content": " ".join(f"{a} + {b} = {a + b}." for a in range(1, 9) for b in (3, 4, 5))}],
+]
+
+
+@torch.no_grad()
+def _plain_rope_gap(folder) -> tuple[float, float]:
+    """The source model against the same weights with plain RoPE on LONG_CHATS: (largest logit gap, top-1
+    agreement), what a file without (or with wrong) scaling would show at best."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from align.export.llama_cpp import prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    scaled = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder)
+    config.rope_parameters = {"rope_type": "default", "rope_theta": config.rope_parameters["rope_theta"]}
+    plain = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32)
+    gaps, agree = [], []
+    for chat in LONG_CHATS:
+        ids = torch.tensor([prompt_ids(tokenizer, chat)[1]])
+        a, b = scaled(input_ids=ids).logits[0], plain(input_ids=ids).logits[0]
+        gaps.append(float((a - b).abs().max()))
+        agree.append(float((a.argmax(-1) == b.argmax(-1)).float().mean()))
+    return max(gaps), sum(agree) / len(agree)
+
+
+@pytest.mark.parametrize("rope", ["llama3", "linear"])
+def test_scaled_rope_runs_in_llama_cpp_as_transformers_computes_it(rope, tmp_path, monkeypatch):
+    """Llama 3.1's `llama3` scaling (llama.cpp's rope_freqs) and linear scaling (its rope.scaling.factor), on
+    prompts long enough that the scaling matters: llama.cpp's logits are the fp32 model's within the f16 and
+    q8_0 tolerances, while the same weights with the factors removed are visibly off."""
+    from align.export import llama_cpp
+    from tests.export.test_gguf_rope import LINEAR, LLAMA3, save_scaled_llama3
+
+    monkeypatch.setattr(llama_cpp, "CHECK_CHATS", LONG_CHATS)  # _fitted fits these too
+    # fitted longer than the families' models: 20 steps leave attention nearly blind to position (plain RoPE
+    # moved the logits by 0.05 of 4), 60 make it depend on where each token is
+    folder = _fitted(save_scaled_llama3(tmp_path / rope, {"llama3": LLAMA3, "linear": LINEAR}[rope]), steps=60)
+    results = check_export(str(folder), Registry(tmp_path / "registry"), ["f16", "q8_0"])
+    removed_gap, removed_top1 = _plain_rope_gap(folder)
+    for r in results:
+        assert r["tokens_match"] and r["passed"], r
+        assert r["top1_agreement"] >= 0.95, r
+        assert r["max_logit_gap"] < (0.01 if r["dtype"] == "f16" else 0.1) * max(r["logit_scale"], 1.0), r
+    f16 = results[0]
+    assert f16["greedy_match"] + f16["greedy_near_ties"] / f16["prompts"] == 1.0, f16["rows"]
+    # without the factors the logits move beyond both tolerances above (llama3: 2.9 of a scale of 8.7, where
+    # llama.cpp's f16 file is 0.0045 off), so a missing or wrong rope_freqs fails this test; the top-1 choice
+    # mostly survives (98%), which is why the gap is what is checked
+    assert removed_gap > 0.2 * f16["logit_scale"] and removed_gap > 100 * f16["max_logit_gap"], removed_gap
+    assert removed_top1 < 1.0
