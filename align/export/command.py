@@ -104,22 +104,31 @@ def slug(ref: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
 
 
+def refuse_before_loading(source: ModelSource, registry: Registry, fmt: str) -> None:
+    """What `fmt` cannot write, refused from the entry and its `config.json` before any adapter is merged or
+    weights load (`write_gguf` checks the model again)."""
+    if fmt != "gguf":
+        return
+    if task_of(source.entry) == "classifier":
+        raise ExportError(f"{source.entry.ref} is a reward model; GGUF export writes causal LMs. "
+                          "Export it with --format hf")
+    config = weights_config(source, registry)
+    if config is not None:
+        check_config_json(config)
+
+
 def export_model(ref: str, registry: Registry, fmt: str, dtype: str | None = None, out: str | Path | None = None,
-                 force: bool = False) -> dict:
-    """Export `ref` and return the report (also written as `export.json` in the output folder)."""
+                 force: bool = False, loaded: Loaded | None = None) -> dict:
+    """Export `ref` and return the report (also written as `export.json` in the output folder). `loaded`:
+    `ref` already loaded by `load_source`, to reuse across several GGUF exports (writing GGUF leaves it
+    unchanged; HF export casts the model to its dtype)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}")
     default_dtype, check_dtype = FORMATS[fmt]
     dtype = check_dtype(dtype or default_dtype)
     source = materialize(resolve_model_ref(ref, registry), registry)
     entry = source.entry
-    if fmt == "gguf" and task_of(entry) == "classifier":
-        raise ExportError(f"{entry.ref} is a reward model; GGUF export writes causal LMs. "
-                          "Export it with --format hf")
-    if fmt == "gguf":
-        config = weights_config(source, registry)
-        if config is not None:  # refused before any adapter is merged (write_gguf checks the model again)
-            check_config_json(config)
+    refuse_before_loading(source, registry, fmt)
     name = slug(entry.ref if entry is not None else Path(ref).name or ref)
     out = Path(out) if out is not None else Path("exports") / f"{name}-{fmt}-{dtype}"
     if out.exists() and not force:
@@ -130,7 +139,7 @@ def export_model(ref: str, registry: Registry, fmt: str, dtype: str | None = Non
             raise ExportError(f"{out}: --force replaces only an earlier export (a folder with align's export.json), "
                               f"and this {why}; remove it yourself or pass --out to write elsewhere")
 
-    loaded = load_source(source, registry)
+    loaded = loaded if loaded is not None else load_source(source, registry)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()

@@ -188,23 +188,23 @@ def check_export(ref: str, registry, dtypes: list[str], out: Path | None = None,
     llama.cpp against the fp32 model, and write the figures to `out` (JSON) when given."""
     import tempfile
 
-    from align.export.command import export_model, load_source
+    from align.export.command import export_model, load_source, refuse_before_loading
+    from align.export.gguf import gguf_dtype
     from align.models.loading import materialize, resolve_model_ref
     from align.registry.records import write_json_atomic
-
-    from align.export.gguf import gguf_dtype
 
     dtypes = [gguf_dtype(d) for d in dtypes]  # every --dtypes value checked before any export starts
     require_llama_cpp()
     source = materialize(resolve_model_ref(ref, registry), registry)
     label = source.entry.ref if source.entry is not None else ref
+    refuse_before_loading(source, registry, "gguf")
+    loaded = load_source(source, registry)  # fp32, adapters merged once: what every file is checked against
     results = []
     with tempfile.TemporaryDirectory(prefix="align-check-export-") as tmp:
         files = {}
         for dtype in dtypes:
-            report = export_model(ref, registry, "gguf", dtype, out=Path(tmp) / dtype)
+            report = export_model(ref, registry, "gguf", dtype, out=Path(tmp) / dtype, loaded=loaded)
             files[dtype] = next(Path(report["path"]).glob("*.gguf"))
-        loaded = load_source(source, registry)  # fp32, adapters merged: what the exports were checked against
         for dtype, path in files.items():
             figures = check_gguf_in_llama_cpp(path, loaded.model, loaded.tokenizer, max_new_tokens, dtype)
             results.append({"model": label, "dtype": dtype, **figures})
