@@ -111,7 +111,6 @@ def write_gguf(model, tokenizer, path: Path, dtype: str, name: str, description:
 
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)  # add_vocab may respell it (llama.cpp's Phi-3 rule keys on the name)
     if description:
         writer.add_description(description)
     writer.add_vocab_size(config.vocab_size)
@@ -122,7 +121,7 @@ def write_gguf(model, tokenizer, path: Path, dtype: str, name: str, description:
     writer.add_file_type(file_types[dtype])
     if dtype == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_vocab(writer, vocab)
+    add_vocab(writer, vocab, name)  # general.name too, as the tokenizer needs it spelled
     stored = add_rope_scaling(writer, full_rope_parameters(config), rotary_dims(config))
 
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)

@@ -108,7 +108,7 @@ def vocab_metadata(tokenizer, n_vocab: int) -> dict:
     if max(vocab.values()) >= n_vocab:
         raise ExportError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocabulary has "
                           f"{n_vocab} rows")
-    tokens, types = token_list(tokenizer, n_vocab, sentencepiece)
+    tokens, types = token_list(tokenizer, vocab, n_vocab, sentencepiece)
     pairs = merge_pairs(model)
     if any(" " in part for pair in pairs for part in pair):
         raise ExportError("a merge holds a token with a space, which a GGUF file's 'a b' merges cannot spell")
@@ -138,11 +138,12 @@ def vocab_metadata(tokenizer, n_vocab: int) -> dict:
     return metadata
 
 
-def token_list(tokenizer, n_vocab: int, sentencepiece: bool) -> tuple[list[str], list]:
-    """Every row's token text and `gguf.TokenType`; rows the tokenizer has no token for are unused."""
+def token_list(tokenizer, vocab: dict, n_vocab: int, sentencepiece: bool) -> tuple[list[str], list]:
+    """Every row's token text and `gguf.TokenType` (`vocab`: the tokenizer's token -> id); rows the tokenizer
+    has no token for are unused."""
     from gguf import TokenType
 
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    by_id = {i: t for t, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
     bytes_ = set(BYTE_TOKENS) if sentencepiece else set()
     tokens, types = [], []
@@ -192,11 +193,16 @@ def llama_cpp_name(name: str, strip: bool) -> str:
     return PHI3_NAME.sub(lambda m: m.group(0)[:3] + "_3", name)
 
 
-def add_vocab(writer, metadata: dict) -> None:
-    """Write `vocab_metadata` through a `gguf.GGUFWriter` (after its `general.name`, which it may adjust:
-    `llama_cpp_name`)."""
-    from gguf import Keys
-
+def add_vocab(writer, metadata: dict, name: str) -> None:
+    """Write `vocab_metadata` through a `gguf.GGUFWriter`, with `name` as `general.name` in the spelling the
+    tokenizer needs there (`llama_cpp_name`: llama.cpp's Phi-3 strip rule keys on it)."""
+    wanted = llama_cpp_name(name, metadata["phi3_strip"])
+    if wanted != name:
+        log.info("GGUF general.name %r written as %r: llama.cpp strips whitespace after special tokens exactly "
+                 "in models named phi3, and this tokenizer %s", name, wanted,
+                 "does" if metadata["phi3_strip"] else "does not")
+    if wanted:
+        writer.add_name(wanted)
     writer.add_tokenizer_model(metadata["model"])
     writer.add_tokenizer_pre(metadata["pre"])
     writer.add_token_list(metadata["tokens"])
@@ -215,15 +221,6 @@ def add_vocab(writer, metadata: dict) -> None:
         writer.add_add_space_prefix(metadata["add_space_prefix"])
     if metadata["chat_template"]:
         writer.add_chat_template(metadata["chat_template"])
-    written = writer.kv_data[0].get(Keys.General.NAME)
-    name = str(written.value) if written is not None else ""
-    wanted = llama_cpp_name(name, metadata["phi3_strip"])
-    if wanted != name:
-        log.info("GGUF general.name %r written as %r: llama.cpp strips whitespace after special tokens exactly "
-                 "in models named phi3, and this tokenizer %s", name, wanted,
-                 "does" if metadata["phi3_strip"] else "does not")
-        writer.kv_data[0].pop(Keys.General.NAME, None)
-        writer.add_name(wanted)
 
 
 def transformers_reload_caveat(architecture: str, tokenizer) -> str | None:

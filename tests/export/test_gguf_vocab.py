@@ -197,14 +197,15 @@ def test_phi3_s_rstrip_tokens_are_written_for_llama_cpp_s_phi3_rule_and_others_r
 
 
 def vocab_file(path, tokenizer, arch: str, name: str):
+    """A GGUF file of llama.cpp architecture `arch` with the tokenizer and nothing else (llama.cpp opens it
+    with `vocab_only`; transformers' GGUF loader reads its tokenizer)."""
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(name)
-    add_vocab(writer, vocab_metadata(tokenizer, len(tokenizer)))
+    add_vocab(writer, vocab_metadata(tokenizer, len(tokenizer)), name)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return writer
+    return path
 
 
 @pytest.mark.parametrize("name, arch", [("mistral", "llama"), ("gemma2", "gemma2"), ("llama3", "llama"),
@@ -222,8 +223,9 @@ def test_the_vocabulary_reloads_in_transformers_with_the_same_ids(families, tmp_
 
 def test_where_transformers_rebuilds_the_spaces_otherwise_it_is_said_and_true(families, tmp_path):
     tokenizer = families["phi3"]  # no ▁ prefix; transformers gives every phi3 file Phi-3's own Prepend
-    writer = vocab_file(tmp_path / "p.gguf", tokenizer, "phi3", "phi3")
-    assert writer.kv_data[0]["general.name"].value == "phi_3"  # no rstrip tokens: not llama.cpp's phi3 rule
+    path = vocab_file(tmp_path / "p.gguf", tokenizer, "phi3", "phi3")
+    name = gguf.GGUFReader(str(path)).fields["general.name"].contents()
+    assert name == "phi_3"  # no rstrip tokens: not llama.cpp's phi3 rule
     back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="p.gguf")
     assert back("12345", add_special_tokens=False)["input_ids"] != tokenizer("12345", add_special_tokens=False)["input_ids"]
     assert "a ▁ before every piece of text" in transformers_reload_caveat("phi3", tokenizer)

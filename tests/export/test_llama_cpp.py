@@ -16,6 +16,7 @@ from align.export.llama_cpp import check_export, table  # noqa: E402
 from align.models.families import save_family_model  # noqa: E402
 from align.models.tiny import save_tiny_model  # noqa: E402
 from align.registry.store import Registry  # noqa: E402
+from tests.export.test_gguf_vocab import vocab_file  # noqa: E402
 
 
 def _stopping_model(folder, make):
@@ -115,22 +116,6 @@ VOCAB_ARCH = {"chatml": "llama", "llama3": "llama", "qwen2": "qwen2", "qwen3": "
               "mistral": "llama", "phi3": "phi3"}
 
 
-def _vocab_only_gguf(path, tokenizer, arch: str, name: str):
-    """A GGUF file with the tokenizer and nothing else, which llama.cpp opens with `vocab_only`."""
-    import gguf
-
-    from align.export.gguf_vocab import add_vocab, vocab_metadata
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(name)  # "phi3" is renamed: llama.cpp would strip after its special tokens otherwise
-    add_vocab(writer, vocab_metadata(tokenizer, len(tokenizer)))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def _llama_cpp_ids(path):
     import llama_cpp
 
@@ -150,7 +135,7 @@ def test_llama_cpp_tokenizes_each_family_s_vocabulary_as_transformers(family, tm
     from align.models.tiny import make_tokenizer
 
     tokenizer = make_tokenizer() if family == "chatml" else make_family_tokenizer(family)
-    cpp = _llama_cpp_ids(_vocab_only_gguf(tmp_path / "v.gguf", tokenizer, VOCAB_ARCH[family], family))
+    cpp = _llama_cpp_ids(vocab_file(tmp_path / "v.gguf", tokenizer, VOCAB_ARCH[family], family))
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     first_only = bool(spec["model"].get("byte_fallback")) and space_prefix(spec)[1] is not None
     assert first_only == (family == "mistral")
@@ -174,7 +159,7 @@ def test_llama_cpp_strips_after_phi3_s_special_tokens_as_transformers_when_the_t
 
     tokenizer = phi3_with_rstrip({"<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "</s>"})
     tokenizer.chat_template = PHI3
-    cpp = _llama_cpp_ids(_vocab_only_gguf(tmp_path / "p.gguf", tokenizer, "phi3", "my-sft"))  # named "... (phi3)"
+    cpp = _llama_cpp_ids(vocab_file(tmp_path / "p.gguf", tokenizer, "phi3", "my-sft"))  # named "... (phi3)"
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"},
                                           {"role": "assistant", "content": "19"}], tokenize=False)
     assert cpp(chat) == tokenizer(chat, add_special_tokens=False)["input_ids"]
