@@ -71,13 +71,12 @@ def rotary_dims(config) -> int:
 
 def common_keys(config) -> list[tuple[str, object]]:
     """The hyperparameters every layout writes (method names of `gguf.GGUFWriter`)."""
-    rope = rope_parameters(config)
     return [("add_context_length", config.max_position_embeddings), ("add_embedding_length", config.hidden_size),
             ("add_block_count", config.num_hidden_layers), ("add_feed_forward_length", config.intermediate_size),
             ("add_head_count", config.num_attention_heads), ("add_head_count_kv", config.num_key_value_heads),
             ("add_key_length", head_dim(config)), ("add_value_length", head_dim(config)),
             ("add_rope_dimension_count", rotary_dims(config)),
-            ("add_rope_freq_base", float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))),
+            ("add_rope_freq_base", float(full_rope_parameters(config)["rope_theta"])),
             ("add_layer_norm_rms_eps", config.rms_norm_eps)]
 
 
