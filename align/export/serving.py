@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align.errors import ExportError
+from align.registry.records import read_json_record
 from align.models.stop_tokens import template_end_token_id
 
 VLLM_4X = "vLLM before 0.24 and TGI (transformers 4.x configs)"
@@ -99,23 +100,16 @@ FAMILIES = {
 }
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def serving_findings(folder: Path, end_of_turn_id: int | None, eos_token_id: int | None) -> list[Finding]:
     """Every finding for `folder`; `end_of_turn_id` and `eos_token_id` are the tokenizer's (from
     `align.models.stop_tokens`), which generation_config.json must hold for both servers to stop."""
     folder = Path(folder)
-    config = _read_json(folder / "config.json")
+    config = read_json_record(folder / "config.json")
     if not isinstance(config, dict):
         return [Finding("config.json", "(file)", "missing or not JSON", BOTH)]
     weights, weight_findings = _stored_weights(folder)
     return [*_config_findings(config, weights), *weight_findings, *_weight_name_findings(config, weights),
-            *_generation_findings(_read_json(folder / "generation_config.json"), end_of_turn_id, eos_token_id),
+            *_generation_findings(read_json_record(folder / "generation_config.json"), end_of_turn_id, eos_token_id),
             *_tokenizer_findings(folder, config)]
 
 
@@ -198,7 +192,7 @@ def _header(path: Path) -> dict:
 
 def _stored_weights(folder: Path) -> tuple[dict[str, str], list[Finding]]:
     """{tensor name: safetensors dtype} over every shard, and what is wrong with the files."""
-    index = _read_json(folder / "model.safetensors.index.json")
+    index = read_json_record(folder / "model.safetensors.index.json")
     if isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
         files = sorted(set(index["weight_map"].values()))
     elif (folder / "model.safetensors").is_file():
@@ -269,7 +263,7 @@ def _tokenizer_findings(folder: Path, config: dict) -> list[Finding]:
 
     if not (folder / "tokenizer.json").is_file():
         found.append(Finding("tokenizer.json", "(file)", "missing: the fast tokenizer both servers run", BOTH))
-    tok = _read_json(folder / "tokenizer_config.json")
+    tok = read_json_record(folder / "tokenizer_config.json")
     if not isinstance(tok, dict):
         return [*found, Finding("tokenizer_config.json", "(file)", "missing or not JSON", BOTH)]
     template = tok.get("chat_template")
@@ -316,7 +310,7 @@ def _tokenizer_findings(folder: Path, config: dict) -> list[Finding]:
 
 def family_of(folder: Path) -> dict:
     """What serves the folder: its model_type and the classes vLLM and TGI pick for it."""
-    config = _read_json(Path(folder) / "config.json") or {}
+    config = read_json_record(Path(folder) / "config.json") or {}
     family = FAMILIES.get(config.get("model_type"))
     described = {"model_type": config.get("model_type"), "architectures": config.get("architectures")}
     if family is None:
