@@ -94,10 +94,31 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
+# oneDNN's instruction-set levels (`ONEDNN_MAX_CPU_ISA`, or its old name `DNNL_MAX_CPU_ISA`), as far as they
+# matter here: a cap below AVX512_CORE_BF16 switches its bf16 kernels off whatever the CPU has (bf16 matmuls
+# then take PyTorch's reference gemm, about 1 GFLOP/s), and one below the AMX levels switches AMX off. A
+# container, a cluster image or a user chasing numerics may set it.
+_ISA_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+_ISA_WITHOUT_AMX = ("AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16")
+BF16_PAYS = 1.3  # bf16 autocast adds casts around every matmul: a smaller gain than this is not worth them
+
+
+def isa_cap() -> tuple[str, tuple[str, ...]]:
+    """The oneDNN instruction-set cap of this process and the CPU flags it switches off ("" and () if none)."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(name, "").strip().upper()
+        if value:
+            off = ("avx512_bf16", "amx_bf16") if value in _ISA_WITHOUT_BF16 else \
+                ("amx_bf16",) if value in _ISA_WITHOUT_AMX else ()
+            return f"{name}={value}", off
+    return "", ()
+
+
 def _detect_cpu() -> Device:
-    """Native bf16 on a CPU means AVX512-BF16 or AMX (oneDNN's bf16 kernels); asked of torch's own CPU
-    checks, else read from /proc/cpuinfo. Other CPUs (AVX2 x86, and ARM, where no native path is measured
-    here) multiply in fp32."""
+    """Native bf16 on a CPU: AMX always pays (several times fp32's rate); AVX512-BF16 without AMX is measured
+    (`bf16_speedup`), since on some CPUs oneDNN's AVX512-BF16 kernels run slower than fp32's. Flags come from
+    torch's own CPU checks, else /proc/cpuinfo, less what the process caps off (`isa_cap`). Other CPUs (AVX2
+    x86, and ARM, where no native path is measured here) multiply in fp32."""
     import torch
 
     flags = []
@@ -113,9 +134,18 @@ def _detect_cpu() -> Device:
             text = ""
         flags = [f for f in ("avx512_bf16", "amx_bf16") if f" {f}" in text]
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
-    features = ", ".join(flags) if flags else ", ".join(filter(None, [capability, "no AVX512-BF16/AMX"]))
-    return Device("cpu", _cpu_name(), bf16=bool(flags), fp16=False, threads=torch.get_num_threads(),
-                  features=features)
+    cap, off = isa_cap()
+    notes = [f"{', '.join(f for f in flags if f in off)} switched off by {cap}"] if set(flags) & set(off) else []
+    flags = [f for f in flags if f not in off]
+    name = _cpu_name()
+    bf16 = "amx_bf16" in flags
+    if flags == ["avx512_bf16"]:
+        speedup = bf16_speedup(f"{name}|{cap}")
+        bf16 = speedup >= BF16_PAYS
+        notes.append(f"without AMX, bf16 matmuls measured at {speedup:.2f}x fp32's rate")
+    found = ", ".join(flags) if flags else ", ".join(filter(None, [capability, "no AVX512-BF16/AMX"]))
+    features = "; ".join([found, *notes])
+    return Device("cpu", name, bf16=bf16, fp16=False, threads=torch.get_num_threads(), features=features)
 
 
 def _detect_cuda() -> Device:
@@ -362,6 +392,11 @@ def matmul_probe(device: Device | None = None, size: int = 256) -> dict[str, flo
                 break
         rates[name] = round(2 * size ** 3 / best / 1e9, 2)
     cached[key] = rates
+    _write_probe_cache(path, cached)
+    return rates
+
+
+def _write_probe_cache(path: Path, cached: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}")
@@ -369,4 +404,40 @@ def matmul_probe(device: Device | None = None, size: int = 256) -> dict[str, flo
         os.replace(tmp, path)
     except OSError:
         pass  # an unwritable cache only costs the next probe
-    return rates
+
+
+def bf16_speedup(machine: str, size: int = 256) -> float:
+    """How many times fp32's rate a bf16 matmul runs at on one thread of this CPU; measured once per machine
+    (a fraction of a second) and cached. The two dtypes are timed alternately, the best of each kept, so other
+    work on the machine slows both alike; one thread, so a busy second core does not decide it."""
+    import torch
+
+    key = f"bf16 speedup|{machine}|torch {torch.__version__}|{size}"
+    path = _probe_file()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return cached[key]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pairs = {name: (torch.randn(size, size).to(torch_dtype(name)), torch.randn(size, size).to(torch_dtype(name)))
+                 for name in ("fp32", "bf16")}
+        best = {name: float("inf") for name in pairs}
+        started = time.perf_counter()
+        for rep in range(40):
+            for name, (a, b) in pairs.items():
+                tick = time.perf_counter()
+                a @ b
+                if rep >= 2:  # the first calls set up the kernels
+                    best[name] = min(best[name], time.perf_counter() - tick)
+            if rep >= 8 and time.perf_counter() - started > 0.3:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    speedup = round(best["fp32"] / best["bf16"], 3)
+    cached[key] = speedup
+    _write_probe_cache(path, cached)
+    return speedup

@@ -214,3 +214,51 @@ def test_plan_warns_that_qlora_on_a_cpu_is_slow(tmp_path):
         assert machine_notes(recipe.stages["reward"])[1] == []
     with simulate(A100):
         assert machine_notes(recipe.stages["sft"])[1] == []
+
+
+def _cpu_flags(monkeypatch, avx512_bf16: bool, amx: bool, cap: str | None = None):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+
+
+@pytest.mark.parametrize("cap, native", [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", False),
+                                         ("AVX10_1_512_AMX", True), (None, True)])
+def test_a_onednn_cap_switches_off_the_kernels_it_names(monkeypatch, cap, native):
+    """A CPU whose flags say AVX512-BF16 and AMX, in a process that caps oneDNN (ONEDNN_MAX_CPU_ISA): below
+    AVX512_CORE_BF16 its bf16 matmuls take the reference gemm; at AVX512_CORE_BF16 AMX is off, and the
+    AVX512-BF16 kernels left are measured (here: slower than fp32), so `auto` trains in fp32 in both."""
+    _cpu_flags(monkeypatch, avx512_bf16=True, amx=True, cap=cap)
+    monkeypatch.setattr(precision, "bf16_speedup", lambda machine: 0.5)
+    device = precision._detect_cpu()
+    assert device.bf16 is native
+    p = resolve("auto", "auto", "lora", device)
+    assert p.autocast == ("bf16" if native else None)
+    if not native:
+        assert f"switched off by ONEDNN_MAX_CPU_ISA={cap.upper()}" in p.describe()
+
+
+@pytest.mark.parametrize("speedup, native", [(0.5, False), (1.1, False), (2.4, True)])
+def test_avx512_bf16_without_amx_autocasts_only_where_bf16_measures_faster(monkeypatch, speedup, native):
+    """On some CPUs with AVX512-BF16 but no AMX oneDNN's bf16 matmuls run at half fp32's rate; the flag alone
+    must not choose bf16 there. AMX is not measured: it multiplies bf16 several times faster wherever found."""
+    _cpu_flags(monkeypatch, avx512_bf16=True, amx=False)
+    monkeypatch.setattr(precision, "bf16_speedup", lambda machine: speedup)
+    device = precision._detect_cpu()
+    assert device.bf16 is native and f"measured at {speedup:.2f}x fp32's rate" in device.features
+    assert resolve("auto", "auto", "lora", device).autocast == ("bf16" if native else None)
+    _cpu_flags(monkeypatch, avx512_bf16=True, amx=True)
+    monkeypatch.setattr(precision, "bf16_speedup", lambda machine: pytest.fail("AMX was measured"))
+    assert precision._detect_cpu().bf16
+
+
+def test_bf16_speedup_is_measured_once_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path))
+    first = precision.bf16_speedup("test machine", size=64)
+    assert first > 0 and "bf16 speedup|test machine" in (tmp_path / "precision-probe.json").read_text()
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("measured again instead of the cache"))
+    assert precision.bf16_speedup("test machine", size=64) == first
