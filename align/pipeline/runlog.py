@@ -2,8 +2,8 @@
 
 Why: the console shows progress bars redrawn with carriage returns and is gone once the terminal is; a run
 folder that outlives it should say what happened in it. The file gets every record of align's loggers (and
-warnings from any logger), one line each, and a line per logged training step (`progress_callback`, for the
-file only: the console has its progress bar). Progress bars never reach it: they are not log records, and
+warnings from any logger), one line each, and a line per logged training step (`progress_callback`; on the
+console the same line is written above the progress bar, `console_step_lines`). Progress bars never reach it: they are not log records, and
 a carriage return in a message keeps only what a terminal would show last. Each session starts with a
 header line and appends, so a resumed or continued run adds to the same file; a stage that fails ends its
 part with the error. Only the main process writes.
@@ -89,16 +89,37 @@ def stage_log(run_dir: Path, stage: str):
         align_logger.level, progress.level, progress.propagate = levels
 
 
+def step_line(state, logs: dict) -> str:
+    """One logged step's figures (loss, learning rate, grad norm, eval loss, ...) as one line."""
+    figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()
+                        if k != "total_flos")
+    return f"step {state.global_step}/{state.max_steps}: {figures}"
+
+
 def progress_callback():
-    """A `TrainerCallback` writing each logged step's figures (loss, learning rate, grad norm, eval loss) as one
-    line to the run's log file."""
+    """A `TrainerCallback` writing each logged step's figures as one line to the run's log file."""
     from transformers import TrainerCallback
 
     class LogProgress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items())
-            logging.getLogger(PROGRESS_LOGGER).info("step %d/%d: %s", state.global_step, state.max_steps, figures)
+            if state.is_world_process_zero and logs:
+                logging.getLogger(PROGRESS_LOGGER).info("%s", step_line(state, logs))
 
     return LogProgress()
+
+
+def console_step_lines(trainer) -> None:
+    """Have the Trainer's console progress bar write each log as `step_line` above the bar, instead of the raw
+    Python dict transformers' progress callback writes there (`{'loss': '1.383', 'grad_norm': ...}`)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class StepLines(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                self.training_bar.write(step_line(state, logs))
+
+    handler = trainer.callback_handler
+    for callback in list(handler.callbacks):
+        if type(callback) is ProgressCallback:
+            handler.remove_callback(callback)
+            handler.add_callback(StepLines())

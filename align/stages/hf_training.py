@@ -9,6 +9,7 @@ import resource
 from pathlib import Path
 
 from align.errors import TrainingError
+from align.pipeline.runlog import console_step_lines
 from align.runtime.precision import stage_precision
 from align.stages.context import StageContext
 from align.stages.resume import checkpoint_bytes, free_space_hint, resumed_step, whole_run_loss
@@ -56,6 +57,7 @@ def train_and_time(ctx: StageContext, trainer, resume_from: Path | None, callbac
     time_limit.budget.rows_per_step = (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
                                        * max(1, trainer.args.world_size))
     resumed_at = resumed_step(resume_from)  # read now: the Trainer's rotation may delete that checkpoint
+    console_step_lines(trainer)
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
