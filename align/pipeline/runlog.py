@@ -3,7 +3,7 @@
 Why: the console shows progress bars redrawn with carriage returns and is gone once the terminal is; a run
 folder that outlives it should say what happened in it. The file gets every record of align's loggers (and
 warnings from any logger), one line each, and a line per logged training step (`progress_callback`; on the
-console the same line is written above the progress bar, `console_step_lines`). Progress bars never reach it: they are not log records, and
+console the same line is written above the progress bar, `align.stages.callbacks.console_step_lines`). Progress bars never reach it: they are not log records, and
 a carriage return in a message keeps only what a terminal would show last. Each session starts with a
 header line and appends, so a resumed or continued run adds to the same file; a stage that fails ends its
 part with the error. Only the main process writes.
@@ -106,20 +106,3 @@ def progress_callback():
                 logging.getLogger(PROGRESS_LOGGER).info("%s", step_line(state, logs))
 
     return LogProgress()
-
-
-def console_step_lines(trainer) -> None:
-    """Have the Trainer's console progress bar write each log as `step_line` above the bar, instead of the raw
-    Python dict transformers' progress callback writes there (`{'loss': '1.383', 'grad_norm': ...}`)."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class StepLines(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and self.training_bar is not None and logs:
-                self.training_bar.write(step_line(state, logs))
-
-    handler = trainer.callback_handler
-    for callback in list(handler.callbacks):
-        if type(callback) is ProgressCallback:
-            handler.remove_callback(callback)
-            handler.add_callback(StepLines())

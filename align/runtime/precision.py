@@ -13,12 +13,12 @@ here can be checked for a CPU with and without native bf16 and a GPU with and wi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from align.runtime.cpu_probe import bf16_speedup, matmul_probe  # noqa: F401 - the probes the rules read
 
 LOW_PRECISION = ("bf16", "fp16")
 
@@ -352,92 +352,3 @@ def _cost_warning(device: Device, dtype: str, key: str) -> list[str]:
                     f"for fp32 ({how})")
     return [f"{key} {dtype} on {device.describe()}, which does not multiply {dtype} natively{cost}; "
             f"set {key}: auto to let align choose"]
-
-
-def _probe_file() -> Path:
-    from align.models.packaged import cache_dir
-
-    return cache_dir() / "precision-probe.json"
-
-
-def matmul_probe(device: Device | None = None, size: int = 256) -> dict[str, float]:
-    """GFLOP/s of a square matmul in fp32, bf16 and fp16 on this CPU, measured once per machine (a fraction
-    of a second) and cached by CPU, features, torch version and thread count. A simulated device is not
-    measured (its figures would be this machine's)."""
-    import torch
-
-    device = device or device_facts("cpu")
-    if _simulated:
-        return {}
-    key = f"{device.name}|{device.features}|torch {torch.__version__}|{torch.get_num_threads()} threads"
-    path = _probe_file()
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if key in cached:
-        return cached[key]
-    rates = {}
-    for name in ("fp32", "bf16", "fp16"):
-        a = torch.randn(size, size).to(torch_dtype(name))
-        b = torch.randn(size, size).to(torch_dtype(name))
-        for _ in range(3):  # warm up (the first calls set up the kernel and its threads)
-            a @ b
-        best, started = float("inf"), time.perf_counter()
-        for rep in range(20):  # the fastest of a few: other work on the machine only slows a run down
-            tick = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - tick)
-            if rep >= 4 and time.perf_counter() - started > 0.2:
-                break
-        rates[name] = round(2 * size ** 3 / best / 1e9, 2)
-    cached[key] = rates
-    _write_probe_cache(path, cached)
-    return rates
-
-
-def _write_probe_cache(path: Path, cached: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}")
-        tmp.write_text(json.dumps(cached, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # an unwritable cache only costs the next probe
-
-
-def bf16_speedup(machine: str, size: int = 256) -> float:
-    """How many times fp32's rate a bf16 matmul runs at on one thread of this CPU; measured once per machine
-    (a fraction of a second) and cached. The two dtypes are timed alternately, the best of each kept, so other
-    work on the machine slows both alike; one thread, so a busy second core does not decide it."""
-    import torch
-
-    key = f"bf16 speedup|{machine}|torch {torch.__version__}|{size}"
-    path = _probe_file()
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if key in cached:
-        return cached[key]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pairs = {name: (torch.randn(size, size).to(torch_dtype(name)), torch.randn(size, size).to(torch_dtype(name)))
-                 for name in ("fp32", "bf16")}
-        best = {name: float("inf") for name in pairs}
-        started = time.perf_counter()
-        for rep in range(40):
-            for name, (a, b) in pairs.items():
-                tick = time.perf_counter()
-                a @ b
-                if rep >= 2:  # the first calls set up the kernels
-                    best[name] = min(best[name], time.perf_counter() - tick)
-            if rep >= 8 and time.perf_counter() - started > 0.3:
-                break
-    finally:
-        torch.set_num_threads(threads)
-    speedup = round(best["fp32"] / best["bf16"], 3)
-    cached[key] = speedup
-    _write_probe_cache(path, cached)
-    return speedup

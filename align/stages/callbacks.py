@@ -135,6 +135,25 @@ def tracking_callbacks(tracker: Tracker) -> list:
     return [TrackerLog()]
 
 
+def console_step_lines(trainer) -> None:
+    """Have the Trainer's console progress bar write each log as `step_line` above the bar, instead of the raw
+    Python dict transformers' progress callback writes there (`{'loss': '1.383', 'grad_norm': ...}`)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    from align.pipeline.runlog import step_line
+
+    class StepLines(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                self.training_bar.write(step_line(state, logs))
+
+    handler = trainer.callback_handler
+    for callback in list(handler.callbacks):
+        if type(callback) is ProgressCallback:
+            handler.remove_callback(callback)
+            handler.add_callback(StepLines())
+
+
 def check_finite(loss_value: float, step: int) -> None:
     if not math.isfinite(loss_value):
         raise TrainingError(f"loss became {loss_value} at step {step}; stopping before the optimizer step, "

@@ -9,8 +9,8 @@ import resource
 from pathlib import Path
 
 from align.errors import TrainingError
-from align.pipeline.runlog import console_step_lines
 from align.runtime.precision import stage_precision
+from align.stages.callbacks import console_step_lines
 from align.stages.context import StageContext
 from align.stages.resume import checkpoint_bytes, free_space_hint, resumed_step, whole_run_loss
 

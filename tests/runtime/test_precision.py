@@ -69,15 +69,6 @@ def test_warning_carries_the_measured_cost_on_a_real_cpu(monkeypatch, tmp_path):
     assert "x slower" in warning or "x faster" in warning
 
 
-def test_matmul_probe_measures_once_and_is_cached(monkeypatch, tmp_path):
-    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path))
-    first = precision.matmul_probe(size=64)
-    assert set(first) == {"fp32", "bf16", "fp16"} and all(v > 0 for v in first.values())
-    assert (tmp_path / "precision-probe.json").is_file()
-    monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("measured again instead of the cache"))
-    assert precision.matmul_probe(size=64) == first
-
-
 def test_mixed_precision_no_and_explicit_autocast():
     assert resolve("auto", "no", "lora", AVX512_BF16).autocast is None
     assert resolve("auto", "bf16", "lora", AVX2).autocast == "bf16"
@@ -254,11 +245,3 @@ def test_avx512_bf16_without_amx_autocasts_only_where_bf16_measures_faster(monke
     _cpu_flags(monkeypatch, avx512_bf16=True, amx=True)
     monkeypatch.setattr(precision, "bf16_speedup", lambda machine: pytest.fail("AMX was measured"))
     assert precision._detect_cpu().bf16
-
-
-def test_bf16_speedup_is_measured_once_and_cached(monkeypatch, tmp_path):
-    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path))
-    first = precision.bf16_speedup("test machine", size=64)
-    assert first > 0 and "bf16 speedup|test machine" in (tmp_path / "precision-probe.json").read_text()
-    monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("measured again instead of the cache"))
-    assert precision.bf16_speedup("test machine", size=64) == first

@@ -1,4 +1,4 @@
-"""The console and log-file lines of Trainer stages (`align.pipeline.runlog`)."""
+"""The Trainer stages' callbacks (`align.stages.callbacks`): the console lines they write."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, ProgressCallback
 
-from align.pipeline.runlog import console_step_lines
+from align.stages.callbacks import console_step_lines
 
 
 def test_the_console_bar_writes_align_step_lines_not_raw_dicts(capsys, tmp_path):
