@@ -315,7 +315,7 @@ def test_sigterm_checkpoints_and_exits_and_the_next_run_resumes(tmp_path, tiny_b
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
-        while "'loss'" not in (tmp_path / "first.log").read_text():  # the first step's log line
+        while "/12: loss " not in (tmp_path / "first.log").read_text():  # the first step's console line
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no training step within 240 s"
             time.sleep(0.2)
