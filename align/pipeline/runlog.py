@@ -2,11 +2,11 @@
 
 Why: the console shows progress bars redrawn with carriage returns and is gone once the terminal is; a run
 folder that outlives it should say what happened in it. The file gets every record of align's loggers (and
-warnings from any logger), one line each, and a line per logged training step (`progress_callback`; on the
-console the same line is written above the progress bar, `align.stages.callbacks.console_step_lines`). Progress bars never reach it: they are not log records, and
-a carriage return in a message keeps only what a terminal would show last. Each session starts with a
-header line and appends, so a resumed or continued run adds to the same file; a stage that fails ends its
-part with the error. Only the main process writes.
+warnings from any logger), one line each, and a line per logged training step (`progress_callback`; the
+console gets the same line above its progress bar, `align.stages.callbacks.console_step_lines`). Progress
+bars never reach it: they are not log records, and a carriage return in a message keeps only what a
+terminal would show last. Each session starts with a header line and appends, so a resumed or continued
+run adds to the same file; a stage that fails ends its part with the error. Only the main process writes.
 
 A run folder discarded while the stage runs (a changed run started afresh, `--force`) takes the file with it;
 the next line written recreates it with everything this session had logged.
